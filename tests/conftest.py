@@ -1,0 +1,52 @@
+"""Test-session setup. Environment first: Triton reads TRITON_INTERPRET when kernels are decorated, and
+huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE at import time."""
+
+import os
+import tempfile
+
+_HUB_CACHE = tempfile.mkdtemp(prefix="zoo-hf-cache-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = _HUB_CACHE
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _pin_autotune_to_first_config() -> None:
+    """Multi-config autotune needs a GPU driver to benchmark; under the interpreter take configs[0]."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import autotuner
+    except ImportError:
+        return
+    original_init = autotuner.Autotuner.__init__
+
+    def init(self, fn, arg_names, configs, *args, **kwargs):
+        original_init(self, fn, arg_names, configs[:1], *args, **kwargs)
+
+    autotuner.Autotuner.__init__ = init
+
+
+_pin_autotune_to_first_config()
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> str:
+    return _HUB_CACHE
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,82 @@
+"""Autoregressive generation over per-layer mixer states: one prefill call, then one call per token.
+
+Batched prompts are left-padded; positions come from the attention mask, so a padded row generates the
+same tokens as the row alone. Finished rows (after ``eos_token_id``) are filled with ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def sample_next(logits: Tensor, *, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """``logits [B, V]`` -> ``[B]`` next tokens: argmax, or sampling with temperature / top-k / top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    streamer: Any = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Returns ``[B, T + n]`` (prompt followed by the new tokens; ``n <= max_new_tokens``)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id
+                                                         if model.config.pad_token_id is not None
+                                                         else (int(eos_ids[0]) if len(eos_ids) else 0))
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    states = model.init_states(B, max_length=T + max_new_tokens)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    logits = model(input_ids, attention_mask=attention_mask, states=states, logits_to_keep=1).logits[:, -1]
+    out = [input_ids]
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_mask = torch.ones(B, 1, dtype=attention_mask.dtype, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        out.append(token[:, None])
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if len(eos_ids):
+            finished |= torch.isin(token, eos_ids)
+            if bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = model(token[:, None], attention_mask=step_mask, states=states).logits[:, -1]
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(out, dim=1)

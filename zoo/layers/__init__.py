@@ -1,0 +1,6 @@
+"""Sequence mixers (one module each) and the shared parts they are built from."""
+
+from zoo.layers import attention  # noqa: F401  (registers "attention")
+from zoo.layers.base import Mixer, State
+
+__all__ = ["Mixer", "State"]

@@ -1,0 +1,255 @@
+"""``ZooForCausalLM``: embedding -> N blocks (pre-norm mixer + optional MLP) -> final norm -> LM head.
+
+Per-family details are config fields, not subclasses::
+
+    h_0 = embed(ids) * embedding_scale
+    h_{l+1} = h_l + residual_scale * mixer_l(norm_l(h_l))            (kept in fp32 if residual_in_fp32)
+    h_{l+1} = h_{l+1} + residual_scale * mlp_l(mlp_norm_l(h_{l+1}))  (blocks with an MLP)
+    logits = lm_head(norm_f(h_N)) * logit_scale                      (lm_head tied to embed if tie_embeddings)
+
+Parameter names: ``embedding``, ``layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``norm_f``, ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_spec
+from zoo.layers.base import State
+from zoo.layers.mlp import MLP
+from zoo.layers.norm import make_norm
+from zoo.registry import get_mixer
+
+
+@dataclass
+class ModelState:
+    """Per-layer mixer states plus what the model needs to continue: tokens seen and next positions."""
+
+    layers: list[State]
+    next_position: Tensor  # [B] position of the next real token of each row
+    seen_tokens: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.layers)
+
+    def reorder(self, batch_indices: Tensor) -> None:
+        for s in self.layers:
+            s.reorder(batch_indices)
+        self.next_position = self.next_position.index_select(0, batch_indices.to(self.next_position.device))
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    states: ModelState | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
+        super().__init__()
+        spec = config.layers[layer_idx]
+        self.residual_scale = config.residual_scale
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.mixer = build_mixer(config, layer_idx)
+        if spec.mlp is not None:
+            self.mlp_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+            self.mlp = MLP(config.d_model, **spec.mlp)
+        else:
+            self.mlp = None
+
+    def forward(self, h: Tensor, positions: Tensor | None, state: State | None, attention_mask: Tensor | None,
+                seq_idx: Tensor | None) -> tuple[Tensor, State | None]:
+        dtype = self.norm.weight.dtype
+        if self.residual_in_fp32:
+            h = h.float()
+        y, state = self.mixer(self.norm(h).to(dtype), positions=positions, state=state,
+                              attention_mask=attention_mask, seq_idx=seq_idx)
+        h = h + y * self.residual_scale if self.residual_scale != 1.0 else h + y
+        if self.mlp is not None:
+            y = self.mlp(self.mlp_norm(h).to(dtype))
+            h = h + y * self.residual_scale if self.residual_scale != 1.0 else h + y
+        return h, state
+
+
+def build_mixer(config: ZooConfig, layer_idx: int) -> nn.Module:
+    cls = get_mixer(config.layers[layer_idx].mixer)
+    return cls(config.d_model, layer_idx, **config.mixer_kwargs(layer_idx))
+
+
+class ZooForCausalLM(nn.Module):
+    def __init__(self, config: ZooConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_module)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        if hasattr(module, "reset_mixer_parameters"):  # mixers with their own init (e.g. Mamba-2's dt, A)
+            module.reset_mixer_parameters()
+
+    # ------------------------------------------------------------------ utilities
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights counted once
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def init_states(self, batch_size: int, *, max_length: int | None = None) -> ModelState:
+        layers = [blk.mixer.init_state(batch_size, dtype=self.dtype, device=self.device, max_length=max_length)
+                  for blk in self.layers]
+        return ModelState(layers, torch.zeros(batch_size, dtype=torch.long, device=self.device))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        positions: Tensor | None = None,
+        states: ModelState | None = None,
+        seq_idx: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """``input_ids [B, T]``; ``attention_mask [B, T]`` (or ``[B, seen + T]``, transformers-style) 1 = token.
+
+        With ``states`` the call continues from them and updates them in place (prefill chunk or decode step).
+        ``logits_to_keep > 0`` computes logits for the last positions only (generation).
+        """
+        B, T = input_ids.shape
+        if input_ids.dtype not in (torch.long, torch.int, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}], got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask[:, -T:]
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if positions is None:
+            positions = self._positions(B, T, attention_mask, states)
+        if states is not None:
+            n_real = attention_mask.sum(1) if attention_mask is not None else torch.full((B,), T, device=self.device)
+            states.next_position = states.next_position + n_real.to(states.next_position.device)
+            states.seen_tokens += T
+
+        h = self.embedding(input_ids)
+        if self.config.embedding_scale != 1.0:
+            h = h * self.config.embedding_scale
+        for i, block in enumerate(self.layers):
+            state = states.layers[i] if states is not None else None
+            if self.gradient_checkpointing and self.training and states is None:
+                h, _ = checkpoint(block, h, positions, None, attention_mask, seq_idx, use_reentrant=False)
+            else:
+                h, new_state = block(h, positions, state, attention_mask, seq_idx)
+                if states is not None:
+                    states.layers[i] = new_state
+        h = self.norm_f(h).to(self.dtype)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, states=states)
+
+    def _positions(self, B: int, T: int, attention_mask: Tensor | None, states: ModelState | None) -> Tensor:
+        start = states.next_position if states is not None else torch.zeros(B, dtype=torch.long, device=self.device)
+        if attention_mask is None:
+            return start[:, None] + torch.arange(T, device=self.device)[None]
+        # transformers' convention: cumsum(mask) - 1 over real tokens; padded slots clamp to the row's start
+        return start[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ API sugar
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        from zoo.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+        from zoo.hub import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        from zoo.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def create_model(config: ZooConfig | str | dict, **overrides: Any) -> ZooForCausalLM:
+    """A randomly initialised model from a config, a preset name or a config dict."""
+    if isinstance(config, str):
+        config = ZooConfig.from_preset(config, **overrides)
+    elif isinstance(config, dict):
+        config = ZooConfig.from_dict({**config, **overrides})
+    elif overrides:
+        config = config.replace(**overrides)
+    return ZooForCausalLM(config)
+
+
+@torch.no_grad()
+def swap_layers(model: ZooForCausalLM, spec: dict[str, str | dict]) -> ZooForCausalLM:
+    """Replace the mixers of the selected layers: ``swap_layers(model, {"0-11": "sliding_window(window=1024)"})``.
+
+    Weights whose names and shapes match are reused (attention variants share all of them); the rest are
+    initialised as in a new model. ``model.config`` is updated, so a save/load round-trips the swapped model.
+    """
+    new_config = copy.deepcopy(model.config)
+    changes: dict[int, LayerSpec] = {}
+    for selector, mixer_spec in spec.items():
+        name, args = parse_mixer_spec(mixer_spec)
+        for i in parse_layer_selector(selector, model.config.n_layers):
+            changes[i] = LayerSpec(name, args, new_config.layers[i].mlp)
+    for i, layer in changes.items():
+        new_config.layers[i] = layer
+    new_config.validate()
+    for i in changes:
+        old = model.layers[i].mixer
+        new = build_mixer(new_config, i)
+        new.apply(model._init_module)
+        old_sd = old.state_dict()
+        reuse = {k: v for k, v in old_sd.items() if k in new.state_dict() and new.state_dict()[k].shape == v.shape}
+        new.load_state_dict(reuse, strict=False)
+        model.layers[i].mixer = new.to(device=model.device, dtype=model.dtype)
+    model.config = new_config
+    return model
