@@ -46,6 +46,13 @@ class KVCache(State):
         """Write ``T`` new slots, growing the buffers (doubling) when they are full."""
         T = k.shape[2]
         end = self.length + T
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or self.k.requires_grad):
+            # differentiable path (training through a chunked prefill): no in-place writes into saved tensors
+            self.k = torch.cat([self.k[:, :, : self.length], k], 2)
+            self.v = torch.cat([self.v[:, :, : self.length], v], 2)
+            self.valid = torch.cat([self.valid[:, : self.length], valid], 1)
+            self.length = end
+            return
         if end > self.k.shape[2]:
             grow = max(end, 2 * self.k.shape[2]) - self.k.shape[2]
             self.k = F.pad(self.k, (0, 0, 0, grow))

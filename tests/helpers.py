@@ -1,0 +1,30 @@
+"""Shared test utilities: random-weight reference checkpoints built with transformers, and comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_hf_llama(path: Path, *, vocab_size: int = 1001, tie: bool = False, seed: int = 0, **overrides):
+    """A random-weight transformers LlamaForCausalLM (fp32, eager) saved with save_pretrained into ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=512,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager", **overrides,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # move norms off 1.0 so a swapped/missing norm cannot pass unnoticed
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
