@@ -60,7 +60,7 @@ def parse_mixer_spec(spec: str | dict) -> tuple[str, dict[str, Any]]:
 
 
 def parse_layer_selector(selector: str, n_layers: int) -> list[int]:
-    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``"all"``/``"default"`` -> every layer; negative indices count from the end."""
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``"all"`` -> every layer; negative indices count from the end."""
     if selector in ("all", "default", "*"):
         return list(range(n_layers))
     out: list[int] = []

@@ -88,7 +88,7 @@ def _load_bin(file: Path) -> dict[str, Tensor]:
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:
-    """Read a checkpoint's tensors: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``."""
+    """A checkpoint's tensors: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``."""
     for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
         index = path / f"{name}.index.json"
         if index.is_file():

@@ -145,7 +145,7 @@ class Attention(Mixer):
         if state is None:
             o = self.attend(q, k, v, key_valid=attention_mask, seq_idx=seq_idx)
         else:
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+            valid = attention_mask.bool() if attention_mask is not None else x.new_ones(B, T, dtype=torch.bool)
             offset = state.length
             state.append(k, v, valid)
             o = self.attend(q, state.k[:, :, : state.length], state.v[:, :, : state.length],

@@ -29,7 +29,7 @@ def detect(cfg: dict[str, Any]) -> bool:
 
 
 def rope_from_reference(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from a transformers 4.x (``rope_theta``/``rope_scaling``) or 5.x (``rope_parameters``) config."""
+    """(theta, scaling) from transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x (``rope_parameters``)."""
     params = dict(cfg.get("rope_parameters") or {})
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     scaling = params or cfg.get("rope_scaling")
