@@ -228,6 +228,30 @@ def create_model(config: ZooConfig | str | dict, **overrides: Any) -> ZooForCaus
 
 
 @torch.no_grad()
+def state_bytes_per_token(config: ZooConfig, lengths: tuple[int, int] = (64, 128),
+                          dtype: torch.dtype = torch.float32) -> list[float]:
+    """Per layer, how many state bytes one more token of context costs (0 for fixed-size states).
+
+    Measured, not modelled: each distinct mixer is built alone (so a large model need not be materialised)
+    and fed ``lengths[0]`` then ``lengths[1]`` tokens through its state.
+    """
+    cache: dict[str, float] = {}
+    out = []
+    for i, layer in enumerate(config.layers):
+        key = f"{layer.mixer}:{sorted(config.mixer_kwargs(i).items())}"
+        if key not in cache:
+            mixer = build_mixer(config, i).to(dtype)
+            sizes = []
+            for n in lengths:
+                state = mixer.init_state(1, dtype=dtype, device="cpu", max_length=n)
+                _, state = mixer(torch.randn(1, n, config.d_model, dtype=dtype), state=state)
+                sizes.append(state.nbytes)
+            cache[key] = (sizes[1] - sizes[0]) / (lengths[1] - lengths[0])
+        out.append(cache[key])
+    return out
+
+
+@torch.no_grad()
 def swap_layers(model: ZooForCausalLM, spec: dict[str, str | dict]) -> ZooForCausalLM:
     """Replace the mixers of the selected layers: ``swap_layers(model, {"0-11": "sliding_window(window=1024)"})``.
 

@@ -1,0 +1,137 @@
+"""The ``zoo`` command: list, info, generate, convert, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import zoo
+from zoo.models.lm import state_bytes_per_token
+
+
+def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
+    """A preset name (random init; on the meta device if ``meta``), or a checkpoint directory / hub id."""
+    if name in zoo.list_presets() and not Path(name).exists():
+        if meta:
+            with torch.device("meta"):
+                return zoo.create_model(name)
+        return zoo.create_model(name)
+    return zoo.from_pretrained(name)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print("mixers:   " + ", ".join(zoo.list_mixers()))
+    print("families: " + ", ".join(zoo.list_families()))
+    print("presets:  " + ", ".join(zoo.list_presets()))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args.model, meta=True)
+    cfg = model.config
+    print(f"{cfg.name or args.model}: family={cfg.family}, {cfg.n_layers} layers, d_model={cfg.d_model}, "
+          f"vocab={cfg.vocab_size}, parameters={model.num_parameters():,}")
+    per_token = state_bytes_per_token(cfg)
+    for i, (layer, bpt) in enumerate(zip(cfg.layers, per_token)):
+        mlp = f"mlp {layer.mlp['intermediate_size']}" if layer.mlp else "no mlp"
+        print(f"  {i:3d}  {layer.spec_string:<48} {mlp:<12} state bytes/token {bpt:,.0f}")
+    print(f"state bytes per token of context (fp32, all layers): {sum(per_token):,.0f}")
+    return 0
+
+
+def _tokenizer(model_name: str):
+    path = Path(model_name)
+    if path.is_dir() and any(path.glob("tokenizer*")):
+        from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    from zoo.tokenizers import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _load(args.model)
+    tok = _tokenizer(args.model)
+    ids = torch.tensor([tok.encode(args.prompt)])
+    if int(ids.max()) >= model.config.vocab_size:
+        print(f"error: the tokenizer produced ids >= vocab_size {model.config.vocab_size}", file=sys.stderr)
+        return 2
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=max(args.temperature, 1e-6), top_k=args.top_k, top_p=args.top_p)
+    print(tok.decode(out[0, ids.shape[1]:]))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from zoo.hub import save_reference
+
+    model = zoo.from_pretrained(args.src)
+    if args.to == "zoo":
+        model.save_pretrained(args.dst)
+    else:
+        save_reference(model, args.dst, args.to)
+    print(f"wrote {args.dst} ({args.to} format)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zoo.demo import run_demo
+
+    result = run_demo(steps=args.steps)
+    return 0 if result["reload_identical"] else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from zoo.bench.cli import main as bench_main
+    except ImportError as e:
+        print(f"error: the benchmark harness is not available: {e}", file=sys.stderr)
+        return 2
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description=zoo.__doc__)
+    p.add_argument("--version", action="version", version=f"zoo {zoo.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered mixers, families and presets").set_defaults(fn=cmd_list)
+    s = sub.add_parser("info", help="layers, parameter count, state bytes per token")
+    s.add_argument("model", help="preset name, checkpoint directory or hub id")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("generate", help="generate text from a prompt")
+    s.add_argument("model")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("convert", help="reference format -> zoo format (default) or zoo -> a family's format")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", default="zoo", help="'zoo' or a family name (e.g. llama)")
+    s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
+    s.add_argument("--steps", type=int, default=300)
+    s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
+    s.add_argument("bench_args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
