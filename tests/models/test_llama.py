@@ -101,3 +101,28 @@ def test_padded_row_generates_like_unpadded_row(hf_llama):
     mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones_like(ids)], 1)
     out = model.generate(padded, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
     assert torch.equal(out[:, 6:], alone)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    hf = make_hf_llama(tmp_path / "one", seed=6)
+    LlamaForCausalLM.from_pretrained(tmp_path / "one").save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = zoo.from_pretrained(tmp_path / "sharded")
+    ids = torch.randint(0, 1001, (1, 7))
+    with torch.no_grad():
+        assert max_abs(model(ids).logits, hf(ids).logits) < 1e-4
+
+
+def test_gradient_checkpointing_gives_same_gradients(hf_llama):
+    path, _ = hf_llama
+    model = zoo.from_pretrained(path).train()
+    ids = torch.randint(0, 1001, (2, 11))
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
