@@ -61,3 +61,12 @@ def test_registry_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         zoo.register_mixer("attention")(type("Dup", (), {}))
     assert "attention" in zoo.list_mixers() and "llama" in zoo.list_families()
+
+
+def test_replace_resizes_uniform_configs_only():
+    cfg = ZooConfig.from_preset("zoo-tiny-attention", n_layers=2, d_model=64)
+    assert cfg.n_layers == 2 and len(cfg.layers) == 2 and cfg.d_model == 64
+    mixed = cfg.with_mixers({"0": "attention(num_heads=2)"})
+    with pytest.raises(ValueError, match="cannot change n_layers 2 -> 3 of a config whose layers differ"):
+        mixed.replace(n_layers=3)
+    assert mixed.replace(n_layers=3, mixers="attention").n_layers == 3

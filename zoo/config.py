@@ -242,8 +242,17 @@ class ZooConfig:
         return cfg.replace(**overrides) if overrides else cfg
 
     def replace(self, **changes: Any) -> ZooConfig:
+        """A copy with some fields changed. A new ``n_layers`` repeats the layer spec of a uniform config."""
         d = self.to_dict()
+        n = changes.get("n_layers", self.n_layers)
+        if n != self.n_layers and "layers" not in changes and "mixers" not in changes:
+            if any(ls != self.layers[0] for ls in self.layers):
+                raise ValueError(f"cannot change n_layers {self.n_layers} -> {n} of a config whose layers differ; "
+                                 "give 'layers' (or the short form 'mixers') as well")
+            changes = {**changes, "layers": [self.layers[0].to_dict() for _ in range(n)]}
         d.update(changes)
+        if "mixers" in changes or "mlp" in changes:
+            d.pop("layers")
         return ZooConfig.from_dict(d)
 
     def with_mixers(self, mixers: dict[str, str] | str) -> ZooConfig:
