@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
 
 
