@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
@@ -13,8 +15,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
 
 
 def naive_scan(x, dt, A, B, C, *, D=None, z=None, initial_states=None, seq_idx=None, dA_offset=None,
@@ -34,7 +34,8 @@ def naive_scan(x, dt, A, B, C, *, D=None, z=None, initial_states=None, seq_idx=N
             a = a + dA_offset[:, t].double()
         Bt = B[:, t].double().repeat_interleave(hg, 1)  # [B, H, N]
         Ct = C[:, t].double().repeat_interleave(hg, 1)
-        h = torch.exp(a)[..., None, None] * h + (dt[:, t].double()[..., None] * x[:, t].double())[..., None] * Bt[:, :, None]
+        dtx = dt[:, t].double()[..., None] * x[:, t].double()  # [B, H, P]
+        h = torch.exp(a)[..., None, None] * h + dtx[..., None] * Bt[:, :, None]
         y = (h * Ct[:, :, None]).sum(-1)  # the output of a boundary token reads the state before renormalising
         if state_norm_threshold is not None and (chunk_offset + t + 1) % chunk_size == 0:
             n = torch.linalg.vector_norm(h, dim=(-2, -1), keepdim=True)

@@ -141,7 +141,8 @@ class Mamba2(Mixer):
         if not 0 < d_ssm <= d_inner:
             raise ValueError(f"mamba2: d_ssm={d_ssm} must be in (0, d_inner={d_inner}]")
         if d_ssm % headdim:
-            raise ValueError(f"mamba2: d_ssm={d_ssm} (expand*d_model unless given) is not divisible by headdim={headdim}")
+            raise ValueError(f"mamba2: d_ssm={d_ssm} (expand*d_model unless given) is not divisible by "
+                             f"headdim={headdim}")
         H = d_ssm // headdim
         if H % G:
             raise ValueError(f"mamba2: nheads={H} (d_ssm/headdim) is not divisible by ngroups={G}")

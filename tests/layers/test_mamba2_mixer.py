@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zoo.config import ZooConfig
+from zoo.layers.mamba2 import Mamba2
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
@@ -13,9 +16,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-from zoo.config import ZooConfig
-from zoo.layers.mamba2 import Mamba2
 
 D_MODEL = 24
 SMALL = dict(d_state=8, headdim=6, ngroups=2, chunk_size=8)  # H = 48 / 6 = 8 heads, 2 groups
