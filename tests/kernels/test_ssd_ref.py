@@ -113,6 +113,20 @@ def test_ref_decay_offset_and_state_norm():
         torch.testing.assert_close(S[b:b + 1], S_ref, rtol=0, atol=1e-10)
 
 
+def test_ref_block_size_with_state_norm():
+    """The computational block (a divisor of chunk_size) changes rounding only; the norm still acts per chunk."""
+    x, dt, A, B, C = make(T=45)
+    thr = torch.rand(6, dtype=torch.float64) + 0.5
+    y_ref, S_ref = naive_scan(x, dt, A, B, C, state_norm_threshold=thr, chunk_size=16, chunk_offset=5)
+    for block in (4, 8, 16):
+        y, S = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=16, block_size=block, state_norm_threshold=thr,
+                                  chunk_offset=5)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="block_size=5 must be a positive divisor of chunk_size=16"):
+        ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=16, block_size=5)
+
+
 def test_ref_gradients_match_naive():
     x, dt, A, B, C = make(T=19, Bsz=1)
     D = torch.randn(6, dtype=torch.float64)

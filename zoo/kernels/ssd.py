@@ -52,6 +52,14 @@ def _unshift_rows(t: Tensor, shifts: Tensor, T: int) -> Tensor:
     return t[rows, cols]
 
 
+def _cpu_block(chunk_size: int, target: int = 64) -> int:
+    """The largest divisor of ``chunk_size`` that is at most ``target`` (``chunk_size`` if that is tiny)."""
+    if chunk_size <= target:
+        return chunk_size
+    d = max(q for q in range(1, target + 1) if chunk_size % q == 0)
+    return d if d >= 16 else chunk_size
+
+
 def ssd_chunk_scan_ref(
     x: Tensor,
     dt: Tensor,
@@ -68,11 +76,16 @@ def ssd_chunk_scan_ref(
     state_norm_threshold: Tensor | None = None,
     chunk_offset: Tensor | int | None = None,
     renorm_mask: Tensor | None = None,
+    block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x [B, T, H, P]``, ``dt [B, T, H]`` (after softplus), ``A [H]`` (< 0), ``B, C [B, T, G, N]``,
     ``D [H]`` or ``[H, P]``, ``z [B, T, H, P]``, ``initial_states [B, H, P, N]``.
 
     Returns ``y [B, T, H, P]`` (dtype of ``x``) and ``final_states [B, H, P, N]`` (fp32, or fp64 for fp64 input).
+
+    ``block_size``: the computational chunk length (a divisor of ``chunk_size``; default ``min(chunk_size, 64)``
+    on the CPU, where the intra-chunk quadratic term dominates, else ``chunk_size``). It changes rounding only;
+    ``chunk_size`` alone sets where the state norm applies.
     """
     Bsz, T, H, P = x.shape
     G, N = B.shape[-2:]
@@ -80,7 +93,12 @@ def ssd_chunk_scan_ref(
         raise ValueError(f"number of heads H={H} must be a multiple of ngroups G={G}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    Q, hg = chunk_size, H // G
+    if block_size is None:
+        block_size = _cpu_block(chunk_size) if x.device.type == "cpu" else chunk_size
+    if block_size <= 0 or chunk_size % block_size:
+        raise ValueError(f"block_size={block_size} must be a positive divisor of chunk_size={chunk_size}")
+    Q, hg = block_size, H // G
+    every = chunk_size // block_size  # the state norm applies after every `every`-th block
     out_dtype = x.dtype
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
@@ -88,7 +106,7 @@ def ssd_chunk_scan_ref(
     # ---- shifts (for state-norm alignment) and padding to whole chunks
     if isinstance(chunk_offset, int):
         chunk_offset = torch.full((Bsz,), chunk_offset, dtype=torch.long, device=dev) if chunk_offset else None
-    shifted = chunk_offset is not None and bool((chunk_offset % Q).any())
+    shifted = chunk_offset is not None and bool((chunk_offset % chunk_size).any())
     dA = dt.to(acc) * A.to(acc)  # [B, T, H]
     if dA_offset is not None:
         dA = dA + dA_offset.to(acc)
@@ -97,7 +115,7 @@ def ssd_chunk_scan_ref(
     seq = seq_idx
     rmask = renorm_mask
     if shifted:
-        sh = (chunk_offset % Q).long()
+        sh = (chunk_offset % chunk_size).long()
         Tp = -(-(T + int(sh.max())) // Q) * Q
         xdt, dA, Bf, Cf = (_shift_rows(t, sh, Tp) for t in (xdt, dA, Bf, Cf))
         if seq is not None:  # no-op shift tokens: give them the neighbouring document id
@@ -160,16 +178,23 @@ def ssd_chunk_scan_ref(
             fire[:, -1] = False
         elif shifted:  # the boundary is reached only if the row's real tokens reach the chunk end
             ends = torch.arange(1, nc + 1, device=dev) * Q
-            fire = fire & (ends[None, :] <= (T + (chunk_offset % Q).long())[:, None])
+            fire = fire & (ends[None, :] <= (T + sh)[:, None])
+        fire = fire & (torch.arange(1, nc + 1, device=dev) % every == 0)[None, :]
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_states))
+    S_prev = None if track else S_c.new_empty(Bsz, nc, H, P, N)
     S_in = []
     for c in range(nc):
-        S_in.append(S)
-        S = chunk_decay[:, c, :, None, None] * S + S_c[:, c]
+        if track:
+            S_in.append(S)
+        else:
+            S_prev[:, c] = S
+        S = S_c[:, c].addcmul(chunk_decay[:, c, :, None, None], S)
         if state_norm_threshold is not None:
             norm = torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True)
             scale = torch.clamp(thr / norm.clamp_min(torch.finfo(acc).tiny), max=1.0)
             S = torch.where(fire[:, c, None, None, None], S * scale, S)
-    S_prev = torch.stack(S_in, 1)  # [B, c, H, P, N]: state entering each chunk
+    if track:
+        S_prev = torch.stack(S_in, 1)  # [B, c, H, P, N]: state entering each chunk
 
     # ---- 4. off-diagonal output: y_l += exp(Acs_l) C_l . S_prev, per group as one GEMM
     Sg = S_prev.view(Bsz, nc, G, hg * P, N)
@@ -177,21 +202,21 @@ def ssd_chunk_scan_ref(
     out_decay = torch.exp(Acs)  # [B, c, H, Q]
     if seq is not None:
         out_decay = out_decay * keep_tok[:, :, None]
-    y_off = y_off.view(Bsz, nc, G, Q, hg, P) * out_decay.view(Bsz, nc, G, hg, Q).transpose(3, 4)[..., None]
-    y = y + y_off.permute(0, 1, 3, 2, 4, 5).reshape(Bsz, nc, Q, H, P)
-    y = y.reshape(Bsz, Tp, H, P)
-    y = _unshift_rows(y, (chunk_offset % Q).long(), T) if shifted else y[:, :T]
+    y_off = y_off.view(Bsz, nc, G, Q, hg, P).mul_(out_decay.view(Bsz, nc, G, hg, Q).transpose(3, 4)[..., None])
+    y_off = y_off.permute(0, 1, 3, 2, 4, 5) if G == 1 else y_off.permute(0, 1, 3, 2, 4, 5).contiguous()
+    y = y_off.reshape(Bsz, nc, Q, H, P).add_(y).view(Bsz, Tp, H, P)  # [B, T, H, P]
+    y = _unshift_rows(y, sh, T) if shifted else y[:, :T]
 
     if D is not None:
         Dv = D.to(acc).view(H, -1)  # [H, 1] or [H, P]
-        y = y + x.to(acc) * Dv
+        y = y.addcmul(x.to(acc), Dv)
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(out_dtype), S
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
-_EXTRA_KWARGS = ("dA_offset", "state_norm_threshold", "chunk_offset", "renorm_mask")
+_EXTRA_KWARGS = ("dA_offset", "state_norm_threshold", "chunk_offset", "renorm_mask", "block_size")
 
 
 def _backend() -> str:

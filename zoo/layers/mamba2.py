@@ -253,27 +253,26 @@ class Mamba2(Mixer):
         return self.out_proj(y.to(x.dtype)), state
 
     def _conv(self, xBC: Tensor, state: Mamba2State | None, seq_idx: Tensor | None) -> Tensor:
-        """Causal depthwise conv of ``xBC [B, T, C]``, continuing ``state.conv_state`` (updated in place)."""
+        """Causal depthwise conv of ``xBC [B, T, C]`` (+ bias), continuing ``state.conv_state`` (updated in place).
+
+        Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
         K, T = self.d_conv, xBC.shape[1]
-        w, b = self.conv1d.weight, self.conv1d.bias  # [C, 1, K], [C]
-        xt = xBC.transpose(1, 2)  # [B, C, T]
-        if state is None and seq_idx is None:
-            return F.conv1d(xt, w, b, padding=K - 1, groups=self.conv_dim)[..., :T].transpose(1, 2)
-        prev = (state.conv_state[..., 1:].to(xt.dtype) if state is not None
-                else xt.new_zeros(xt.shape[0], self.conv_dim, K - 1))
-        full = torch.cat([prev, xt], dim=-1)  # [B, C, K-1+T]
+        w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+        prev = (state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype) if state is not None
+                else xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim))
+        full = torch.cat([prev, xBC], dim=1)  # [B, K-1+T, C]
         if state is not None:
-            state.conv_state = full[..., -K:].to(state.conv_state.dtype)
-        if seq_idx is None:
-            return F.conv1d(full, w, b, groups=self.conv_dim).transpose(1, 2)
-        seq = torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)  # history belongs to the first doc
-        out = 0
-        for k in range(K):  # tap k reads input t - (K-1) + k, only from the same document
-            same = (seq[:, k:k + T] == seq_idx).to(xt.dtype)[:, None]
-            out = out + w[:, 0, k, None] * full[..., k:k + T] * same
-        if b is not None:
-            out = out + b[:, None]
-        return out.transpose(1, 2)
+            state.conv_state = full[:, -K:].transpose(1, 2).to(state.conv_state.dtype)
+        seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)
+        out = full[:, K - 1:] * w[K - 1]
+        for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
+            tap = full[:, k:k + T]
+            if seq is not None:
+                tap = tap * (seq[:, k:k + T] == seq_idx)[..., None].to(tap.dtype)
+            out = out.addcmul(tap, w[k])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(out.dtype)
+        return out
 
     def _thresholds(self, device: torch.device) -> Tensor | None:
         thr = self.state_norm_threshold
