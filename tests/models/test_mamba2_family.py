@@ -227,3 +227,20 @@ def test_calibrate_state_norm(hf_dirs, tmp_path):
     assert again.layers[1].mixer.state_norm_threshold == thr[1]
     with pytest.raises(ValueError, match="inference-time mitigations"):
         save_mamba_ssm(model, tmp_path / "ssm")
+
+
+def test_swap_attention_layer_to_mamba2_and_generate(tmp_path):
+    model = zoo.create_model("zoo-tiny-attention", vocab_size=64, d_model=32, n_layers=2)
+    zoo.swap_layers(model, {"1": "mamba2(d_state=8, headdim=8, chunk_size=8, decay_scale=0.99)"})
+    assert model.layers[1].mixer.A_log.shape == (8,) and model.config.layers[1].mixer == "mamba2"
+    x = torch.randint(0, 64, (2, 13))
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+        alone = model.generate(x[:1, 4:], max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(out[0, -5:], alone[0, -5:])  # the left-padded row generates what it generates alone
+    model.save_pretrained(tmp_path / "swapped")
+    again = zoo.from_pretrained(tmp_path / "swapped")
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)

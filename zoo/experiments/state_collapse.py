@@ -37,15 +37,15 @@ class Setup:
     n_layers: int = 2
     d_state: int = 32
     headdim: int = 16
-    chunk_size: int = 64
+    chunk_size: int = 32
     n_sentences: int = 8
     sentence_len: int = 6
-    n_digits: int = 4
+    n_digits: int = 2
     train_len: int = 256
-    batch_size: int = 32
-    steps: int = 800
+    batch_size: int = 16
+    steps: int = 700
     lr: float = 3e-3
-    answer_weight: float = 10.0
+    answer_weight: float = 20.0
     eval_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384])
     eval_samples: int = 16
     bucket: int = 256
