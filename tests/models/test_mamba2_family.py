@@ -230,7 +230,9 @@ def test_calibrate_state_norm(hf_dirs, tmp_path):
 
 
 def test_swap_attention_layer_to_mamba2_and_generate(tmp_path):
-    model = zoo.create_model("zoo-tiny-attention", vocab_size=64, d_model=32, n_layers=2)
+    torch.manual_seed(0)
+    model = zoo.create_model({"vocab_size": 64, "d_model": 32, "n_layers": 2, "mixers": "attention",
+                              "mlp": {"intermediate_size": 64}, "mixer_defaults": {"attention": {"num_heads": 4}}})
     zoo.swap_layers(model, {"1": "mamba2(d_state=8, headdim=8, chunk_size=8, decay_scale=0.99)"})
     assert model.layers[1].mixer.A_log.shape == (8,) and model.config.layers[1].mixer == "mamba2"
     x = torch.randint(0, 64, (2, 13))
