@@ -20,11 +20,14 @@ nothing crosses a document boundary; ``initial_states`` belong to the document o
 Extras used by the Mamba-2 layer's state-collapse mitigations (all off by default, and then not touched):
 
 * ``dA_offset [B, T, H]``: added to the log-decay (Stuffed Mamba "forget more": ``log alpha += log c``).
-* ``state_norm_threshold [H]``: after every chunk *boundary* the state is renormalised per head,
-  ``S <- S * min(1, thr / ||S||_F)``. Boundaries fall every ``Q`` tokens counted from ``chunk_offset``:
-  ``chunk_offset [B]`` (or int) shifts each row right by that many no-op tokens, so a row whose stream
-  started ``k`` tokens ago normalises at the same absolute positions as an unsplit run.
-  ``renorm_mask [B, T]``: a boundary whose last token is masked (padding) does not fire.
+* ``state_norm_threshold [H]``: at every ``chunk_size`` boundary the state is renormalised per head,
+  ``S <- S * min(1, thr / ||S||_F)`` (the boundary token's own output reads the state before it). Boundaries
+  fall every ``chunk_size`` tokens counted from ``-chunk_offset``: ``chunk_offset [B]`` (or int) shifts each row
+  right by ``chunk_offset % chunk_size`` no-op tokens, so a stream that started ``k`` tokens earlier normalises
+  at the same absolute positions as an unsplit run. ``renorm_mask [B, T]``: a boundary whose last token is
+  masked (padding) does not fire.
+* ``block_size``: the computational chunk (a divisor of ``chunk_size``; smaller on the CPU, where the
+  ``O(T * Q)`` intra-chunk part dominates); it changes rounding only.
 """
 
 from __future__ import annotations

@@ -305,18 +305,22 @@ class Mamba2(Mixer):
     def _step(self, x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, off: Tensor | None,
               mask: Tensor | None, state: Mamba2State) -> Tensor:
         """One token: ``x [B, H, P]``, ``dt [B, H]``, ``Bm, Cm [B, G, N]`` -> ``y [B, H, P]`` (state updated)."""
-        hg = self.nheads // self.ngroups
+        Bsz, H, P = x.shape
+        G, N = self.ngroups, self.d_state
         acc = state.ssm_state.dtype
-        xf, Bh, Ch = x.to(acc), Bm.to(acc).repeat_interleave(hg, 1), Cm.to(acc).repeat_interleave(hg, 1)
+        xf, Bg, Cg = x.to(acc), Bm.to(acc)[:, :, None, None, :], Cm.to(acc)  # B as [B, G, 1, 1, N] (no copies)
         dt, A = dt.to(acc), A.to(acc)
         dA = dt * A if off is None else dt * A + off[:, 0].to(acc)  # [B, H]
-        h = torch.exp(dA)[..., None, None] * state.ssm_state + (dt[..., None] * xf)[..., None] * Bh[:, :, None]
+        dtx = (dt[..., None] * xf).view(Bsz, G, H // G, P, 1)
+        h = ((torch.exp(dA)[..., None, None] * state.ssm_state).view(Bsz, G, H // G, P, N)
+             .addcmul_(dtx, Bg).view(Bsz, H, P, N))  # S = exp(dt A) S + dt x B^T
         state.ssm_state = h
         read = h
         if self.state_window:  # advance the lagged state by the token leaving the window, then subtract it
-            lag = (torch.exp(state.win_dt[:, 0] * A + state.win_off[:, 0])[..., None, None] * state.lag_state
-                   + (state.win_dt[:, 0, :, None] * state.win_x[:, 0])[..., None]
-                   * state.win_B[:, 0].repeat_interleave(hg, 1)[:, :, None])
+            odtx = (state.win_dt[:, 0, :, None] * state.win_x[:, 0]).view(Bsz, G, H // G, P, 1)
+            lag = ((torch.exp(state.win_dt[:, 0] * A + state.win_off[:, 0])[..., None, None] * state.lag_state)
+                   .view(Bsz, G, H // G, P, N).addcmul_(odtx, state.win_B[:, 0][:, :, None, None, :])
+                   .view(Bsz, H, P, N))
             state.lag_state = lag
             o = off[:, 0].to(acc) if off is not None else torch.zeros_like(dt)
             state.win_x = torch.cat([state.win_x[:, 1:], xf[:, None]], 1)
@@ -325,7 +329,9 @@ class Mamba2(Mixer):
             state.win_off = torch.cat([state.win_off[:, 1:], o[:, None]], 1)
             wdecay = torch.exp((state.win_dt.double() * A.double() + state.win_off.double()).sum(1)).to(acc)
             read = h - wdecay[..., None, None] * lag
-        y = torch.einsum("bhpn,bhn->bhp", read, Ch) + xf * (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
+        # y = S C per group as one batched GEMV: [B, G, hg*P, N] @ [B, G, N, 1]
+        y = torch.matmul(read.view(Bsz, G, (H // G) * P, N), Cg[..., None]).view(Bsz, H, P)
+        y = y.addcmul(xf, D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
         thr = self._thresholds(x.device)
         if thr is not None:
             seen = state.seen + (1 if mask is None else mask[:, 0].long())
