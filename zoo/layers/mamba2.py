@@ -1,0 +1,388 @@
+"""Mamba-2 mixer (``mamba_ssm.modules.mamba2.Mamba2`` semantics) with Stuffed-Mamba state-collapse mitigations.
+
+Math (per head ``h`` with ``P = headdim`` channels, group ``g = h // (H / G)``, state ``S in R^{P x N}``)::
+
+    z, xBC, dt_raw = split(in_proj(u), [d_ssm, d_ssm + 2 G N, H])        (+ z0, x0 first when d_ssm < d_inner)
+    x, B, C  = split(silu(causal_depthwise_conv(xBC)), [d_ssm, G N, G N])  (conv over xBC only)
+    dt       = softplus(dt_raw + dt_bias)   (identity above 20, as the kernel), clamped to dt_limit
+    A        = -exp(A_log)
+    S_t      = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T ;   y_t = S_t C_t + D x_t
+    out      = out_proj(rmsnorm_group(y * silu(z)) * norm.weight)            (groups of d_ssm / G channels)
+
+The parallel path is the chunked SSD scan (``zoo.kernels.ssd``); with a state the call continues from it
+(``initial_states``, the conv window of the last ``d_conv`` pre-conv inputs), and single tokens take the
+recurrent step. A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
+``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
+
+State-collapse mitigations (Chen et al., "Stuffed Mamba", arXiv 2410.07145 v1), all off by default, and then
+bit-for-bit neutral (the code paths are skipped, not multiplied by 1):
+
+* ``decay_scale = c``: ``alpha_t' = c * alpha_t`` (``log alpha += log c``; "forget more").
+* ``input_scale = b``: ``B' = b * B`` ("remember less").
+* ``dt_scale = s``: ``dt' = s * dt`` after the softplus (the LongMamba baseline).
+* ``state_norm_threshold``: after every ``chunk_size`` real tokens counted from the sequence start, each head's
+  state is renormalised ``S <- S * min(1, thr / ||S||_F)``. The released code multiplies by ``||S|| / thr``,
+  which *amplifies* an oversized state; this implements the described (intended) renormalisation.
+  Per-head thresholds can be calibrated with ``zoo.models.mamba2.calibrate_state_norm``.
+* ``state_window = r``: the output reads the state of the last ``r`` tokens only,
+  ``S_t^win = S_t - (prod_{j=t-r+1..t} alpha_j) S_{t-r}`` (the state itself runs on). Kept exactly via a
+  lagged state and a ring buffer of the last ``r`` tokens' ``(x, dt, B, log-decay offset)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.kernels.ssd import ssd_chunk_scan
+from zoo.layers.base import Mixer, State
+from zoo.layers.norm import GatedRMSNorm
+from zoo.registry import register_mixer
+
+
+@dataclass
+class Mamba2State(State):
+    """``conv_state [B, conv_dim, d_conv]`` (last pre-conv inputs), ``ssm_state [B, H, P, N]`` fp32,
+    ``seen [B]`` real tokens consumed; with ``state_window``: ``lag_state`` (the state ``r`` tokens ago) and the
+    ring of the last ``r`` tokens ``win_x [B, r, H, P]``, ``win_dt [B, r, H]``, ``win_B [B, r, G, N]``,
+    ``win_off [B, r, H]``."""
+
+    conv_state: Tensor
+    ssm_state: Tensor
+    seen: Tensor
+    lag_state: Tensor | None = None
+    win_x: Tensor | None = None
+    win_dt: Tensor | None = None
+    win_B: Tensor | None = None
+    win_off: Tensor | None = None
+
+
+@register_mixer("mamba2")
+class Mamba2(Mixer):
+    arg_groups = ("mamba2",)
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int = 0,
+        d_state: int = 128,
+        d_conv: int = 4,
+        conv_init: float | None = None,
+        expand: int = 2,
+        headdim: int = 64,
+        d_ssm: int | None = None,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        norm_eps: float = 1e-5,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        decay_scale: float = 1.0,
+        input_scale: float = 1.0,
+        dt_scale: float = 1.0,
+        state_norm_threshold: float | list[float] | None = None,
+        state_window: int | None = None,
+    ) -> None:
+        super().__init__(d_model, layer_idx)
+        kw = dict(locals())
+        kw.pop("self"), kw.pop("d_model"), kw.pop("layer_idx"), kw.pop("__class__", None)
+        self.check_args(d_model, kw)
+        self.d_state, self.d_conv, self.expand, self.headdim, self.ngroups = d_state, d_conv, expand, headdim, ngroups
+        self.d_inner = expand * d_model
+        self.d_ssm = d_ssm or self.d_inner
+        self.d_mlp = self.d_inner - self.d_ssm
+        self.nheads = self.d_ssm // headdim
+        self.chunk_size, self.rmsnorm, self.D_has_hdim = chunk_size, rmsnorm, D_has_hdim
+        self.conv_init, self.A_init_range = conv_init, tuple(A_init_range)
+        self.dt_min, self.dt_max, self.dt_init_floor, self.dt_limit = dt_min, dt_max, dt_init_floor, tuple(dt_limit)
+        self.decay_scale, self.input_scale, self.dt_scale = decay_scale, input_scale, dt_scale
+        self.state_norm_threshold = state_norm_threshold
+        self.state_window = state_window
+        G, N, H = ngroups, d_state, self.nheads
+        self.conv_dim = self.d_ssm + 2 * G * N
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * G * N + H, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1,
+                                bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(self.d_ssm if D_has_hdim else H))
+        if rmsnorm:
+            self.norm = GatedRMSNorm(self.d_ssm, eps=norm_eps, group_size=self.d_ssm // G,
+                                     norm_before_gate=norm_before_gate)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.reset_mixer_parameters()
+
+    @classmethod
+    def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
+        def positive(name: str, default: Any, kind: type = int) -> Any:
+            v = kwargs.get(name, default)
+            if not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"mamba2: {name}={v!r} must be a positive {kind.__name__}")
+            return v
+
+        d_state, d_conv = positive("d_state", 128), positive("d_conv", 4)
+        expand, headdim, G = positive("expand", 2), positive("headdim", 64), positive("ngroups", 1)
+        positive("chunk_size", 256)
+        del d_state, d_conv
+        d_inner = expand * d_model
+        d_ssm = kwargs.get("d_ssm") or d_inner
+        if not 0 < d_ssm <= d_inner:
+            raise ValueError(f"mamba2: d_ssm={d_ssm} must be in (0, d_inner={d_inner}]")
+        if d_ssm % headdim:
+            raise ValueError(f"mamba2: d_ssm={d_ssm} (expand*d_model unless given) is not divisible by "
+                             f"headdim={headdim}")
+        H = d_ssm // headdim
+        if H % G:
+            raise ValueError(f"mamba2: nheads={H} (d_ssm/headdim) is not divisible by ngroups={G}")
+        lo, hi = kwargs.get("A_init_range", (1.0, 16.0))
+        if not 0 < lo <= hi:
+            raise ValueError(f"mamba2: A_init_range=({lo}, {hi}) must satisfy 0 < low <= high")
+        lo, hi = kwargs.get("dt_limit", (0.0, float("inf")))
+        if not 0 <= lo < hi:
+            raise ValueError(f"mamba2: dt_limit=({lo}, {hi}) must satisfy 0 <= low < high")
+        for name in ("decay_scale", "input_scale", "dt_scale"):
+            v = kwargs.get(name, 1.0)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"mamba2: {name}={v!r} must be a positive float (1.0 = off)")
+        if kwargs.get("decay_scale", 1.0) > 1:
+            raise ValueError(f"mamba2: decay_scale={kwargs['decay_scale']} must be in (0, 1] (alpha' = c * alpha)")
+        thr = kwargs.get("state_norm_threshold")
+        if thr is not None:
+            vals = list(thr) if isinstance(thr, (list, tuple)) else [thr]
+            if isinstance(thr, (list, tuple)) and len(vals) != H:
+                raise ValueError(f"mamba2: state_norm_threshold has {len(vals)} values; give one float or nheads={H}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in vals):
+                raise ValueError(f"mamba2: state_norm_threshold={thr!r} must be positive (a float or a list of floats)")
+        r = kwargs.get("state_window")
+        if r is not None:
+            positive("state_window", None)
+            if thr is not None:
+                raise ValueError("mamba2: state_window and state_norm_threshold cannot be combined; pick one")
+
+    @torch.no_grad()
+    def reset_mixer_parameters(self) -> None:
+        """mamba_ssm's init: dt ~ logU(dt_min, dt_max) (>= floor), dt_bias = softplus^-1(dt); A ~ U(A_init_range)."""
+        H = self.nheads
+        dev = self.dt_bias.device
+        dt = torch.exp(torch.rand(H, device=dev) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.empty(H, device=dev).uniform_(*self.A_init_range)))
+        self.D.fill_(1.0)
+        if self.conv_init is not None:
+            self.conv1d.weight.uniform_(-self.conv_init, self.conv_init)
+        if self.rmsnorm:
+            self.norm.weight.fill_(1.0)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
+                   max_length: int | None = None) -> Mamba2State:
+        H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # states accumulate in fp32 (fp64 stays)
+        st = Mamba2State(conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype, device=device),
+                         ssm_state=torch.zeros(batch_size, H, P, N, dtype=acc, device=device),
+                         seen=torch.zeros(batch_size, dtype=torch.long, device=device))
+        if self.state_window:
+            r = self.state_window
+            st.lag_state = torch.zeros_like(st.ssm_state)
+            st.win_x = torch.zeros(batch_size, r, H, P, dtype=acc, device=device)
+            st.win_dt = torch.zeros(batch_size, r, H, dtype=acc, device=device)
+            st.win_B = torch.zeros(batch_size, r, G, N, dtype=acc, device=device)
+            st.win_off = torch.zeros(batch_size, r, H, dtype=acc, device=device)
+        return st
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *, positions: Tensor | None = None, state: Mamba2State | None = None,
+                attention_mask: Tensor | None = None, seq_idx: Tensor | None = None
+                ) -> tuple[Tensor, Mamba2State | None]:
+        Bsz, T, _ = x.shape
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        zxbcdt = self.in_proj(x)  # [B, T, d_in_proj]
+        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        xBC = F.silu(self._conv(xBC, state, seq_idx))  # [B, T, conv_dim]
+        xs, Bm, Cm = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+        xs, Bm, Cm = xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        if self.dt_scale != 1.0:
+            dt = dt * self.dt_scale
+        if mask is not None:
+            dt = dt * mask[..., None]
+        if self.input_scale != 1.0:
+            Bm = Bm * self.input_scale
+        off = None
+        if self.decay_scale != 1.0:
+            off = torch.full_like(dt, math.log(self.decay_scale))
+            if mask is not None:
+                off = off * mask[..., None]
+        A = -torch.exp(self.A_log.to(acc))  # [H]
+        D = self.D.view(H, P) if self.D_has_hdim else self.D
+        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
+        if state is not None and T == 1:
+            y = self._step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
+            if zg is not None:
+                y = (y * F.silu(zg.to(state.ssm_state.dtype))).to(xs.dtype)
+        elif self.state_window:
+            y = self._windowed(xs, dt, A, Bm, Cm, D, zg, off, seq_idx, state)
+        else:
+            y = self._scan(xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
+        if state is not None:
+            state.seen = state.seen + (T if mask is None else mask.sum(1))
+        y = y.reshape(Bsz, T, self.d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
+        return self.out_proj(y.to(x.dtype)), state
+
+    def _conv(self, xBC: Tensor, state: Mamba2State | None, seq_idx: Tensor | None) -> Tensor:
+        """Causal depthwise conv of ``xBC [B, T, C]`` (+ bias), continuing ``state.conv_state`` (updated in place).
+
+        Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
+        K, T = self.d_conv, xBC.shape[1]
+        w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+        prev = (state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype) if state is not None
+                else xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim))
+        full = torch.cat([prev, xBC], dim=1)  # [B, K-1+T, C]
+        if state is not None:
+            state.conv_state = full[:, -K:].transpose(1, 2).to(state.conv_state.dtype)
+        seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)
+        out = full[:, K - 1:] * w[K - 1]
+        for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
+            tap = full[:, k:k + T]
+            if seq is not None:
+                tap = tap * (seq[:, k:k + T] == seq_idx)[..., None].to(tap.dtype)
+            out = out.addcmul(tap, w[k])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(out.dtype)
+        return out
+
+    def _thresholds(self, device: torch.device) -> Tensor | None:
+        thr = self.state_norm_threshold
+        if thr is None:
+            return None
+        return torch.as_tensor(thr, dtype=torch.float32, device=device).expand(self.nheads)
+
+    def _scan(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
+              off: Tensor | None, mask: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
+        thr = self._thresholds(xs.device)
+        extra: dict[str, Any] = {}
+        if thr is not None:  # align renormalisation boundaries to each row's count of real tokens
+            first = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
+            if mask is not None:
+                counts = mask.sum(1)
+                first = mask.long().argmax(1)
+                last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+                if bool(((last - first + 1 != counts) & (counts > 0)).any()):
+                    raise ValueError("mamba2 state_norm_threshold: attention_mask must be left/right padding "
+                                     "(the real tokens of a row contiguous)")
+            seen = state.seen if state is not None else torch.zeros_like(first)
+            extra = dict(state_norm_threshold=thr, chunk_offset=seen - first, renorm_mask=mask)
+        y, final = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, seq_idx=seq_idx,
+                                  initial_states=state.ssm_state if state is not None else None,
+                                  dA_offset=off, **extra)
+        if state is not None:
+            state.ssm_state = final
+        return y
+
+    def _step(self, x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, off: Tensor | None,
+              mask: Tensor | None, state: Mamba2State) -> Tensor:
+        """One token: ``x [B, H, P]``, ``dt [B, H]``, ``Bm, Cm [B, G, N]`` -> ``y [B, H, P]`` (state updated)."""
+        Bsz, H, P = x.shape
+        G, N = self.ngroups, self.d_state
+        acc = state.ssm_state.dtype
+        xf, Bg, Cg = x.to(acc), Bm.to(acc)[:, :, None, None, :], Cm.to(acc)  # B as [B, G, 1, 1, N] (no copies)
+        dt, A = dt.to(acc), A.to(acc)
+        dA = dt * A if off is None else dt * A + off[:, 0].to(acc)  # [B, H]
+        dtx = (dt[..., None] * xf).view(Bsz, G, H // G, P, 1)
+        h = ((torch.exp(dA)[..., None, None] * state.ssm_state).view(Bsz, G, H // G, P, N)
+             .addcmul_(dtx, Bg).view(Bsz, H, P, N))  # S = exp(dt A) S + dt x B^T
+        state.ssm_state = h
+        read = h
+        if self.state_window:  # advance the lagged state by the token leaving the window, then subtract it
+            odtx = (state.win_dt[:, 0, :, None] * state.win_x[:, 0]).view(Bsz, G, H // G, P, 1)
+            lag = ((torch.exp(state.win_dt[:, 0] * A + state.win_off[:, 0])[..., None, None] * state.lag_state)
+                   .view(Bsz, G, H // G, P, N).addcmul_(odtx, state.win_B[:, 0][:, :, None, None, :])
+                   .view(Bsz, H, P, N))
+            state.lag_state = lag
+            o = off[:, 0].to(acc) if off is not None else torch.zeros_like(dt)
+            state.win_x = torch.cat([state.win_x[:, 1:], xf[:, None]], 1)
+            state.win_dt = torch.cat([state.win_dt[:, 1:], dt[:, None]], 1)
+            state.win_B = torch.cat([state.win_B[:, 1:], Bm.to(acc)[:, None]], 1)
+            state.win_off = torch.cat([state.win_off[:, 1:], o[:, None]], 1)
+            wdecay = torch.exp((state.win_dt.double() * A.double() + state.win_off.double()).sum(1)).to(acc)
+            read = h - wdecay[..., None, None] * lag
+        # y = S C per group as one batched GEMV: [B, G, hg*P, N] @ [B, G, N, 1]
+        y = torch.matmul(read.view(Bsz, G, (H // G) * P, N), Cg[..., None]).view(Bsz, H, P)
+        y = y.addcmul(xf, D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
+        thr = self._thresholds(x.device)
+        if thr is not None:
+            seen = state.seen + (1 if mask is None else mask[:, 0].long())
+            fire = (seen % self.chunk_size == 0) if mask is None else (seen % self.chunk_size == 0) & mask[:, 0]
+            norm = torch.linalg.vector_norm(h, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+            scale = torch.clamp(thr.view(1, -1, 1, 1) / norm, max=1.0)
+            state.ssm_state = torch.where(fire[:, None, None, None], h * scale, h)
+        return y.to(x.dtype)
+
+    def _windowed(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
+                  off: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
+        """``y_t = C_t (S_t - prod_{t-r<j<=t} alpha_j S_{t-r}) + D x_t`` over [ring of r past tokens | new tokens]."""
+        Bsz, T, H, P = xs.shape
+        r = self.state_window
+        if state is not None and seq_idx is not None:
+            raise ValueError("mamba2: state_window with seq_idx is supported in the parallel forward only")
+        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+        dt = dt.to(acc)
+        off = off.to(acc) if off is not None else torch.zeros_like(dt)
+        if state is None:
+            wx, wdt = xs.new_zeros(Bsz, r, H, P, dtype=acc), dt.new_zeros(Bsz, r, H)
+            wB, woff = Bm.new_zeros(Bsz, r, *Bm.shape[2:], dtype=acc), dt.new_zeros(Bsz, r, H)
+            lag0 = None
+        else:
+            wx, wdt, wB, woff, lag0 = state.win_x, state.win_dt, state.win_B, state.win_off, state.lag_state
+        cx, cdt = torch.cat([wx, xs.to(acc)], 1), torch.cat([wdt, dt], 1)
+        cB, coff = torch.cat([wB, Bm.to(acc)], 1), torch.cat([woff, off], 1)
+        seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, r), seq_idx], 1)
+        # full state S_t: a scan over the ring + new tokens from the lagged state (ring outputs discarded)
+        cC = torch.cat([Cm.new_zeros(Bsz, r, *Cm.shape[2:], dtype=acc), Cm.to(acc)], 1)
+        y_full, h_end = ssd_chunk_scan(cx, cdt, A, cB, cC, chunk_size=self.chunk_size, dA_offset=coff,
+                                       initial_states=lag0, seq_idx=seq)
+        # C_t . S_{t-r}: the first T tokens with the queries shifted by r
+        y_lag, lag_end = ssd_chunk_scan(cx[:, :T], cdt[:, :T], A, cB[:, :T], Cm.to(acc), chunk_size=self.chunk_size,
+                                        dA_offset=coff[:, :T], initial_states=lag0,
+                                        seq_idx=None if seq is None else seq[:, :T])
+        cum = F.pad((cdt.double() * A.double() + coff.double()).cumsum(1), (0, 0, 1, 0))  # [B, r+T+1, H]
+        wdecay = torch.exp(cum[:, r + 1:] - cum[:, 1:T + 1]).to(acc)  # prod of the r decays ending at t
+        if seq is not None:
+            wdecay = wdecay * (seq[:, :T] == seq[:, r:]).to(acc)[..., None]
+        y = y_full[:, r:] - wdecay[..., None] * y_lag + xs.to(acc) * (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
+        if zg is not None:
+            y = y * F.silu(zg.to(acc))
+        if state is not None:
+            state.ssm_state = h_end
+            state.lag_state = lag_end
+            state.win_x, state.win_dt, state.win_B, state.win_off = cx[:, -r:], cdt[:, -r:], cB[:, -r:], coff[:, -r:]
+        return y.to(xs.dtype)
+
+    def extra_repr(self) -> str:
+        mit = {k: getattr(self, k) for k in ("decay_scale", "input_scale", "dt_scale") if getattr(self, k) != 1.0}
+        mit.update({k: getattr(self, k) for k in ("state_norm_threshold", "state_window") if getattr(self, k)})
+        return (f"layer_idx={self.layer_idx}, d_state={self.d_state}, nheads={self.nheads}, headdim={self.headdim}, "
+                f"ngroups={self.ngroups}, chunk_size={self.chunk_size}" + "".join(f", {k}={v}" for k, v in mit.items()))

@@ -1,0 +1,398 @@
+"""The Mamba-2 family: ``mamba_ssm`` (``state-spaces/mamba2-*``) and transformers ``Mamba2ForCausalLM`` checkpoints.
+
+Both layouts hold the same tensors; only the embedding name differs::
+
+    mamba_ssm      backbone.embedding.weight   backbone.layers.{i}.{norm,mixer.*}   backbone.norm_f   lm_head
+    transformers   backbone.embeddings.weight  (same)
+
+Blocks are mixer-only (``LayerSpec.mlp=None``) unless ``d_intermediate > 0`` (mamba_ssm's GatedMLP: ``fc1`` packs
+``[up | gate]``, ``fc2`` = down; mapped onto the zoo SwiGLU). The vocabulary is padded up to
+``pad_vocab_size_multiple``; the head is tied (mamba_ssm still stores ``lm_head.weight``, which we write back).
+
+Hybrid ``mamba2attn`` checkpoints: mamba_ssm's ``MHA`` packs ``q|k|v`` in one ``in_proj`` (split here into the
+zoo attention's ``q_proj/k_proj/v_proj``; ``out_proj`` -> ``o_proj``) with partial rotary (``rotary_emb_dim``,
+rotate-half). Its optional depthwise causal conv over ``qkv`` (``d_conv > 0``; ``mamba2attn-2.7b`` uses 4) and
+the fused MLP (``mlp_dim > 0``) have no counterpart in the zoo ``attention`` mixer: such configs are refused with
+a ``ValueError`` naming the field (the preset itself builds, without that conv).
+
+Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``) and :func:`save_transformers`
+(config.json + ``model.safetensors``). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
+thresholds from a prompt (Stuffed Mamba, method 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zoo.config import ZooConfig
+from zoo.models.family import Family, Preset, StateDict
+
+MAMBA_SSM_KEYS = [
+    ("backbone.embedding.", "embedding."),
+    ("backbone.embeddings.", "embedding."),  # transformers' name, accepted on load
+    ("backbone.layers.{i}.norm2.", "layers.{i}.mlp_norm."),
+    ("backbone.layers.{i}.norm.", "layers.{i}.norm."),
+    ("backbone.layers.{i}.mixer.", "layers.{i}.mixer."),
+    ("backbone.layers.{i}.mlp.", "layers.{i}.mlp."),
+    ("backbone.norm_f.", "norm_f."),
+    ("lm_head.", "lm_head."),
+]
+TRANSFORMERS_KEYS = [(a, b) for a, b in MAMBA_SSM_KEYS if a != "backbone.embedding."]
+
+# mamba_ssm Mamba2 constructor arguments the zoo mixer takes under the same name
+MIXER_ARGS = ("d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+              "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
+              "conv_bias", "chunk_size")
+IGNORED_SSM_ARGS = ("layer", "use_mem_eff_path", "process_group", "sequence_parallel", "device", "dtype")
+MITIGATIONS = {"decay_scale": 1.0, "input_scale": 1.0, "dt_scale": 1.0, "state_norm_threshold": None,
+               "state_window": None}
+
+
+# ------------------------------------------------------------------------------------------------ detection
+def is_mamba_ssm_config(cfg: dict[str, Any]) -> bool:
+    return "ssm_cfg" in cfg and "d_model" in cfg and "n_layer" in cfg
+
+
+def detect(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") == "mamba2" or is_mamba_ssm_config(cfg)
+
+
+def _pad_vocab(v: int, multiple: int) -> int:
+    return v if multiple <= 1 or v % multiple == 0 else v + multiple - v % multiple
+
+
+# ------------------------------------------------------------------------------------------------ config maps
+def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
+    return _from_mamba_ssm(cfg) if is_mamba_ssm_config(cfg) else _from_transformers(cfg)
+
+
+def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
+    ssm = dict(cfg.get("ssm_cfg") or {})
+    layer = ssm.get("layer", "Mamba1")  # mamba_ssm's default when the key is absent
+    if layer != "Mamba2":
+        raise ValueError(f"mamba_ssm config: ssm_cfg.layer={layer!r} is not supported by the mamba2 family "
+                         f"(only 'Mamba2'; mamba_ssm defaults to 'Mamba1' when the key is missing)")
+    unknown = sorted(set(ssm) - set(MIXER_ARGS) - set(IGNORED_SSM_ARGS))
+    if unknown:
+        raise ValueError(f"mamba_ssm config: unsupported ssm_cfg keys {unknown}; supported: {sorted(MIXER_ARGS)}")
+    eps = cfg.get("norm_epsilon", 1e-5)
+    mixer = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ssm.items() if k in MIXER_ARGS}
+    mixer["norm_eps"] = 1e-5  # RMSNormGated is built with eps=1e-5 whatever norm_epsilon is
+    n = cfg["n_layer"]
+    d_int = cfg.get("d_intermediate", 0)
+    mlp = {"intermediate_size": -(-d_int // 128) * 128, "activation": "silu", "gated": True} if d_int else None
+    attn_idx = set(cfg.get("attn_layer_idx") or [])
+    layers = []
+    for i in range(n):
+        if i in attn_idx:
+            layers.append({"mixer": "attention", "mixer_args": _attention_args(cfg.get("attn_cfg") or {}, cfg),
+                           "mlp": mlp})
+        else:
+            layers.append({"mixer": "mamba2", "mixer_args": {}, "mlp": mlp})
+    return ZooConfig.from_dict({
+        "vocab_size": _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8)),
+        "d_model": cfg["d_model"], "n_layers": n, "layers": layers,
+        "mixer_defaults": {"mamba2": mixer},
+        "norm": "rmsnorm" if cfg.get("rms_norm", True) else "layernorm", "norm_eps": eps,
+        "tie_embeddings": bool(cfg.get("tie_embeddings", True)),
+        "residual_in_fp32": bool(cfg.get("residual_in_fp32", True)),
+        "rope_theta": float((cfg.get("attn_cfg") or {}).get("rotary_emb_base", 10000.0)),
+        "family": "mamba2",
+        "extra": {"mamba_ssm_vocab_size": cfg["vocab_size"],
+                  "pad_vocab_size_multiple": cfg.get("pad_vocab_size_multiple", 8)},
+    })
+
+
+def _attention_args(attn: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """mamba_ssm ``MHA`` kwargs -> zoo ``attention`` args, refusing what the zoo mixer cannot express."""
+    for key, ok, why in (
+        ("d_conv", attn.get("d_conv", 0) == 0, "a depthwise causal conv over q|k|v, which the zoo attention lacks"),
+        ("mlp_dim", attn.get("mlp_dim", 0) == 0, "an MLP fused into the attention projections"),
+        ("causal", attn.get("causal", False), "non-causal attention"),
+        ("rotary_emb_interleaved", not attn.get("rotary_emb_interleaved", False), "interleaved (GPT-J) rotary"),
+    ):
+        if not ok:
+            raise ValueError(f"mamba_ssm config: attn_cfg.{key}={attn.get(key)!r} means {why}; not supported "
+                             f"(layers {cfg.get('attn_layer_idx')})")
+    H = attn["num_heads"]
+    rd = attn.get("rotary_emb_dim", 0)
+    args: dict[str, Any] = {"num_heads": H, "num_kv_heads": attn.get("num_heads_kv") or H,
+                            "head_dim": attn.get("head_dim") or cfg["d_model"] // H,
+                            "qkv_bias": attn.get("qkv_proj_bias", True), "o_bias": attn.get("out_proj_bias", True),
+                            "rope": rd > 0}
+    if rd:
+        args["rotary_dim"] = rd
+    if attn.get("softmax_scale") is not None:
+        args["softmax_scale"] = attn["softmax_scale"]
+    return args
+
+
+def _float(v: Any) -> float:
+    """transformers 5 writes non-finite floats as ``{"__float__": "Infinity"}``."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+
+def _from_transformers(cfg: dict[str, Any]) -> ZooConfig:
+    d, expand, hd = cfg["hidden_size"], cfg.get("expand", 2), cfg.get("head_dim", 64)
+    H = cfg.get("num_heads", 128)
+    if H * hd != expand * d:
+        raise ValueError(f"transformers mamba2 config: num_heads*head_dim={H * hd} != expand*hidden_size={expand * d}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"transformers mamba2 config: hidden_act={cfg['hidden_act']!r} unsupported (only 'silu')")
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    mixer = {"d_state": cfg.get("state_size", 128), "d_conv": cfg.get("conv_kernel", 4), "expand": expand,
+             "headdim": hd, "ngroups": cfg.get("n_groups", 8), "bias": cfg.get("use_bias", False),
+             "conv_bias": cfg.get("use_conv_bias", True), "chunk_size": cfg.get("chunk_size", 256),
+             "dt_min": cfg.get("time_step_min", 0.001), "dt_max": cfg.get("time_step_max", 0.1),
+             "dt_init_floor": cfg.get("time_step_floor", 1e-4), "norm_eps": eps,
+             "dt_limit": tuple(_float(v) for v in cfg.get("time_step_limit", (0.0, float("inf"))))}
+    return ZooConfig.from_dict({
+        "vocab_size": cfg["vocab_size"], "d_model": d, "n_layers": cfg["num_hidden_layers"], "mixers": "mamba2",
+        "mixer_defaults": {"mamba2": mixer}, "norm": "rmsnorm", "norm_eps": eps,
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "residual_in_fp32": bool(cfg.get("residual_in_fp32", True)),
+        "initializer_range": cfg.get("initializer_range", 0.02),
+        "pad_token_id": cfg.get("pad_token_id"), "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": cfg.get("eos_token_id"), "family": "mamba2",
+    })
+
+
+def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
+    """The (shared) Mamba-2 arguments of every mamba2 layer; refuses per-layer differences and mitigations."""
+    from zoo.config import mixer_parameters
+    from zoo.layers.mamba2 import Mamba2
+
+    idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "mamba2"]
+    if not idx:
+        raise ValueError(f"cannot export to the {fmt} format: the model has no mamba2 layer")
+    args = [config.mixer_kwargs(i) for i in idx]
+    for i, a in zip(idx, args):
+        on = {k: a[k] for k, off in MITIGATIONS.items() if a.get(k, off) != off}
+        if on:
+            raise ValueError(f"cannot export to the {fmt} format: layer {i} uses inference-time mitigations {on}, "
+                             f"which have no field there; turn them off (swap_layers) before exporting")
+    if any(a != args[0] for a in args):
+        raise ValueError(f"cannot export to the {fmt} format: mamba2 layers have different arguments")
+    defaults = {k: p.default for k, p in mixer_parameters(Mamba2).items()}
+    return {**defaults, **args[0]}
+
+
+def config_to_reference(config: ZooConfig) -> dict[str, Any]:
+    """mamba_ssm ``MambaConfig`` dict (``config.json`` of ``state-spaces/mamba2-*``)."""
+    a = _mixer_args(config, "mamba_ssm")
+    if a["norm_eps"] != 1e-5:
+        raise ValueError(f"cannot export to the mamba_ssm format: its gated norm eps is fixed at 1e-5, "
+                         f"the model uses norm_eps={a['norm_eps']}")
+    attn_idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
+    other = sorted({ls.mixer for ls in config.layers} - {"mamba2", "attention"})
+    if other:
+        raise ValueError(f"cannot export to the mamba_ssm format: mixers {other} have no mamba_ssm counterpart")
+    mlps = {str(ls.mlp) for ls in config.layers}
+    if len(mlps) != 1:
+        raise ValueError("cannot export to the mamba_ssm format: blocks differ in their MLP")
+    mlp = config.layers[0].mlp
+    if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
+        raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
+    ssm = {"layer": "Mamba2", **{k: (list(a[k]) if isinstance(a[k], tuple) else a[k]) for k in MIXER_ARGS
+                                 if a[k] != _MAMBA2_DEFAULTS[k]}}
+    attn_cfg: dict[str, Any] = {}
+    if attn_idx:
+        at = config.mixer_kwargs(attn_idx[0])
+        attn_cfg = {"num_heads": at["num_heads"], "num_heads_kv": at.get("num_kv_heads") or at["num_heads"],
+                    "head_dim": at.get("head_dim") or config.d_model // at["num_heads"], "causal": True,
+                    "qkv_proj_bias": at.get("qkv_bias", False), "out_proj_bias": at.get("o_bias", False),
+                    "rotary_emb_dim": (at.get("rotary_dim") or at.get("head_dim") or 0) if at.get("rope", True) else 0,
+                    "rotary_emb_base": config.rope_theta, "d_conv": 0}
+    return {
+        "d_model": config.d_model, "d_intermediate": mlp["intermediate_size"] if mlp else 0,
+        "n_layer": config.n_layers, "vocab_size": config.vocab_size, "ssm_cfg": ssm,
+        "attn_layer_idx": attn_idx, "attn_cfg": attn_cfg, "rms_norm": config.norm == "rmsnorm",
+        "residual_in_fp32": config.residual_in_fp32, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
+        "tie_embeddings": config.tie_embeddings,
+    }
+
+
+_MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "conv_init": None, "expand": 2, "headdim": 64, "d_ssm": None,
+                    "ngroups": 1, "A_init_range": (1.0, 16.0), "D_has_hdim": False, "rmsnorm": True,
+                    "norm_before_gate": False, "dt_min": 0.001, "dt_max": 0.1, "dt_init_floor": 1e-4,
+                    "dt_limit": (0.0, float("inf")), "bias": False, "conv_bias": True, "chunk_size": 256}
+
+
+def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
+    """transformers ``Mamba2Config`` dict."""
+    a = _mixer_args(config, "transformers")
+    bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "mamba2" or ls.mlp is not None]
+    if bad:
+        raise ValueError(f"cannot export to the transformers mamba2 format: layers {bad} are not mixer-only mamba2")
+    unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate")
+                   if a[k] != _MAMBA2_DEFAULTS[k]}
+    if not a["rmsnorm"] or unsupported or config.norm != "rmsnorm" or a["norm_eps"] != config.norm_eps:
+        raise ValueError(f"cannot export to the transformers mamba2 format: it has no field for {unsupported or a}")
+    lim = a["dt_limit"]
+    return {
+        "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+        "num_heads": a["expand"] * config.d_model // a["headdim"], "head_dim": a["headdim"],
+        "state_size": a["d_state"], "expand": a["expand"], "conv_kernel": a["d_conv"], "n_groups": a["ngroups"],
+        "use_bias": a["bias"], "use_conv_bias": a["conv_bias"], "chunk_size": a["chunk_size"],
+        "time_step_min": a["dt_min"], "time_step_max": a["dt_max"], "time_step_floor": a["dt_init_floor"],
+        "time_step_limit": [lim[0], lim[1]], "layer_norm_epsilon": config.norm_eps, "hidden_act": "silu",
+        "rms_norm": True, "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.initializer_range,
+        "pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+def _attn_layers(config: ZooConfig) -> list[int]:
+    return [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
+
+
+def from_reference(sd: StateDict, config: ZooConfig) -> StateDict:
+    """After renaming: split mamba_ssm's packed MLP ``fc1`` and MHA ``in_proj``; drop a tied ``lm_head``."""
+    sd = dict(sd)
+    for i, ls in enumerate(config.layers):
+        p = f"layers.{i}."
+        if ls.mlp is not None and p + "mlp.fc1.weight" in sd:
+            up, gate = sd.pop(p + "mlp.fc1.weight").chunk(2, dim=0)
+            sd[p + "mlp.up_proj.weight"], sd[p + "mlp.gate_proj.weight"] = up, gate
+            sd[p + "mlp.down_proj.weight"] = sd.pop(p + "mlp.fc2.weight")
+        if ls.mixer == "attention":
+            a = config.mixer_kwargs(i)
+            H, Hkv = a["num_heads"], a.get("num_kv_heads") or a["num_heads"]
+            hd = a.get("head_dim") or config.d_model // H
+            for kind in ("weight", "bias"):
+                key = f"{p}mixer.in_proj.{kind}"
+                if key in sd:
+                    q, k, v = sd.pop(key).split([H * hd, Hkv * hd, Hkv * hd], dim=0)
+                    sd[f"{p}mixer.q_proj.{kind}"], sd[f"{p}mixer.k_proj.{kind}"] = q, k
+                    sd[f"{p}mixer.v_proj.{kind}"] = v
+                key = f"{p}mixer.out_proj.{kind}"
+                if key in sd:
+                    sd[f"{p}mixer.o_proj.{kind}"] = sd.pop(key)
+    return sd
+
+
+def to_reference(sd: StateDict, config: ZooConfig) -> StateDict:
+    """Inverse of :func:`from_reference`; mamba_ssm keeps ``lm_head.weight`` in its state dict even when tied."""
+    sd = dict(sd)
+    for i, ls in enumerate(config.layers):
+        p = f"layers.{i}."
+        if ls.mlp is not None:
+            sd[p + "mlp.fc1.weight"] = torch.cat([sd.pop(p + "mlp.up_proj.weight"), sd.pop(p + "mlp.gate_proj.weight")])
+            sd[p + "mlp.fc2.weight"] = sd.pop(p + "mlp.down_proj.weight")
+        if ls.mixer == "attention":
+            for kind in ("weight", "bias"):
+                parts = [sd.pop(f"{p}mixer.{n}_proj.{kind}", None) for n in ("q", "k", "v")]
+                if parts[0] is not None:
+                    sd[f"{p}mixer.in_proj.{kind}"] = torch.cat(parts)
+                o = sd.pop(f"{p}mixer.o_proj.{kind}", None)
+                if o is not None:
+                    sd[f"{p}mixer.out_proj.{kind}"] = o
+    if config.tie_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["embedding.weight"]
+    return sd
+
+
+def _hf_to_reference(sd: StateDict, config: ZooConfig) -> StateDict:
+    sd = dict(sd)
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # transformers re-ties it on load
+    return sd
+
+
+# ------------------------------------------------------------------------------------------------ presets
+def _preset(d: int, n: int, hub: str, desc: str, **kw: Any) -> Preset:
+    cfg = {"vocab_size": 50288, "d_model": d, "n_layers": n, "mixers": "mamba2", "mlp": None, "norm": "rmsnorm",
+           "norm_eps": 1e-5, "tie_embeddings": True, "residual_in_fp32": True, "family": "mamba2",
+           "mixer_defaults": {"mamba2": {"norm_eps": 1e-5}},
+           "extra": {"mamba_ssm_vocab_size": 50277, "pad_vocab_size_multiple": 16}, **kw}
+    return Preset(cfg, hub_id=hub, description=desc)
+
+
+_ATTN_2P7B = {"num_heads": 30, "num_kv_heads": 30, "head_dim": 128, "rotary_dim": 64, "qkv_bias": False,
+              "o_bias": False}
+PRESETS = {
+    "mamba2-130m": _preset(768, 24, "state-spaces/mamba2-130m", "Mamba-2 130M (24 x 768, Pile 300B)"),
+    "mamba2-370m": _preset(1024, 48, "state-spaces/mamba2-370m", "Mamba-2 370M (48 x 1024)"),
+    "mamba2-780m": _preset(1536, 48, "state-spaces/mamba2-780m", "Mamba-2 780M (48 x 1536)"),
+    "mamba2-1.3b": _preset(2048, 48, "state-spaces/mamba2-1.3b", "Mamba-2 1.3B (48 x 2048)"),
+    "mamba2-2.7b": _preset(2560, 64, "state-spaces/mamba2-2.7b", "Mamba-2 2.7B (64 x 2560)"),
+    "mamba2attn-2.7b": _preset(
+        2560, 64, None,  # the published checkpoint's MHA has a qkv conv (d_conv 4) the zoo attention lacks
+        "Mamba-2 + 6 attention layers 2.7B architecture (zoo attention without mamba_ssm's qkv conv: "
+        "random init only; state-spaces/mamba2attn-2.7b does not load)",
+        mixers={"default": "mamba2", "9,18,27,36,45,56": {"mixer": "attention", "mixer_args": _ATTN_2P7B}}),
+}
+
+FAMILY = Family(
+    name="mamba2", detect=detect, config_from_reference=config_from_reference,
+    config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
+    from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
+    model_card="mamba2",
+)
+# export-only variant for the transformers layout
+TRANSFORMERS_FORMAT = Family(
+    name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
+    config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
+    key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
+    reference_weights_name="model.safetensors", model_card="mamba2",
+)
+
+
+def save_mamba_ssm(model, path: str | os.PathLike) -> Path:
+    """Write a ``state-spaces/mamba2-*`` style directory: ``config.json`` + ``pytorch_model.bin`` (plain tensors)."""
+    from zoo.hub import save_reference
+
+    return save_reference(model, path, FAMILY)
+
+
+def save_transformers(model, path: str | os.PathLike) -> Path:
+    """Write a transformers ``Mamba2ForCausalLM`` directory: ``config.json`` + ``model.safetensors``."""
+    from zoo.hub import save_reference
+
+    return save_reference(model, path, TRANSFORMERS_FORMAT)
+
+
+# ------------------------------------------------------------------------------------------------ mitigations
+@torch.no_grad()
+def calibrate_state_norm(model, input_ids: Tensor, multiplier: float = 2.0, *, apply: bool = True
+                         ) -> dict[int, list[float]]:
+    """Stuffed Mamba method 2: run ``input_ids`` (a calibration prompt, ``[B, T]``) with states, take every mamba2
+    layer's final per-head state norm ``||S||_F`` (max over the batch) times ``multiplier`` as that layer's
+    thresholds. With ``apply`` they are set on the mixers and in ``model.config`` (so a save keeps them).
+    (The released code stores the multiplier but never applies it; here it is applied.)"""
+    from zoo.layers.mamba2 import Mamba2
+
+    if not multiplier > 0 or math.isinf(multiplier):
+        raise ValueError(f"calibrate_state_norm: multiplier={multiplier!r} must be a positive finite float")
+    idx = [i for i, blk in enumerate(model.layers) if isinstance(blk.mixer, Mamba2)]
+    if not idx:
+        raise ValueError("calibrate_state_norm: the model has no mamba2 layer")
+    saved = {i: model.layers[i].mixer.state_norm_threshold for i in idx}
+    for i in idx:  # calibrate on the unnormalised states
+        model.layers[i].mixer.state_norm_threshold = None
+    try:
+        states = model.init_states(input_ids.shape[0])
+        model(input_ids, states=states)
+    finally:
+        for i in idx:
+            model.layers[i].mixer.state_norm_threshold = saved[i]
+    out = {}
+    for i in idx:
+        norms = torch.linalg.vector_norm(states.layers[i].ssm_state.float(), dim=(-2, -1)).amax(0)  # [H]
+        out[i] = [float(v) * multiplier for v in norms.clamp_min(1e-6)]
+    if apply:
+        for i, thr in out.items():
+            if model.layers[i].mixer.state_window:
+                raise ValueError(f"calibrate_state_norm: layer {i} uses state_window, which excludes state norm")
+            model.layers[i].mixer.state_norm_threshold = thr
+            model.config.layers[i].mixer_args["state_norm_threshold"] = thr
+    return out
