@@ -285,7 +285,8 @@ def _chunk_scan_bwd_dc(
             dyx = tl.dot(dy_l, tl.trans(x_s), input_precision=PREC)  # [L, S]
             t1 = dyx * mdt
             dc += tl.dot(t1, b_s, input_precision=PREC)
-            dap += tl.sum(t1 * cb, axis=1)
+            # the diagonal (s == l) adds +v and -v to the same position: leave it out of d a (less cancellation)
+            dap += tl.sum(tl.where(ts[None, :] < tl_[:, None], t1 * cb, 0.0), axis=1)
         tl.store(dC_ptr + ((b * T + tl_[:, None]) * H + h) * N + offs_n[None, :], dc,
                  mask=ml[:, None] & mn[None, :])
         tl.store(dap_ptr + bh * T + tl_, dap, mask=ml)
@@ -393,9 +394,9 @@ def _chunk_scan_bwd_dx(
         p1 = cbt * mt
         dx += tl.dot(p1, dy_l, input_precision=PREC) * dts[:, None]
         db += tl.dot(dyxt * mt, c_l, input_precision=PREC) * dts[:, None]
-        r = tl.sum(p1 * dyxt, axis=1)
-        ddt += r
-        dam += r * dts
+        pd = p1 * dyxt
+        ddt += tl.sum(pd, axis=1)
+        dam += tl.sum(tl.where(tl_[None, :] > ts[:, None], pd, 0.0), axis=1) * dts
 
     dout_s = tl.load(dout_ptr + io_off, mask=io_mask, other=0.0).to(tl.float32)
     if HAS_Z:
