@@ -156,6 +156,7 @@ CASES = [
     pytest.param(1, 50, 4, 16, 4, 32, 16, None, "h", False, True, False, id="Dh-init-G4-ragged"),
     pytest.param(2, 96, 2, 16, 1, 16, 64, 16, "h", True, False, True, id="blocks-in-chunk-seq-z"),
     pytest.param(1, 70, 2, 20, 2, 24, 32, 16, None, False, True, True, id="P20-N24-blocks-seq-init"),
+    pytest.param(1, 40, 2, 72, 1, 80, 16, None, "hp", True, True, True, id="P72-N80-state-tiles"),
 ]
 
 

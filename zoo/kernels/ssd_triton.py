@@ -54,11 +54,18 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 @triton.jit
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with operands in DT (the input dtype: bf16/fp16 tensor cores, or fp32 with PREC) and fp32 result."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, dacs_ptr, st_ptr,
     T, H, G, P, N, NC,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -101,10 +108,10 @@ def _chunk_state_fwd(
         scale = tl.where(ms, scale, 0.0)
         # x^T: [BLOCK_P, BLOCK_S]
         xt = tl.load(x_ptr + ((b * T + ts[None, :]) * H + h) * P + offs_p[:, None],
-                     mask=ms[None, :] & mp[:, None], other=0.0).to(tl.float32)
+                     mask=ms[None, :] & mp[:, None], other=0.0)
         bs = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=ms[:, None] & mn[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xt, bs * scale[:, None], input_precision=PREC)
+                     mask=ms[:, None] & mn[None, :], other=0.0)
+        acc += _mm(xt, bs.to(tl.float32) * scale[:, None], DT, PREC)
     st_off = ((b * NC + c) * H + h) * P * N
     tl.store(st_ptr + st_off + offs_p[:, None] * N + offs_n[None, :], acc, mask=mp[:, None] & mn[None, :])
 
@@ -145,7 +152,8 @@ def _chunk_scan_fwd(
     x_ptr, dt_ptr, dacs_ptr, B_ptr, C_ptr, seq_ptr, sall_ptr, D_ptr, z_ptr, y_ptr, y0_ptr,
     T, H, G, P, N, NC,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
     NLB: tl.constexpr = CHUNK // BLOCK_Q
     pid0 = tl.program_id(0).to(tl.int64)
@@ -166,16 +174,16 @@ def _chunk_scan_fwd(
 
     a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
     c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ml[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                  mask=ml[:, None] & mn[None, :], other=0.0)
     # S_c^T: [BLOCK_N, BLOCK_P]
     s_t = tl.load(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
-                  mask=mp[None, :] & mn[:, None], other=0.0)
+                  mask=mp[None, :] & mn[:, None], other=0.0).to(DT)
     off_scale = tl.exp(a_l)
     if HAS_SEQ:
         seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
         seq_prev = tl.load(seq_ptr + b * T + tl.maximum(start - 1, 0))
         off_scale = tl.where(seq_l == seq_prev, off_scale, 0.0)
-    acc = tl.dot(c_l, s_t, input_precision=PREC) * off_scale[:, None]
+    acc = _mm(c_l, s_t, DT, PREC) * off_scale[:, None]
 
     for s0 in range(0, (lb + 1) * BLOCK_Q, BLOCK_Q):
         ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_Q)
@@ -183,16 +191,16 @@ def _chunk_scan_fwd(
         a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
         dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
         b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                      mask=ms[:, None] & mn[None, :], other=0.0)
         x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
-        cb = tl.dot(c_l, tl.trans(b_s), input_precision=PREC)  # [L, S]
+                      mask=ms[:, None] & mp[None, :], other=0.0)
+        cb = _mm(c_l, tl.trans(b_s), DT, PREC)  # [L, S]
         mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
             mask = mask & (seq_s[None, :] == seq_l[:, None])
         w = cb * tl.exp(tl.where(mask, a_l[:, None] - a_s[None, :], float("-inf"))) * dts[None, :]
-        acc += tl.dot(w, x_s, input_precision=PREC)
+        acc += _mm(w, x_s, DT, PREC)
 
     io_mask = ml[:, None] & mp[None, :]
     io_off = ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :]
@@ -231,7 +239,8 @@ def _chunk_scan_bwd_dc(
     dC_ptr, dap_ptr, lc_ptr,
     T, H, G, P, N, NC,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
     c = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -246,7 +255,7 @@ def _chunk_scan_bwd_dc(
     end = tl.minimum(start + CHUNK, T)
     # S_c: [BLOCK_P, BLOCK_N]
     s_c = tl.load(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                  mask=mp[:, None] & mn[None, :], other=0.0)
+                  mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     if HAS_SEQ:
         seq_prev = tl.load(seq_ptr + b * T + tl.maximum(start - 1, 0))
     lc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -256,35 +265,36 @@ def _chunk_scan_bwd_dc(
         ml = tl_ < end
         a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
         c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ml[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                      mask=ml[:, None] & mn[None, :], other=0.0)
         dy_l = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
                         ml[:, None] & mp[None, :], HAS_Z)
+        dy_d = dy_l.to(DT)
         off_scale = tl.where(ml, tl.exp(a_l), 0.0)
         if HAS_SEQ:
             seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
             off_scale = tl.where(seq_l == seq_prev, off_scale, 0.0)
-        dys = tl.dot(dy_l, s_c, input_precision=PREC)  # [L, N]
+        dys = _mm(dy_d, s_c, DT, PREC)  # [L, N]
         dc = dys * off_scale[:, None]
-        dap = tl.sum(dc * c_l, axis=1)
-        lc += tl.dot(tl.trans(dy_l * off_scale[:, None]), c_l, input_precision=PREC)
+        dap = tl.sum(dc * c_l.to(tl.float32), axis=1)
+        lc += _mm(tl.trans(dy_l * off_scale[:, None]), c_l, DT, PREC)
         for s0 in range(0, l0 + BLOCK_Q, BLOCK_Q):
             ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_Q)
             ms = ts < end
             a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
             dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
             b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=ms[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                          mask=ms[:, None] & mn[None, :], other=0.0)
             x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0).to(tl.float32)
+                          mask=ms[:, None] & mp[None, :], other=0.0)
             mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
             if HAS_SEQ:
                 seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
                 mask = mask & (seq_s[None, :] == seq_l[:, None])
             mdt = tl.exp(tl.where(mask, a_l[:, None] - a_s[None, :], float("-inf"))) * dts[None, :]
-            cb = tl.dot(c_l, tl.trans(b_s), input_precision=PREC)  # [L, S]
-            dyx = tl.dot(dy_l, tl.trans(x_s), input_precision=PREC)  # [L, S]
+            cb = _mm(c_l, tl.trans(b_s), DT, PREC)  # [L, S]
+            dyx = _mm(dy_d, tl.trans(x_s), DT, PREC)  # [L, S]
             t1 = dyx * mdt
-            dc += tl.dot(t1, b_s, input_precision=PREC)
+            dc += _mm(t1, b_s, DT, PREC)
             # the diagonal (s == l) adds +v and -v to the same position: leave it out of d a (less cancellation)
             dap += tl.sum(tl.where(ts[None, :] < tl_[:, None], t1 * cb, 0.0), axis=1)
         tl.store(dC_ptr + ((b * T + tl_[:, None]) * H + h) * N + offs_n[None, :], dc,
@@ -333,7 +343,8 @@ def _chunk_scan_bwd_dx(
     dx_ptr, dB_ptr, ddt_ptr, dam_ptr, dz_ptr, dD_ptr,
     T, H, G, P, N, NC,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
     NSB: tl.constexpr = CHUNK // BLOCK_Q
     pid0 = tl.program_id(0).to(tl.int64)
@@ -356,44 +367,44 @@ def _chunk_scan_bwd_dx(
     a_q = tl.load(dacs_ptr + bh * T + end - 1)
     dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
     b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0).to(tl.float32)
+                  mask=ms[:, None] & mn[None, :], other=0.0)
     io_off = ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :]
     io_mask = ms[:, None] & mp[None, :]
-    x_s = tl.load(x_ptr + io_off, mask=io_mask, other=0.0).to(tl.float32)
+    x_s = tl.load(x_ptr + io_off, mask=io_mask, other=0.0)
     # gradient w.r.t. the chunk-end state: [BLOCK_P, BLOCK_N]
     gr = tl.load(dst_ptr + ((b * NC + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                 mask=mp[:, None] & mn[None, :], other=0.0)
+                 mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     decay = tl.exp(tl.minimum(a_q - a_s, 0.0))
     if HAS_SEQ:
         seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
         seq_last = tl.load(seq_ptr + b * T + end - 1)
         decay = tl.where(seq_s == seq_last, decay, 0.0)
     decay = tl.where(ms, decay, 0.0)
-    xg = tl.dot(x_s, gr, input_precision=PREC)  # [S, N]
-    wp = tl.sum(xg * b_s, axis=1)
+    xg = _mm(x_s, gr, DT, PREC)  # [S, N]
+    wp = tl.sum(xg * b_s.to(tl.float32), axis=1)
     db = xg * (decay * dts)[:, None]
     ddt = decay * wp
     dam = decay * dts * wp
-    dx = tl.dot(b_s, tl.trans(gr), input_precision=PREC) * (decay * dts)[:, None]  # [S, P]
+    dx = _mm(b_s, tl.trans(gr), DT, PREC) * (decay * dts)[:, None]  # [S, P]
 
     for l0 in range(sb * BLOCK_Q, CHUNK, BLOCK_Q):
         tl_ = start + l0 + tl.arange(0, BLOCK_Q)
         ml = tl_ < end
         a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
         c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ml[:, None] & mn[None, :], other=0.0).to(tl.float32)
-        dy_l = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
-                        ml[:, None] & mp[None, :], HAS_Z)
+                      mask=ml[:, None] & mn[None, :], other=0.0)
+        dy_d = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
+                        ml[:, None] & mp[None, :], HAS_Z).to(DT)
         mask = (tl_[None, :] >= ts[:, None]) & ml[None, :] & ms[:, None]
         if HAS_SEQ:
             seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
             mask = mask & (seq_l[None, :] == seq_s[:, None])
         mt = tl.exp(tl.where(mask, a_l[None, :] - a_s[:, None], float("-inf")))  # [S, L]
-        cbt = tl.dot(b_s, tl.trans(c_l), input_precision=PREC)  # [S, L]
-        dyxt = tl.dot(x_s, tl.trans(dy_l), input_precision=PREC)  # [S, L]
+        cbt = _mm(b_s, tl.trans(c_l), DT, PREC)  # [S, L]
+        dyxt = _mm(x_s, tl.trans(dy_d), DT, PREC)  # [S, L]
         p1 = cbt * mt
-        dx += tl.dot(p1, dy_l, input_precision=PREC) * dts[:, None]
-        db += tl.dot(dyxt * mt, c_l, input_precision=PREC) * dts[:, None]
+        dx += _mm(p1, dy_d, DT, PREC) * dts[:, None]
+        db += _mm(dyxt * mt, c_l, DT, PREC) * dts[:, None]
         pd = p1 * dyxt
         ddt += tl.sum(pd, axis=1)
         dam += tl.sum(tl.where(tl_[None, :] > ts[:, None], pd, 0.0), axis=1) * dts
@@ -414,7 +425,8 @@ def _chunk_scan_bwd_dx(
             dx += dy_s * d[None, :]
         else:
             dx += dy_s * tl.load(D_ptr + h).to(tl.float32)
-        tl.store(dD_ptr + ((b * NC * NSB + pid0) * H + h) * P + offs_p, tl.sum(dy_s * x_s, axis=0), mask=mp)
+        tl.store(dD_ptr + ((b * NC * NSB + pid0) * H + h) * P + offs_p, tl.sum(dy_s * x_s.to(tl.float32), axis=0),
+                 mask=mp)
     tl.store(dx_ptr + io_off, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
     tl.store(dB_ptr + ((b * T + ts[:, None]) * H + h) * N + offs_n[None, :], db, mask=ms[:, None] & mn[None, :])
     tl.store(ddt_ptr + (b * T + ts) * H + h, ddt, mask=ms)
@@ -426,8 +438,15 @@ def _chunk_scan_bwd_dx(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_config(dtype: torch.dtype) -> dict:
+    """Dot operands in the input dtype; fp32 dots use TF32 only when torch allows it for matmuls (default: no)."""
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"ssd_chunk_scan_triton supports float32, float16 and bfloat16 inputs, got {dtype}")
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return dict(DT=_TL_DTYPE[dtype], PREC="tf32" if tf32 else "ieee")
 
 
 def _fwd(x, dt, A, B, C, chunk_size, D, z, init, seq, block_q):
@@ -436,12 +455,13 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, init, seq, block_q):
     nc = triton.cdiv(T, chunk_size)
     dev = x.device
     BP, BN = _pow2(P), _pow2(N)
-    prec = _prec(x.dtype)
+    dot = _dot_config(x.dtype)
     dacs = torch.empty(Bt, H, T, device=dev, dtype=torch.float32)
     st = torch.empty(Bt, nc, H, P, N, device=dev, dtype=torch.float32)
-    _chunk_state_fwd[(nc, Bt * H, 1)](
+    sp, sn = min(BP, 64), min(BN, 64)  # the chunk-state kernel tiles the [P, N] state over a grid axis
+    _chunk_state_fwd[(nc, Bt * H, triton.cdiv(P, sp) * triton.cdiv(N, sn))](
         x, dt, A, B, seq, dacs, st, T, H, G, P, N, nc,
-        CHUNK=chunk_size, BLOCK_S=block_q, BLOCK_P=BP, BLOCK_N=BN, HAS_SEQ=seq is not None, PREC=prec,
+        CHUNK=chunk_size, BLOCK_S=block_q, BLOCK_P=sp, BLOCK_N=sn, HAS_SEQ=seq is not None, **dot,
         num_warps=4,
     )
     sall = torch.empty(Bt, nc + 1, H, P, N, device=dev, dtype=torch.float32)
@@ -456,7 +476,7 @@ def _fwd(x, dt, A, B, C, chunk_size, D, z, init, seq, block_q):
         x, dt, dacs, B, C, seq, sall, D, z, y, y0, T, H, G, P, N, nc,
         CHUNK=chunk_size, BLOCK_Q=block_q, BLOCK_P=BP, BLOCK_N=BN,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_SEQ=seq is not None, PREC=prec, num_warps=4,
+        HAS_SEQ=seq is not None, **dot, num_warps=8,
     )
     return y, y0, dacs, sall
 
@@ -468,7 +488,7 @@ def _bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, init, seq, block_q, dac
     nsb = chunk_size // block_q
     dev = x.device
     BP, BN = _pow2(P), _pow2(N)
-    prec = _prec(x.dtype)
+    dot = _dot_config(x.dtype)
     f32 = torch.float32
     has_seq = seq is not None
 
@@ -478,7 +498,7 @@ def _bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, init, seq, block_q, dac
     _chunk_scan_bwd_dc[(nc, Bt * H)](
         x, dt, dacs, B, C, seq, sall, z, dout, dC_h, dap, lc, T, H, G, P, N, nc,
         CHUNK=chunk_size, BLOCK_Q=block_q, BLOCK_P=BP, BLOCK_N=BN, HAS_Z=z is not None, HAS_SEQ=has_seq,
-        PREC=prec, num_warps=8,
+        **dot, num_warps=8,
     )
     block = min(1024, triton.next_power_of_2(P * N))
     n_tiles = triton.cdiv(P * N, block)
@@ -499,7 +519,7 @@ def _bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, init, seq, block_q, dac
         x, dt, dacs, B, C, seq, dst, D, z, y0, dout, dx, dB_h, ddt, dam, dz, dD_part, T, H, G, P, N, nc,
         CHUNK=chunk_size, BLOCK_Q=block_q, BLOCK_P=BP, BLOCK_N=BN,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=has_seq,
-        PREC=prec, num_warps=8,
+        **dot, num_warps=8,
     )
 
     # d a_l (gradient w.r.t. the in-chunk cumsum of dt*A); a_Q's own gradient lands on each chunk's last token.
@@ -588,7 +608,10 @@ def ssd_chunk_scan_triton(
         if seq_idx.shape != (Bt, T):
             raise ValueError(f"seq_idx must be [{Bt},{T}], got {tuple(seq_idx.shape)}")
         seq_idx = seq_idx.to(torch.int32).contiguous()
-    block_q = min(chunk_size, 64)
+    if B.dtype != x.dtype or C.dtype != x.dtype:  # the dots run in x.dtype
+        B, C = B.to(x.dtype), C.to(x.dtype)
+    # 32-row tiles: sm_90 compiles of the scan kernels (P=64, N=128, bf16, 8 warps) spill least at this size
+    block_q = min(chunk_size, 32)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     return SSDChunkScanTritonFn.apply(
         c(x), c(dt), c(A), c(B), c(C), chunk_size, c(D), c(z), c(initial_states), seq_idx, block_q
