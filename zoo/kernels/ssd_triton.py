@@ -21,17 +21,18 @@ Forward pipeline (3 kernels, all accumulation in fp32)::
     _chunk_scan_fwd    grid (nc*Q/BQ, Bt*H):           C·Bᵀ, causal decay, intra-chunk y, + exp(a)·C·S_c,
                                                        + D skip, z gate (all fused)
 
-Backward pipeline (3 Triton kernels + O(T·H) torch glue)::
+Backward pipeline (4 Triton kernels + O(T·H) torch glue)::
 
-    _chunk_scan_bwd_dc    grid (nc, Bt*H):   dC (per head), the "+" part of d a_l, and
-                                             Lc = sum_l exp(a_l) dy_l ⊗ C_l (grad of y w.r.t. S_c)
+    _chunk_dstate_bwd     grid (nc, Bt*H, tiles of P×N): Lc = sum_l exp(a_l) dy_l ⊗ C_l (grad of y w.r.t. S_c)
+    _chunk_scan_bwd_dc    grid (nc*Q/BQ, Bt*H): dC (per head) and the "+" part of d a_l
     _state_passing_bwd    grid (Bt*H, tiles): G_c = Lc + exp(a_Q) G_c+1 (G_nc = d final_states) → d st_c, d init,
                                              and d a_Q = <S_c+1, G_c+1>
     _chunk_scan_bwd_dx    grid (nc*Q/BQ, Bt*H): dx, dB (per head), ddt, the "-" part of d a_s, dz, dD partials
     torch:                reverse cumsum of d a inside chunks → ddt += A·d(dtA), dA; sums over heads of a group.
 
 Layouts are contiguous: x/z/y [Bt,T,H,P], dt [Bt,T,H], B/C [Bt,T,G,N], cumsums [Bt,H,T] fp32,
-chunk states [Bt,nc,H,P,N] fp32. Dots run on fp32 operands ("ieee" for fp32 inputs, "tf32" for 16-bit inputs).
+chunk states [Bt,nc,H,P,N] fp32. Dot operands are cast to the input dtype (bf16/fp16 tensor cores, fp32
+accumulation); fp32 inputs use exact fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 
 from __future__ import annotations
@@ -234,16 +235,62 @@ def _load_dy(dout_ptr, z_ptr, off, mask, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scan_bwd_dc(
-    x_ptr, dt_ptr, dacs_ptr, B_ptr, C_ptr, seq_ptr, sall_ptr, z_ptr, dout_ptr,
-    dC_ptr, dap_ptr, lc_ptr,
+def _chunk_dstate_bwd(
+    dacs_ptr, C_ptr, seq_ptr, z_ptr, dout_ptr, lc_ptr,
     T, H, G, P, N, NC,
     CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
+    """Lc = sum_l exp(a_l) dy_l ⊗ C_l: the gradient of chunk c's outputs w.r.t. the state entering it."""
     c = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    g = h // (H // G)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_p = (tile // n_tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, T)
+    if HAS_SEQ:
+        seq_prev = tl.load(seq_ptr + b * T + tl.maximum(start - 1, 0))
+    lc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_Q):
+        tl_ = start + tl.cast(l0, tl.int64) + tl.arange(0, BLOCK_Q)
+        ml = tl_ < end
+        scale = tl.where(ml, tl.exp(tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)), 0.0)
+        if HAS_SEQ:
+            seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
+            scale = tl.where(seq_l == seq_prev, scale, 0.0)
+        # dy^T: [BLOCK_P, BLOCK_Q]
+        dyt = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[None, :]) * H + h) * P + offs_p[:, None],
+                       ml[None, :] & mp[:, None], HAS_Z)
+        c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=ml[:, None] & mn[None, :], other=0.0)
+        lc += _mm(dyt * scale[None, :], c_l, DT, PREC)
+    tl.store(lc_ptr + ((b * NC + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], lc,
+             mask=mp[:, None] & mn[None, :])
+
+
+@triton.jit
+def _chunk_scan_bwd_dc(
+    x_ptr, dt_ptr, dacs_ptr, B_ptr, C_ptr, seq_ptr, sall_ptr, z_ptr, dout_ptr,
+    dC_ptr, dap_ptr,
+    T, H, G, P, N, NC,
+    CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
+    """dC_l (per head) and the "+" part of d a_l, for one block of BLOCK_Q output rows l."""
+    NLB: tl.constexpr = CHUNK // BLOCK_Q
+    pid0 = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    c = pid0 // NLB
+    l0 = (pid0 % NLB) * BLOCK_Q
     b = bh // H
     h = bh % H
     g = h // (H // G)
@@ -255,53 +302,43 @@ def _chunk_scan_bwd_dc(
     end = tl.minimum(start + CHUNK, T)
     # S_c: [BLOCK_P, BLOCK_N]
     s_c = tl.load(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                  mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
+                  mask=mp[:, None] & mn[None, :], other=0.0)
+    tl_ = start + l0 + tl.arange(0, BLOCK_Q)
+    ml = tl_ < end
+    a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
+    c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
+                  mask=ml[:, None] & mn[None, :], other=0.0)
+    dy_d = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
+                    ml[:, None] & mp[None, :], HAS_Z).to(DT)
+    off_scale = tl.where(ml, tl.exp(a_l), 0.0)
     if HAS_SEQ:
         seq_prev = tl.load(seq_ptr + b * T + tl.maximum(start - 1, 0))
-    lc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-
-    for l0 in range(0, CHUNK, BLOCK_Q):
-        tl_ = start + tl.cast(l0, tl.int64) + tl.arange(0, BLOCK_Q)
-        ml = tl_ < end
-        a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
-        c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ml[:, None] & mn[None, :], other=0.0)
-        dy_l = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
-                        ml[:, None] & mp[None, :], HAS_Z)
-        dy_d = dy_l.to(DT)
-        off_scale = tl.where(ml, tl.exp(a_l), 0.0)
+        seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
+        off_scale = tl.where(seq_l == seq_prev, off_scale, 0.0)
+    dc = _mm(dy_d, s_c, DT, PREC) * off_scale[:, None]  # [L, N]
+    dap = tl.sum(dc * c_l.to(tl.float32), axis=1)
+    for s0 in range(0, l0 + BLOCK_Q, BLOCK_Q):
+        ts = start + s0 + tl.arange(0, BLOCK_Q)
+        ms = ts < end
+        a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
+        dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
+        b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
+                      mask=ms[:, None] & mn[None, :], other=0.0)
+        x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
+                      mask=ms[:, None] & mp[None, :], other=0.0)
+        mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
         if HAS_SEQ:
-            seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
-            off_scale = tl.where(seq_l == seq_prev, off_scale, 0.0)
-        dys = _mm(dy_d, s_c, DT, PREC)  # [L, N]
-        dc = dys * off_scale[:, None]
-        dap = tl.sum(dc * c_l.to(tl.float32), axis=1)
-        lc += _mm(tl.trans(dy_l * off_scale[:, None]), c_l, DT, PREC)
-        for s0 in range(0, l0 + BLOCK_Q, BLOCK_Q):
-            ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_Q)
-            ms = ts < end
-            a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
-            dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
-            b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                          mask=ms[:, None] & mn[None, :], other=0.0)
-            x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
-                          mask=ms[:, None] & mp[None, :], other=0.0)
-            mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
-            if HAS_SEQ:
-                seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
-                mask = mask & (seq_s[None, :] == seq_l[:, None])
-            mdt = tl.exp(tl.where(mask, a_l[:, None] - a_s[None, :], float("-inf"))) * dts[None, :]
-            cb = _mm(c_l, tl.trans(b_s), DT, PREC)  # [L, S]
-            dyx = _mm(dy_d, tl.trans(x_s), DT, PREC)  # [L, S]
-            t1 = dyx * mdt
-            dc += _mm(t1, b_s, DT, PREC)
-            # the diagonal (s == l) adds +v and -v to the same position: leave it out of d a (less cancellation)
-            dap += tl.sum(tl.where(ts[None, :] < tl_[:, None], t1 * cb, 0.0), axis=1)
-        tl.store(dC_ptr + ((b * T + tl_[:, None]) * H + h) * N + offs_n[None, :], dc,
-                 mask=ml[:, None] & mn[None, :])
-        tl.store(dap_ptr + bh * T + tl_, dap, mask=ml)
-    tl.store(lc_ptr + ((b * NC + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], lc,
-             mask=mp[:, None] & mn[None, :])
+            seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
+            mask = mask & (seq_s[None, :] == seq_l[:, None])
+        mdt = tl.exp(tl.where(mask, a_l[:, None] - a_s[None, :], float("-inf"))) * dts[None, :]
+        cb = _mm(c_l, tl.trans(b_s), DT, PREC)  # [L, S]
+        dyx = _mm(dy_d, tl.trans(x_s), DT, PREC)  # [L, S]
+        t1 = dyx * mdt
+        dc += _mm(t1, b_s, DT, PREC)
+        # the diagonal (s == l) adds +v and -v to the same position: leave it out of d a (less cancellation)
+        dap += tl.sum(tl.where(ts[None, :] < tl_[:, None], t1 * cb, 0.0), axis=1)
+    tl.store(dC_ptr + ((b * T + tl_[:, None]) * H + h) * N + offs_n[None, :], dc, mask=ml[:, None] & mn[None, :])
+    tl.store(dap_ptr + bh * T + tl_, dap, mask=ml)
 
 
 @triton.jit
@@ -495,8 +532,14 @@ def _bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, init, seq, block_q, dac
     dC_h = torch.empty(Bt, T, H, N, device=dev, dtype=f32)
     dap = torch.empty(Bt, H, T, device=dev, dtype=f32)
     lc = torch.empty(Bt, nc, H, P, N, device=dev, dtype=f32)
-    _chunk_scan_bwd_dc[(nc, Bt * H)](
-        x, dt, dacs, B, C, seq, sall, z, dout, dC_h, dap, lc, T, H, G, P, N, nc,
+    sp, sn = min(BP, 64), min(BN, 64)
+    _chunk_dstate_bwd[(nc, Bt * H, triton.cdiv(P, sp) * triton.cdiv(N, sn))](
+        dacs, C, seq, z, dout, lc, T, H, G, P, N, nc,
+        CHUNK=chunk_size, BLOCK_Q=block_q, BLOCK_P=sp, BLOCK_N=sn, HAS_Z=z is not None, HAS_SEQ=has_seq,
+        **dot, num_warps=4,
+    )
+    _chunk_scan_bwd_dc[(nc * nsb, Bt * H)](
+        x, dt, dacs, B, C, seq, sall, z, dout, dC_h, dap, T, H, G, P, N, nc,
         CHUNK=chunk_size, BLOCK_Q=block_q, BLOCK_P=BP, BLOCK_N=BN, HAS_Z=z is not None, HAS_SEQ=has_seq,
         **dot, num_warps=8,
     )
