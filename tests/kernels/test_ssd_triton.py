@@ -5,6 +5,11 @@ Runs under ``TRITON_INTERPRET=1`` on the CPU (tests/conftest.py sets it when CUD
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +222,51 @@ def test_ssd_triton_cuda(dtype):
     inputs, seq_idx = make_inputs(2, 300, 4, 64, 2, 64, dtype=dtype, D="h", z=True, init=True, seq=True)
     inputs = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
     check(run_both(inputs, seq_idx.cuda(), 64), tol_rel=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+_SM90_COMPILE = r"""
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import zoo.kernels.ssd_triton as K
+
+P, N, BQ, Q = 64, 128, 32, 256
+ints = dict(T="i32", H="i32", G="i32", P="i32", N="i32", NC="i32")
+x = "*bf16"
+ptrs = dict(x_ptr=x, B_ptr=x, C_ptr=x, z_ptr=x, y_ptr=x, y0_ptr=x, dout_ptr=x, dx_ptr=x, dz_ptr=x, seq_ptr="*i32")
+dot = dict(PREC="tf32", DT=tl.bfloat16)
+scan = dict(CHUNK=Q, BLOCK_Q=BQ, BLOCK_P=P, BLOCK_N=N, HAS_Z=True, HAS_SEQ=True, **dot)
+jobs = [
+    (K._chunk_state_fwd, dict(CHUNK=Q, BLOCK_S=BQ, BLOCK_P=64, BLOCK_N=64, HAS_SEQ=True, **dot), 4),
+    (K._state_passing_fwd, dict(CHUNK=Q, BLOCK=1024, HAS_INIT=True, HAS_SEQ=True), 4),
+    (K._chunk_scan_fwd, dict(scan, HAS_D=True, D_HDIM=True), 8),
+    (K._chunk_dstate_bwd, dict(scan, BLOCK_P=64, BLOCK_N=64), 4),
+    (K._chunk_scan_bwd_dc, scan, 8),
+    (K._state_passing_bwd, dict(CHUNK=Q, BLOCK=1024, HAS_DFINAL=True, HAS_SEQ=True), 4),
+    (K._chunk_scan_bwd_dx, dict(scan, HAS_D=True, D_HDIM=True), 8),
+]
+for fn, consts, warps in jobs:
+    sig = {a: "constexpr" if a in consts else ints.get(a) or ptrs.get(a, "*fp32") for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    assert k.metadata.shared <= 227 * 1024, (fn.__name__, k.metadata.shared)
+    print(fn.__name__, "smem", k.metadata.shared)
+"""
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_ssd_triton_compiles_for_sm90():
+    """Lower every kernel to an sm_90 cubin without a GPU (bundled ptxas): catches MLIR-lowering errors and
+    shared-memory overruns that the interpreter cannot see (bf16, P=64, N=128, chunk 256, seq_idx, z, D[H,P])."""
+    import triton
+
+    if not list((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*")):
+        pytest.skip("no bundled ptxas in this triton install")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
