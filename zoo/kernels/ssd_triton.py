@@ -592,6 +592,7 @@ class SSDChunkScanTritonFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx, block_q):
+        ctx.set_materialize_grads(False)
         y, y0, dacs, sall = _fwd(x, dt, A, B, C, chunk_size, D, z, initial_states, seq_idx, block_q)
         ctx.save_for_backward(x, dt, A, B, C, D, z, initial_states, seq_idx, dacs, sall, y0)
         ctx.chunk_size = chunk_size
