@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from zoo.kernels.ssd_triton import SSDChunkScanTritonFn, ssd_chunk_scan_triton
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_states")
+# `triton` tests run interpreted on the CPU; where CUDA exists (no interpreter) the same tests run compiled on it
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def recurrence_ref(x, dt, A, B, C, D=None, z=None, initial_states=None, seq_idx=None):
@@ -103,6 +105,8 @@ def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_both(inputs, seq_idx, chunk_size, block_q=None, grad_y=True, grad_final=True, seed=1):
     """Outputs and gradients of (kernel, fp64 recurrence) for random upstream gradients."""
     names = [k for k in NAMES if inputs[k] is not None]
+    inputs = {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
+    seq_idx = seq_idx.to(DEVICE) if seq_idx is not None else None
     results = []
     for which in ("kernel", "ref"):
         leaves = {k: inputs[k].detach().clone().requires_grad_(True) for k in names}
@@ -148,7 +152,7 @@ def dA_condition(inputs, seq_idx, grad_y=True, grad_final=True, seed=1) -> torch
     gf = torch.randn(fs.shape, generator=g, dtype=torch.float64).to(y.device)
     loss = (y * gy).sum() * grad_y + (fs * gf).sum() * grad_final
     (gtok,) = torch.autograd.grad(loss, [dA_tok])
-    return (gtok * inputs["dt"].double()).abs().sum((0, 1))
+    return (gtok * args["dt"]).abs().sum((0, 1))
 
 
 def check(results, tol_rel: float, tol_max: float | None = None, dA_scale=None, tol_dA: float | None = None):
@@ -182,6 +186,7 @@ CASES = [
     pytest.param(2, 96, 2, 16, 1, 16, 64, 16, "h", True, False, True, id="blocks-in-chunk-seq-z"),
     pytest.param(1, 70, 2, 20, 2, 24, 32, 16, None, False, True, True, id="P20-N24-blocks-seq-init"),
     pytest.param(1, 40, 2, 72, 1, 80, 16, None, "hp", True, True, True, id="P72-N80-state-tiles"),
+    pytest.param(2, 20, 2, 16, 2, 16, 32, None, "h", True, True, False, id="T-shorter-than-chunk"),
 ]
 
 
@@ -191,7 +196,7 @@ def test_ssd_triton_fp32(Bt, T, H, P, G, N, chunk, block_q, D, z, init, seq):
     inputs, seq_idx = make_inputs(Bt, T, H, P, G, N, dtype=torch.float32, D=D, z=z, init=init, seq=seq)
     res = run_both(inputs, seq_idx, chunk, block_q)
     assert res[0][0]["y"].dtype == torch.float32 and res[0][0]["final_states"].dtype == torch.float32
-    check(res, tol_rel=1e-5, tol_max=1e-4, dA_scale=dA_condition(inputs, seq_idx), tol_dA=1e-6)
+    check(res, tol_rel=1e-5, tol_max=1e-4, dA_scale=dA_condition(inputs, seq_idx), tol_dA=5e-6)
 
 
 @pytest.mark.triton
@@ -210,7 +215,7 @@ def test_ssd_triton_partial_upstream(grad_y, grad_final):
     """Only y or only final_states receives a gradient (the other arrives as None / zeros)."""
     inputs, seq_idx = make_inputs(1, 48, 2, 16, 1, 16, dtype=torch.float32, D="h", init=True, seq=True, seed=3)
     res = run_both(inputs, seq_idx, 16, grad_y=grad_y, grad_final=grad_final)
-    check(res, tol_rel=1e-5, tol_max=1e-4, dA_scale=dA_condition(inputs, seq_idx, grad_y, grad_final), tol_dA=1e-6)
+    check(res, tol_rel=1e-5, tol_max=1e-4, dA_scale=dA_condition(inputs, seq_idx, grad_y, grad_final), tol_dA=5e-6)
 
 
 @pytest.mark.triton
@@ -244,7 +249,7 @@ def test_ssd_triton_cuda(dtype):
     inputs = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
     bf16 = dtype == torch.bfloat16
     check(run_both(inputs, seq_idx.cuda(), 64), tol_rel=2e-2 if bf16 else 1e-5,
-          dA_scale=dA_condition(inputs, seq_idx.cuda()), tol_dA=1e-2 if bf16 else 3e-6)
+          dA_scale=dA_condition(inputs, seq_idx.cuda()), tol_dA=1e-2 if bf16 else 1e-5)
 
 
 _SM90_COMPILE = r"""
