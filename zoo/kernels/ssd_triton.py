@@ -14,6 +14,9 @@ Chunked form (chunk of Q tokens, a_l = cumsum_{i<=l} dt_i A inside the chunk, S_
     st_c  = sum_s exp(a_Q - a_s) dt_s x_s ⊗ B_s                   (chunk-local end state)
     S_c+1 = exp(a_Q) S_c + st_c                                    (sequential over chunks)
 
+With seq_idx the pair terms, the exp(a_l) S_c term, the st_c terms and the exp(a_Q) S_c carry are masked to pairs in
+the same document (ids compared with the chunk's last token / the previous chunk's last token).
+
 Forward pipeline (3 kernels, all accumulation in fp32)::
 
     _chunk_state_fwd   grid (nc, Bt*H, tiles of P×N): dt·A cumsum in the chunk (written to dA_cs) + st_c
@@ -30,9 +33,10 @@ Backward pipeline (4 Triton kernels + O(T·H) torch glue)::
     _chunk_scan_bwd_dx    grid (nc*Q/BQ, Bt*H): dx, dB (per head), ddt, the "-" part of d a_s, dz, dD partials
     torch:                reverse cumsum of d a inside chunks → ddt += A·d(dtA), dA; sums over heads of a group.
 
-Layouts are contiguous: x/z/y [Bt,T,H,P], dt [Bt,T,H], B/C [Bt,T,G,N], cumsums [Bt,H,T] fp32,
-chunk states [Bt,nc,H,P,N] fp32. Dot operands are cast to the input dtype (bf16/fp16 tensor cores, fp32
-accumulation); fp32 inputs use exact fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
+Saved for backward: the inputs, dA_cs [Bt,H,T] fp32, the chunk-entry states S_0..S_nc [Bt,nc+1,H,P,N] fp32 and,
+with z, the pre-gate output [Bt,T,H,P] (x.dtype). Layouts are contiguous: x/z/y [Bt,T,H,P], dt [Bt,T,H],
+B/C [Bt,T,G,N]. Dot operands are cast to the input dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs
+use exact fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 
 from __future__ import annotations
