@@ -27,11 +27,16 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.layers.attention import Attention
 from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
-from zoo.layers.sparse_ops import SparseKVCache, blocked_attention
+from zoo.layers.sparse_ops import (
+    SparseKVCache,
+    block_diagonal_attention,
+    blocked_attention,
+)
 from zoo.registry import register_mixer
 
 
@@ -58,7 +63,7 @@ def document_positions(seq_idx: Tensor) -> Tensor:
 class SparseAttention(Attention):
     """Shared machinery; subclasses define :attr:`rule` and the kernel block size."""
 
-    chunk_size: int = 256  # query chunk of the torch parallel path (T <= chunk_size: one dense mask)
+    chunk_size: int = 128  # query chunk of the torch parallel path (T <= chunk_size: one dense mask)
     prefill_chunk: int = 512  # longest piece attended at once with a cache
 
     @property
@@ -109,10 +114,17 @@ class SparseAttention(Attention):
                     and seq_idx is None and (plain or torch.equal(positions, torch.arange(T, device=x.device)
                                                                   .expand(B, T))):
                 o = self._kernel(q, k, v)
+            if o is None and attention_mask is None and seq_idx is None and q.device.type == "cpu" and (
+                    plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T))):
+                o = self._fast(q, k, v)
             if o is None:
                 valid = None if attention_mask is None else real
                 o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """A pattern-specific CPU path for unpadded, unpacked rows (token index = slot), or None."""
+        return None
 
     def _kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """The block-sparse Triton kernel (another module; optional) on an unpadded batch, or None."""
@@ -179,6 +191,12 @@ class SlidingWindowAttention(SparseAttention):
 
     def kernel_block(self) -> int | None:
         return 64
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        gqa = self.num_heads != self.num_kv_heads
+        if q.shape[2] <= self.window:  # the window covers everything: causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        return None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, window={self.window}, num_sink_tokens={self.num_sink_tokens}"
@@ -272,6 +290,9 @@ class BlockDiagonalAttention(SparseAttention):
     @property
     def rule(self) -> BlockDiagonalRule:
         return self._rule
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        return block_diagonal_attention(q, k, v, self.block_size, self.scale)
 
     def kernel_block(self) -> int | None:
         kb = min(64, self.block_size)

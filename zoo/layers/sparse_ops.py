@@ -46,54 +46,73 @@ def _compact(cand: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor | None,
-                      doc: Tensor | None, scale: float, chunk: int) -> Tensor:
-    """Parallel sparse attention, query chunk by query chunk; memory O(chunk * (chunk + reach + extras)).
+                      doc: Tensor | None, scale: float, chunk: int, max_elems: int = 1 << 24) -> Tensor:
+    """Parallel sparse attention by query chunks; memory and time O(T * (chunk + reach + extras)).
 
-    Query chunk ``[t0, t1)`` reads the key slots ``[t0 - reach, t1)`` (the local term never reaches
-    further, since the slot distance of two real tokens of one document is at least their position
-    distance) plus the gathered extra keys (sinks / vertical blocks) before ``t0 - reach``. With
-    ``chunk >= T`` this is the plain dense-mask reference. ``pos, valid, doc``: ``[B, T]``.
+    Query chunk ``[t0, t0 + chunk)`` reads the key slots ``[t0 - reach, t0 + chunk)`` (the local term never
+    reaches further: the slot distance of two real tokens of one document is at least their position
+    distance) plus the gathered extra keys (sinks / vertical blocks) before ``t0 - reach``. Chunks are
+    batched (``unfold``) in groups of about ``max_elems`` mask entries, so SDPA sees many independent rows.
+    With ``chunk >= T`` this is the plain dense-mask reference. ``pos, valid, doc``: ``[B, T]``.
     """
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    dev = q.device
+    Hkv, dev = k.shape[1], q.device
+    C = min(chunk, T)
+    nC = -(-T // C)
+    pad = min(rule.reach, (nC - 1) * C)
+    Ck = C + pad
+    right = nC * C - T
     h = _heads(rule, Hkv, dev)
-    slots = torch.arange(T, device=dev)
-    cand = extra_candidates(rule, pos, Hkv) if chunk < T else None
+    h5 = h[:, None] if h is not None else None  # [1, 1, Hkv, 1, 1] against [B, g, Hm, C, Ck]
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+    kp, vp = F.pad(k, (0, 0, pad, right)), F.pad(v, (0, 0, pad, right))
+    posp = F.pad(pos, (pad, right), value=-1)
+    validp = F.pad(valid, (pad, right), value=False)
+    docp = F.pad(doc, (pad, right), value=-1) if doc is not None else None
+    qpos = F.pad(pos, (0, right)).view(B, nC, C)
+    qdoc = F.pad(doc, (0, right)).view(B, nC, C) if doc is not None else None
+    kpos_w, kval_w = posp.unfold(1, Ck, C), validp.unfold(1, Ck, C)  # [B, nC, Ck]
+    kdoc_w = docp.unfold(1, Ck, C) if docp is not None else None
+    qc = F.pad(q, (0, 0, 0, right)).view(B, H, nC, C, D)
+    eye = torch.arange(C, device=dev)[:, None] + pad == torch.arange(Ck, device=dev)[None, :]
+    cand = extra_candidates(rule, pos, Hkv) if nC > 1 else None
     if cand is not None:
-        if valid is not None:
-            cand = cand & valid[:, None]
-        idx, ok = _compact(cand)  # [B, Hm, M]
+        idx, ok = _compact(cand & valid[:, None])  # [B, Hm, M]
         Hm, M = idx.shape[1], idx.shape[2]
         gidx = idx[..., None].expand(B, Hkv, M, D)
         ek, ev = torch.gather(k, 2, gidx), torch.gather(v, 2, gidx)
         epos = torch.gather(pos[:, None].expand(B, Hm, T), 2, idx)
         edoc = torch.gather(doc[:, None].expand(B, Hm, T), 2, idx) if doc is not None else None
+    g = max(1, min(nC, max_elems // (B * C * Ck * (Hkv if rule.per_head else 1))))
     outs = []
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        lo = max(0, t0 - rule.reach)
-        qp = pos[:, None, t0:t1, None]  # [B, 1, Tq, 1]
-        m = allowed(rule, qp, pos[:, None, None, lo:t1], h)
-        if valid is not None:
-            m = m & valid[:, None, None, lo:t1]
-        if doc is not None:
-            m = m & (doc[:, None, t0:t1, None] == doc[:, None, None, lo:t1])
-        m = m | (slots[t0:t1, None] == slots[None, lo:t1])  # every query sees itself: no empty row
-        keys, vals = k[:, :, lo:t1], v[:, :, lo:t1]
-        if cand is not None and lo > 0:
-            sel = ok & (idx < lo)
-            n = int(sel.sum(-1).max())
-            if n:
-                me = allowed(rule, qp, epos[:, :, None, :n], h) & sel[:, :, None, :n]
-                if edoc is not None:
-                    me = me & (doc[:, None, t0:t1, None] == edoc[:, :, None, :n])
-                Hb = max(m.shape[1], me.shape[1])
-                m = torch.cat([m.expand(B, Hb, -1, -1), me.expand(B, Hb, -1, -1)], dim=-1)
-                keys = torch.cat([keys, ek[:, :, :n]], dim=2)
-                vals = torch.cat([vals, ev[:, :, :n]], dim=2)
-        outs.append(masked_attention(q[:, :, t0:t1], keys, vals, m, scale))
-    return torch.cat(outs, dim=2)
+    for c0 in range(0, nC, g):
+        c1 = min(nC, c0 + g)
+        n_c = c1 - c0
+        qp = qpos[:, c0:c1, None, :, None]  # [B, g, 1, C, 1]
+        m = allowed(rule, qp, kpos_w[:, c0:c1, None, None, :], h5) & kval_w[:, c0:c1, None, None, :]
+        if qdoc is not None:
+            m = m & (qdoc[:, c0:c1, None, :, None] == kdoc_w[:, c0:c1, None, None, :])
+        m = m | eye  # every query sees itself: no empty row
+        keys = kp.unfold(2, Ck, C)[:, :, c0:c1].permute(0, 2, 1, 4, 3)  # [B, g, Hkv, Ck, D]
+        vals = vp.unfold(2, Ck, C)[:, :, c0:c1].permute(0, 2, 1, 4, 3)
+        lo = torch.arange(c0, c1, device=dev) * C - pad  # first key slot of each chunk's window
+        n = int((idx < lo[-1]).logical_and(ok).sum(-1).max()) if cand is not None else 0
+        if n:
+            sel = (idx[:, None, :, :n] < lo[None, :, None, None]) & ok[:, None, :, :n]  # [B, g, Hm, n]
+            me = allowed(rule, qp, epos[:, None, :, None, :n], h5) & sel[:, :, :, None, :]
+            if edoc is not None:
+                me = me & (qdoc[:, c0:c1, None, :, None] == edoc[:, None, :, None, :n])
+            Hb = max(m.shape[2], me.shape[2])
+            m = torch.cat([m.expand(B, n_c, Hb, C, Ck), me.expand(B, n_c, Hb, C, n)], dim=-1)
+            keys = torch.cat([keys, ek[:, None, :, :n].expand(B, n_c, Hkv, n, D)], dim=3)
+            vals = torch.cat([vals, ev[:, None, :, :n].expand(B, n_c, Hkv, n, D)], dim=3)
+        Tk = keys.shape[3]
+        o = masked_attention(qc[:, :, c0:c1].transpose(1, 2).reshape(B * n_c, H, C, D),
+                             keys.reshape(B * n_c, Hkv, Tk, D), vals.reshape(B * n_c, Hkv, Tk, D),
+                             m.reshape(B * n_c, m.shape[2], C, Tk), scale)
+        outs.append(o.view(B, n_c, H, C, D).transpose(1, 2).reshape(B, H, n_c * C, D))
+    return torch.cat(outs, dim=2)[:, :, :T]
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -192,3 +211,22 @@ def _scatter_latest(bk: Tensor, bv: Tensor, bpos: Tensor, slot: Tensor, k: Tenso
     nv = torch.where(has[..., None], torch.gather(v, 2, gi), bv)
     npos = torch.where(has, torch.gather(pos[:, None].expand(B, Hs, T), 2, g), bpos)
     return nk, nv, npos
+
+
+# ---------------------------------------------------------------------------------------------- CPU fast paths
+def _fold(x: Tensor, C: int, nC: int) -> Tensor:
+    """``[B, H, T, D]`` -> ``[B * nC, H, C, D]`` (right-padded to ``nC * C``)."""
+    B, H, T, D = x.shape
+    x = F.pad(x, (0, 0, 0, nC * C - T))
+    return x.view(B, H, nC, C, D).transpose(1, 2).reshape(B * nC, H, C, D)
+
+
+def block_diagonal_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float) -> Tensor:
+    """Block-diagonal causal attention of unpadded rows (token index = slot): the blocks folded into the batch,
+    one causal SDPA call (differentiable)."""
+    B, H, T, D = q.shape
+    C = min(block_size, T)
+    nC = -(-T // C)
+    o = F.scaled_dot_product_attention(_fold(q, C, nC), _fold(k, C, nC), _fold(v, C, nC), is_causal=True,
+                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o.view(B, nC, H, C, D).transpose(1, 2).reshape(B, H, nC * C, D)[:, :, :T]
