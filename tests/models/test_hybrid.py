@@ -68,15 +68,14 @@ def test_preset_on_llama_checkpoint_save_load_generate(preset, llama_dir, tmp_pa
     states = model.init_states(2)
     parts = [model(ids[:, a:b], states=states).logits for a, b in [(0, 13), (13, 14), (14, 40)]]
     torch.testing.assert_close(torch.cat(parts, 1), logits, atol=1e-5, rtol=0)
-    out = model.generate(ids[:, :30], max_new_tokens=8)
-    assert out.shape == (2, 38) and torch.equal(out, again.generate(ids[:, :30], max_new_tokens=8))
-    # a left-padded row generates what it generates alone
-    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[:1, :25]], 1)
-    batch = torch.cat([padded, ids[1:, :30]], 0)
+    # generate works, and a left-padded row generates what it generates alone
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[:1, :20]], 1)
+    batch = torch.cat([padded, ids[1:, :25]], 0)
     mask = torch.ones_like(batch)
     mask[0, :5] = 0
-    out_b = model.generate(batch, attention_mask=mask, max_new_tokens=8)
-    torch.testing.assert_close(out_b[0, 5:], model.generate(ids[:1, :25], max_new_tokens=8)[0])
+    out_b = model.generate(batch, attention_mask=mask, max_new_tokens=6)
+    assert out_b.shape == (2, 31)
+    torch.testing.assert_close(out_b[0, 5:], model.generate(ids[:1, :20], max_new_tokens=6)[0])
 
 
 def test_longgen_kv_bytes_are_bounded(llama_dir):
