@@ -43,8 +43,11 @@ def test_three_modes_agree_far_past_window(name):
     y = m(x)[0]
     y_chunked, _ = run_chunks(m, x, [3, 17, 1, 20, 12])
     y_decode, _ = run_chunks(m, x, [1] * T)
+    with torch.no_grad():  # decode steps write the cache in place (no autograd)
+        y_decode_inplace, st = run_chunks(m, x, [5] + [1] * (T - 5))
     torch.testing.assert_close(y_chunked, y, atol=1e-5, rtol=0)
     torch.testing.assert_close(y_decode, y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(y_decode_inplace, y, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["window+sinks", "block_sparse"])

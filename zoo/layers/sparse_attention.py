@@ -96,6 +96,10 @@ class SparseAttention(Attention):
             for t0 in range(0, T, self.prefill_chunk):
                 sl = slice(t0, t0 + self.prefill_chunk)
                 q, k, v = self.project(x[:, sl], positions[:, sl])
+                if q.shape[2] == 1 and bool(real[:, sl].all()) and not (torch.is_grad_enabled() and k.requires_grad):
+                    state.write_step(self.rule, k, v, positions[:, sl])  # decode: in place, then attend
+                    outs.append(state.attend(self.rule, q, None, None, positions[:, sl], real[:, sl], self.scale))
+                    continue
                 outs.append(state.attend(self.rule, q, k, v, positions[:, sl], real[:, sl], self.scale))
                 state.write(self.rule, k, v, positions[:, sl], real[:, sl])
             o = torch.cat(outs, dim=2)
@@ -110,12 +114,12 @@ class SparseAttention(Attention):
                     positions = torch.arange(T, device=x.device).expand(B, T)
             q, k, v = self.project(x, positions)
             o = None
-            if q.is_cuda and os.environ.get("ZOO_BACKEND", "") != "torch" and attention_mask is None \
-                    and seq_idx is None and (plain or torch.equal(positions, torch.arange(T, device=x.device)
-                                                                  .expand(B, T))):
+            # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
+            by_slot = attention_mask is None and seq_idx is None and (
+                plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
+            if by_slot and q.is_cuda and os.environ.get("ZOO_BACKEND", "") != "torch":
                 o = self._kernel(q, k, v)
-            if o is None and attention_mask is None and seq_idx is None and q.device.type == "cpu" and (
-                    plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T))):
+            if by_slot and o is None:
                 o = self._fast(q, k, v)
             if o is None:
                 valid = None if attention_mask is None else real
@@ -123,7 +127,7 @@ class SparseAttention(Attention):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        """A pattern-specific CPU path for unpadded, unpacked rows (token index = slot), or None."""
+        """A pattern-specific torch path for unpadded, unpacked rows (token index = slot), or None."""
         return None
 
     def _kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:

@@ -152,29 +152,62 @@ class SparseKVCache(State):
         return cls(z, z.clone(), torch.full((B, 1, R), -1, dtype=torch.long, device=device),
                    ve, ve.clone(), torch.zeros(B, Hkv, 0, dtype=torch.long, device=device))
 
-    def attend(self, rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, real: Tensor, scale: float) -> Tensor:
+    def attend(self, rule: Rule, q: Tensor, k: Tensor | None, v: Tensor | None, pos: Tensor, real: Tensor,
+               scale: float) -> Tensor:
         """Attention of a chunk (``q [B, H, T, D]``, its ``k, v``, ``pos, real [B, T]``) over the cache and
         itself. Ring keys use the local term only when a vertical store holds the extra keys (so no key is
         counted twice), the store keys the extra-and-not-local term, the chunk's own keys the whole rule."""
-        B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+        B, Hkv, T = q.shape[0], self.k.shape[1], q.shape[2]
         dev = q.device
         h = _heads(rule, Hkv, dev)
         qp = pos[:, None, :, None]
         split = hasattr(rule, "vertical_slot")  # extra keys live in the vertical store, not in the ring
         m_ring = allowed(rule, qp, self.pos[:, :, None, :], h, "local" if split else "all")
         m_ring = m_ring & (self.pos >= 0)[:, :, None, :]
-        eye = torch.arange(T, device=dev)
-        m_new = (allowed(rule, qp, pos[:, None, None, :], h) & real[:, None, None, :]) | (eye[:, None] == eye)
-        parts_m, parts_k, parts_v = [m_ring, m_new], [self.k, k], [self.v, v]
+        parts_m, parts_k, parts_v = [m_ring], [self.k], [self.v]
+        if k is not None:  # the chunk's own keys (not yet written)
+            eye = torch.arange(T, device=dev)
+            m_new = (allowed(rule, qp, pos[:, None, None, :], h) & real[:, None, None, :]) | (eye[:, None] == eye)
+            parts_m.append(m_new)
+            parts_k.append(k)
+            parts_v.append(v)
         if self.vlen:
             vp = self.vpos[:, :, : self.vlen]
             m_vert = allowed(rule, qp, vp[:, :, None, :], h, "extra") & (vp >= 0)[:, :, None, :]
             parts_m.insert(1, m_vert)
             parts_k.insert(1, self.vk[:, :, : self.vlen])
             parts_v.insert(1, self.vv[:, :, : self.vlen])
+        if len(parts_m) == 1:  # decode step after an in-place write: no copy of the ring
+            return masked_attention(q, self.k, self.v, m_ring, scale)
         Hb = max(p.shape[1] for p in parts_m)
         mask = torch.cat([p.expand(B, Hb, T, -1) for p in parts_m], dim=-1)
         return masked_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, scale)
+
+    def write_step(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """In-place write of one real token per row (``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``), O(Hkv * D).
+        Only for decode without autograd; written *before* :meth:`attend` (safe for a single token: the
+        slot it overwrites holds a key no later query can see)."""
+        B, Hkv, _, D = k.shape
+        slot = rule.ring_slot(pos)[:, None]  # [B, 1, 1]
+        self.k.scatter_(2, slot[..., None].expand(B, Hkv, 1, D), k)
+        self.v.scatter_(2, slot[..., None].expand(B, Hkv, 1, D), v)
+        self.pos.scatter_(2, slot, pos[:, None])
+        if hasattr(rule, "vertical_slot"):
+            vs = rule.vertical_slot(pos[:, None, :], torch.arange(Hkv, device=k.device)[None, :, None])
+            vs = vs.expand(B, Hkv, 1)
+            need = int(vs.max()) + 1
+            if need == 0:  # no head keeps this token beyond its local window
+                return
+            if need > self.vk.shape[2]:
+                grow = max(need, 2 * self.vk.shape[2]) - self.vk.shape[2]
+                self.vk, self.vv = F.pad(self.vk, (0, 0, 0, grow)), F.pad(self.vv, (0, 0, 0, grow))
+                self.vpos = F.pad(self.vpos, (0, grow), value=-1)
+            w, idx = vs >= 0, vs.clamp(min=0)
+            gi = idx[..., None].expand(B, Hkv, 1, D)
+            self.vk.scatter_(2, gi, torch.where(w[..., None], k, self.vk.gather(2, gi)))
+            self.vv.scatter_(2, gi, torch.where(w[..., None], v, self.vv.gather(2, gi)))
+            self.vpos.scatter_(2, idx, torch.where(w, pos[:, None].expand(B, Hkv, 1), self.vpos.gather(2, idx)))
+            self.vlen = max(self.vlen, need)
 
     def write(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor, real: Tensor) -> None:
         """Store the chunk's real tokens (after :meth:`attend`)."""
