@@ -123,7 +123,8 @@ class SparseAttention(Attention):
                 o = self._fast(q, k, v)
             if o is None:
                 valid = None if attention_mask is None else real
-                o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size)
+                o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
+                                      by_slot=by_slot)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.layers.base import State
-from zoo.layers.masks import Rule, allowed, extra_candidates
+from zoo.layers.masks import Rule, SlidingWindowRule, allowed, extra_candidates
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -46,14 +46,16 @@ def _compact(cand: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor | None,
-                      doc: Tensor | None, scale: float, chunk: int, max_elems: int = 1 << 24) -> Tensor:
+                      doc: Tensor | None, scale: float, chunk: int, max_elems: int = 1 << 24,
+                      by_slot: bool = False) -> Tensor:
     """Parallel sparse attention by query chunks; memory and time O(T * (chunk + reach + extras)).
 
     Query chunk ``[t0, t0 + chunk)`` reads the key slots ``[t0 - reach, t0 + chunk)`` (the local term never
     reaches further: the slot distance of two real tokens of one document is at least their position
     distance) plus the gathered extra keys (sinks / vertical blocks) before ``t0 - reach``. Chunks are
     batched (``unfold``) in groups of about ``max_elems`` mask entries, so SDPA sees many independent rows.
-    With ``chunk >= T`` this is the plain dense-mask reference. ``pos, valid, doc``: ``[B, T]``.
+    With ``chunk >= T`` this is the plain dense-mask reference. ``pos, valid, doc``: ``[B, T]``;
+    ``by_slot``: the positions are ``arange(T)`` (no padding, no packing).
     """
     B, H, T, D = q.shape
     Hkv, dev = k.shape[1], q.device
@@ -64,6 +66,7 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
     right = nC * C - T
     h = _heads(rule, Hkv, dev)
     h5 = h[:, None] if h is not None else None  # [1, 1, Hkv, 1, 1] against [B, g, Hm, C, Ck]
+    valid_given = valid is not None
     if valid is None:
         valid = torch.ones(B, T, dtype=torch.bool, device=dev)
     kp, vp = F.pad(k, (0, 0, pad, right)), F.pad(v, (0, 0, pad, right))
@@ -86,14 +89,26 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
         edoc = torch.gather(doc[:, None].expand(B, Hm, T), 2, idx) if doc is not None else None
     g = max(1, min(nC, max_elems // (B * C * Ck * (Hkv if rule.per_head else 1))))
     outs = []
+    # a window without sinks over unpadded, unpacked rows depends on i - j only: one [C, Ck] mask for all
+    # chunks (the first ones also drop the left padding of the key windows)
+    shared = by_slot and valid_given is False and doc is None and cand is None and \
+        isinstance(rule, SlidingWindowRule) and rule.num_sink_tokens == 0
+    if shared:
+        a, b = torch.arange(C, device=dev)[:, None], torch.arange(Ck, device=dev)[None, :]
+        base = allowed(rule, a + pad, b)  # [C, Ck]
     for c0 in range(0, nC, g):
         c1 = min(nC, c0 + g)
         n_c = c1 - c0
         qp = qpos[:, c0:c1, None, :, None]  # [B, g, 1, C, 1]
-        m = allowed(rule, qp, kpos_w[:, c0:c1, None, None, :], h5) & kval_w[:, c0:c1, None, None, :]
-        if qdoc is not None:
-            m = m & (qdoc[:, c0:c1, None, :, None] == kdoc_w[:, c0:c1, None, None, :])
-        m = m | eye  # every query sees itself: no empty row
+        if shared:
+            first = pad - torch.arange(c0, c1, device=dev) * C  # key-window offsets still in the left padding
+            m = base & (b >= first[:, None, None, None]) if c0 * C < pad else base.expand(1, n_c, 1, C, Ck)
+            m = m.expand(B, n_c, 1, C, Ck)
+        else:
+            m = allowed(rule, qp, kpos_w[:, c0:c1, None, None, :], h5) & kval_w[:, c0:c1, None, None, :]
+            if qdoc is not None:
+                m = m & (qdoc[:, c0:c1, None, :, None] == kdoc_w[:, c0:c1, None, None, :])
+            m = m | eye  # every query sees itself: no empty row
         keys = kp.unfold(2, Ck, C)[:, :, c0:c1].permute(0, 2, 1, 4, 3)  # [B, g, Hkv, Ck, D]
         vals = vp.unfold(2, Ck, C)[:, :, c0:c1].permute(0, 2, 1, 4, 3)
         lo = torch.arange(c0, c1, device=dev) * C - pad  # first key slot of each chunk's window
