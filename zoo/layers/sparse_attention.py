@@ -14,11 +14,13 @@ equals the unpadded row: sinks are the first *real* tokens, the window counts re
 absolute positions (no StreamingLLM re-rotation). Packed rows (``seq_idx``, parallel forward only): with no
 explicit positions they restart at every document, so each document has its own sinks and blocks.
 
-Parallel forward: the block-sparse Triton kernel on CUDA (plain unpadded rows), else the torch path of
-:func:`~zoo.layers.sparse_ops.blocked_attention` (dense mask when ``T <= chunk_size``, query chunks over the
-reachable keys otherwise: memory and time O(T * (chunk + reach + extras))). With a state: a bounded
+Parallel forward: the block-sparse Triton kernel on CUDA (unpadded, unpacked rows; imported lazily, optional),
+else a pattern-specific torch path where one exists (block diagonal: blocks folded into the batch, one causal
+SDPA; a window covering ``T``: causal SDPA), else :func:`~zoo.layers.sparse_ops.blocked_attention` (dense mask
+when ``T <= chunk_size``, otherwise query chunks over the reachable keys: memory and time
+O(T * (chunk + reach + extras)), never a T x T mask). With a state: a bounded
 :class:`~zoo.layers.sparse_ops.SparseKVCache`; chunks of any length are processed in pieces of at most
-``prefill_chunk`` tokens.
+``prefill_chunk`` tokens; a decode step (one real token, no autograd) writes the cache in place first.
 """
 
 from __future__ import annotations
