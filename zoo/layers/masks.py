@@ -1,0 +1,236 @@
+"""Mask rules of the sparse-attention mixers, shared by the torch paths, the bounded KV caches and the kernel.
+
+Every rule is a predicate over *token indices* ``i`` (query) and ``j`` (key): the position of the token
+inside its sequence (document), i.e. the number of real tokens before it. With left padding these are the
+positions derived from the attention mask (``cumsum(mask) - 1``), so a padded row sees exactly what the
+unpadded row sees. Block indices are ``qb = i // bs``, ``kb = j // bs`` (absolute, from the sequence start).
+
+Every rule is ``allowed(i, j, h) = (j <= i) & (local(i, j) | extra(j, h))``, with ``h`` the KV head:
+
+* sliding window + sinks (transformers / Mistral convention, StreamingLLM sinks at absolute positions)::
+
+      local = i - j < window             (window tokens *including* the current one)
+      extra = j < num_sink_tokens
+
+* local + vertical stride (dkernel ``get_sparse_attn_mask``, LongGen "BlockSparse", Phi-3-small)::
+
+      local = qb - kb < local_blocks      (block-granular; the count includes the current block)
+      extra = (kb + h * step + head_sliding_offset) % vertical_stride == 0
+      step  = max(1, int(vertical_stride / num_heads))   (num_heads = query heads, h = KV head index)
+
+  ``homo_head``: every head uses the pattern of ``h = 0``; the last ``num_dense_heads`` KV heads are dense
+  (``extra = True``). Diagonal blocks are token-causal (``j <= i``).
+
+* block diagonal (MASFormer local attention)::
+
+      local = i // bs == j // bs,         extra = False
+
+``local(i, j)`` implies ``i - j <= reach`` (the chunked path and the caches rely on it); ``extra`` depends
+only on the key, so the keys it admits can be gathered once per sequence ("extra candidates").
+
+Block layouts (``[Hm, nQB, nKB]`` bool, ``Hm`` = 1 or the number of KV heads) tell a block-sparse kernel which
+key blocks each query block visits; inside a visited block the kernel applies
+``(j <= i) & (window is None or i - j < window or j < num_sink_tokens)``. ``layout_to_token_mask`` expands a
+layout with that rule so tests can check ``layout (x) in-block rule == allowed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class SlidingWindowRule:
+    window: int
+    num_sink_tokens: int = 0
+    per_head = False
+
+    @property
+    def reach(self) -> int:
+        return self.window - 1
+
+    def local(self, i: Tensor, j: Tensor) -> Tensor:
+        return (i - j) < self.window
+
+    def extra(self, j: Tensor, h: Tensor | None = None) -> Tensor | None:
+        return (j < self.num_sink_tokens) if self.num_sink_tokens > 0 else None
+
+    # cache: sinks in slots [0, S), the other tokens in a ring of `window` slots (latest wins)
+    @property
+    def ring_size(self) -> int:
+        return self.num_sink_tokens + self.window
+
+    def ring_slot(self, p: Tensor) -> Tensor:
+        S = self.num_sink_tokens
+        return torch.where(p < S, p, S + (p - S).remainder(self.window))
+
+    def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
+        return self.window, self.num_sink_tokens
+
+
+@dataclass(frozen=True)
+class LocalStrideRule:
+    block_size: int
+    local_blocks: int
+    vertical_stride: int
+    num_heads: int
+    num_kv_heads: int
+    head_sliding_offset: int = 0
+    homo_head: bool = False
+    num_dense_heads: int = 0
+    per_head = True
+
+    @property
+    def step(self) -> int:
+        return max(1, int(self.vertical_stride / (1 if self.homo_head else self.num_heads)))
+
+    @property
+    def reach(self) -> int:
+        return self.local_blocks * self.block_size - 1
+
+    def local(self, i: Tensor, j: Tensor) -> Tensor:
+        return (i // self.block_size - j // self.block_size) < self.local_blocks
+
+    def vertical(self, kb: Tensor, h: Tensor) -> Tensor:
+        """``kb`` block indices, ``h`` KV-head indices (broadcastable)."""
+        if self.homo_head:
+            h = torch.zeros_like(h)
+        vert = (kb + h * self.step + self.head_sliding_offset).remainder(self.vertical_stride) == 0
+        if self.num_dense_heads:
+            vert = vert | (h >= self.num_kv_heads - self.num_dense_heads)
+        return vert
+
+    def extra(self, j: Tensor, h: Tensor | None = None) -> Tensor | None:
+        assert h is not None
+        return self.vertical(j // self.block_size, h)
+
+    @property
+    def ring_size(self) -> int:  # the local blocks
+        return self.local_blocks * self.block_size
+
+    def ring_slot(self, p: Tensor) -> Tensor:
+        return p.remainder(self.ring_size)
+
+    def vertical_slot(self, p: Tensor, h: Tensor) -> Tensor:
+        """Slot of token ``p`` in head ``h``'s store of vertical blocks, -1 if that head never needs it again
+        once it leaves the local window (dense heads keep every token)."""
+        kb = p // self.block_size
+        slot = (kb // self.vertical_stride) * self.block_size + p.remainder(self.block_size)
+        if self.num_dense_heads:
+            dense = h >= self.num_kv_heads - self.num_dense_heads
+            slot = torch.where(dense, p, slot)
+        return torch.where(self.vertical(kb, h), slot, torch.full_like(slot, -1))
+
+    def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
+        return None, 0
+
+
+@dataclass(frozen=True)
+class BlockDiagonalRule:
+    block_size: int
+    per_head = False
+
+    @property
+    def reach(self) -> int:
+        return self.block_size - 1
+
+    def local(self, i: Tensor, j: Tensor) -> Tensor:
+        return (i // self.block_size) == (j // self.block_size)
+
+    def extra(self, j: Tensor, h: Tensor | None = None) -> Tensor | None:
+        return None
+
+    @property
+    def ring_size(self) -> int:  # the current block
+        return self.block_size
+
+    def ring_slot(self, p: Tensor) -> Tensor:
+        return p.remainder(self.block_size)
+
+    def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
+        return None, 0
+
+
+Rule = SlidingWindowRule | LocalStrideRule | BlockDiagonalRule
+
+
+def allowed(rule: Rule, i: Tensor, j: Tensor, h: Tensor | None = None, part: str = "all") -> Tensor:
+    """Token predicate (broadcasting ``i``, ``j``, ``h``). ``part``: ``"all"`` the rule, ``"local"`` its local
+    term only, ``"extra"`` keys admitted by the extra term and not by the local one (used by caches that
+    store the two kinds of keys apart, so that no key is counted twice)."""
+    causal = j <= i
+    local = rule.local(i, j)
+    if part == "local":
+        return causal & local
+    extra = rule.extra(j, h)
+    if part == "extra":
+        return causal & ~local & extra if extra is not None else torch.zeros_like(causal)
+    return causal & (local | extra) if extra is not None else causal & local
+
+
+def extra_candidates(rule: Rule, pos: Tensor, num_kv_heads: int) -> Tensor | None:
+    """``pos [B, T]`` -> ``[B, Hm, T]`` bool: keys the extra term may admit (sinks, vertical blocks), or None."""
+    h = torch.arange(num_kv_heads, device=pos.device)[None, :, None] if rule.per_head else None
+    e = rule.extra(pos[:, None, :], h)
+    return e if e is None or e.shape[1] > 1 else e.expand(pos.shape[0], 1, pos.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def _block_grid(n_q_blocks: int, n_k_blocks: int, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    qb = torch.arange(n_q_blocks, device=device)[:, None]
+    kb = torch.arange(n_k_blocks, device=device)[None, :]
+    return qb, kb
+
+
+def sliding_window_layout(n_q_blocks: int, n_k_blocks: int, block_size: int, window: int,
+                          num_sink_tokens: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """``[1, nQB, nKB]``: blocks holding a pair (i, j) with ``j <= i`` and (``i - j < window`` or ``j < S``)."""
+    qb, kb = _block_grid(n_q_blocks, n_k_blocks, device)
+    min_dist = ((qb - kb) * block_size - (block_size - 1)).clamp(min=0)  # smallest i - j over the block pair
+    return ((kb <= qb) & ((min_dist < window) | (kb * block_size < num_sink_tokens)))[None]
+
+
+def local_stride_layout(n_q_blocks: int, n_k_blocks: int, rule: LocalStrideRule,
+                        device: torch.device | str | None = None) -> Tensor:
+    """``[Hkv or 1, nQB, nKB]``: dkernel's block mask ``(qb >= kb) & ((qb - kb < L) | vertical(kb, h))``."""
+    qb, kb = _block_grid(n_q_blocks, n_k_blocks, device)
+    Hm = 1 if rule.homo_head and not rule.num_dense_heads else rule.num_kv_heads
+    h = torch.arange(Hm, device=device)[:, None, None]
+    return (kb <= qb) & ((qb - kb < rule.local_blocks) | rule.vertical(kb, h))
+
+
+def block_diagonal_layout(n_q_blocks: int, n_k_blocks: int, kernel_block: int, block_size: int,
+                          device: torch.device | str | None = None) -> Tensor:
+    """``[1, nQB, nKB]`` for kernel blocks of ``kernel_block`` tokens (``block_size % kernel_block == 0``)."""
+    if block_size % kernel_block:
+        raise ValueError(f"block_size={block_size} must be a multiple of the kernel block {kernel_block}")
+    qb, kb = _block_grid(n_q_blocks, n_k_blocks, device)
+    r = block_size // kernel_block
+    return ((kb <= qb) & (qb // r == kb // r))[None]
+
+
+def rule_layout(rule: Rule, n_q_blocks: int, n_k_blocks: int, kernel_block: int,
+                device: torch.device | str | None = None) -> Tensor:
+    if isinstance(rule, SlidingWindowRule):
+        return sliding_window_layout(n_q_blocks, n_k_blocks, kernel_block, rule.window, rule.num_sink_tokens, device)
+    if isinstance(rule, LocalStrideRule):
+        if kernel_block != rule.block_size:
+            raise ValueError(f"local-stride layouts use kernel blocks of block_size={rule.block_size}")
+        return local_stride_layout(n_q_blocks, n_k_blocks, rule, device)
+    return block_diagonal_layout(n_q_blocks, n_k_blocks, kernel_block, rule.block_size, device)
+
+
+def layout_to_token_mask(layout: Tensor, block_size: int, T: int, window: int | None = None,
+                         num_sink_tokens: int = 0) -> Tensor:
+    """Expand ``[Hm, nQB, nKB]`` to ``[Hm, T, T]`` with the kernel's in-block rule."""
+    tok = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :T, :T]
+    i = torch.arange(T, device=layout.device)[:, None]
+    j = torch.arange(T, device=layout.device)[None, :]
+    inner = j <= i
+    if window is not None:
+        inner = inner & (((i - j) < window) | (j < num_sink_tokens))
+    return tok & inner

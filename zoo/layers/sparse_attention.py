@@ -1,0 +1,309 @@
+"""Sparse attention mixers: sliding window (+ sinks), dkernel local + vertical stride, MASFormer block diagonal.
+
+All three are :class:`~zoo.layers.attention.Attention` with another mask, so their parameters (``q_proj,
+k_proj, v_proj, o_proj``) are those of full attention and a swap is parameter-free. For query token ``i``,
+key token ``j`` (token indices = positions within the sequence, see :mod:`zoo.layers.masks`)::
+
+    o_i = sum_{j : allowed(i, j, h)} softmax_j(q_i . k_j * scale) v_j
+    sliding_window:  allowed = j <= i  &  (i - j < window  |  j < num_sink_tokens)
+    block_sparse:    allowed = j <= i  &  (qb - kb < local_blocks  |  (kb + h*step + offset) % vertical_stride == 0)
+    block_diagonal:  allowed = j <= i  &  i // block_size == j // block_size
+
+Token indices come from ``positions`` (the model derives them from the attention mask, so a left-padded row
+equals the unpadded row: sinks are the first *real* tokens, the window counts real tokens). RoPE uses the same
+absolute positions (no StreamingLLM re-rotation). Packed rows (``seq_idx``, parallel forward only): with no
+explicit positions they restart at every document, so each document has its own sinks and blocks.
+
+Parallel forward: the block-sparse Triton kernel on CUDA (unpadded, unpacked rows; imported lazily, optional),
+else a pattern-specific torch path where one exists (block diagonal: blocks folded into the batch, one causal
+SDPA; a window covering ``T``: causal SDPA), else :func:`~zoo.layers.sparse_ops.blocked_attention` (dense mask
+when ``T <= chunk_size``, otherwise query chunks over the reachable keys: memory and time
+O(T * (chunk + reach + extras)), never a T x T mask). With a state: a bounded
+:class:`~zoo.layers.sparse_ops.SparseKVCache`; chunks of any length are processed in pieces of at most
+``prefill_chunk`` tokens; a decode step (one real token, no autograd) writes the cache in place first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zoo.layers.attention import Attention
+from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
+from zoo.layers.sparse_ops import (
+    SparseKVCache,
+    block_diagonal_attention,
+    blocked_attention,
+)
+from zoo.registry import register_mixer
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _power_of_two(name: str, value: Any) -> None:
+    _positive_int(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two (block-sparse kernel tiles)")
+
+
+def document_positions(seq_idx: Tensor) -> Tensor:
+    """``seq_idx [B, T]`` -> index of each token inside its document (restarts at every document start)."""
+    T = seq_idx.shape[1]
+    t = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values
+
+
+class SparseAttention(Attention):
+    """Shared machinery; subclasses define :attr:`rule` and the kernel block size."""
+
+    chunk_size: int = 128  # query chunk of the torch parallel path (T <= chunk_size: one dense mask)
+    prefill_chunk: int = 512  # longest piece attended at once with a cache
+
+    @property
+    def rule(self) -> Rule:
+        raise NotImplementedError
+
+    def kernel_block(self) -> int | None:
+        return None
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        positions: Tensor | None = None,
+        state: SparseKVCache | None = None,
+        attention_mask: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+    ) -> tuple[Tensor, SparseKVCache | None]:
+        B, T, _ = x.shape
+        real = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None \
+            else attention_mask.bool()
+        if state is not None:
+            if seq_idx is not None:
+                raise ValueError("seq_idx (packed sequences) is supported by the parallel forward only, "
+                                 "not with a state")
+            if positions is None:
+                positions = state.next_pos[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
+            state.next_pos = state.next_pos + real.sum(1)
+            outs = []
+            for t0 in range(0, T, self.prefill_chunk):
+                sl = slice(t0, t0 + self.prefill_chunk)
+                q, k, v = self.project(x[:, sl], positions[:, sl])
+                if q.shape[2] == 1 and bool(real[:, sl].all()) and not (torch.is_grad_enabled() and k.requires_grad):
+                    state.write_step(self.rule, k, v, positions[:, sl])  # decode: in place, then attend
+                    outs.append(state.attend(self.rule, q, None, None, positions[:, sl], real[:, sl], self.scale))
+                    continue
+                outs.append(state.attend(self.rule, q, k, v, positions[:, sl], real[:, sl], self.scale))
+                state.write(self.rule, k, v, positions[:, sl], real[:, sl])
+            o = torch.cat(outs, dim=2)
+        else:
+            plain = positions is None and attention_mask is None and seq_idx is None
+            if positions is None:
+                if seq_idx is not None:
+                    positions = document_positions(seq_idx)
+                elif attention_mask is not None:
+                    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+                else:
+                    positions = torch.arange(T, device=x.device).expand(B, T)
+            q, k, v = self.project(x, positions)
+            o = None
+            # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
+            by_slot = attention_mask is None and seq_idx is None and (
+                plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
+            if by_slot and q.is_cuda and os.environ.get("ZOO_BACKEND", "") != "torch":
+                o = self._kernel(q, k, v)
+            if by_slot and o is None:
+                o = self._fast(q, k, v)
+            if o is None:
+                valid = None if attention_mask is None else real
+                o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
+                                      by_slot=by_slot)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """A pattern-specific torch path for unpadded, unpacked rows (token index = slot), or None."""
+        return None
+
+    def _kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """The block-sparse Triton kernel (another module; optional) on an unpadded batch, or None."""
+        bs = self.kernel_block()
+        if bs is None:
+            return None
+        try:
+            from zoo.kernels.block_sparse_attention import block_sparse_attention
+        except ImportError:
+            return None
+        T = q.shape[2]
+        n = -(-T // bs)
+        layout = rule_layout(self.rule, n, n, bs, device=q.device)
+        window, sinks = self.rule.kernel_args(bs)
+        return block_sparse_attention(q, k, v, block_mask=layout, block_size=bs, window=window,
+                                      num_sink_tokens=sinks, scale=self.scale)
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
+                   max_length: int | None = None) -> SparseKVCache:
+        """Bounded: ``max_length`` is ignored (the ring has ``rule.ring_size`` slots)."""
+        st = SparseKVCache.empty(self.rule, batch_size, self.num_kv_heads, self.head_dim, dtype, device)
+        st.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return st
+
+    @staticmethod
+    def _base_size_check(kwargs: dict[str, Any]) -> bool:
+        """True for ``Attention.__init__``'s own head-size check, which passes only these keys."""
+        return set(kwargs) <= {"num_heads", "num_kv_heads", "head_dim"}
+
+
+@register_mixer("sliding_window")
+class SlidingWindowAttention(SparseAttention):
+    """``j <= i & (i - j < window | j < num_sink_tokens)``: transformers/Mistral window + StreamingLLM sinks."""
+
+    arg_groups = ("attention",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, window: int, num_sink_tokens: int = 0,
+                 num_heads: int = 8, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False, qk_norm_eps: float = 1e-6,
+                 rope: bool = True, rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
+                 rotary_dim: int | None = None, softmax_scale: float | None = None,
+                 max_position_embeddings: int = 4096) -> None:
+        self.check_args(d_model, dict(window=window, num_sink_tokens=num_sink_tokens, num_heads=num_heads,
+                                      num_kv_heads=num_kv_heads, head_dim=head_dim))
+        super().__init__(d_model, layer_idx, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm,
+                         qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
+                         max_position_embeddings)
+        self.window, self.num_sink_tokens = window, num_sink_tokens
+        self._rule = SlidingWindowRule(window, num_sink_tokens)
+
+    @classmethod
+    def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
+        super().check_args(d_model, kwargs)
+        if cls._base_size_check(kwargs):
+            return
+        if kwargs.get("window") is None:
+            raise ValueError("sliding_window needs window=<tokens, including the current one>")
+        _positive_int("window", kwargs["window"])
+        _positive_int("num_sink_tokens", kwargs.get("num_sink_tokens", 0), 0)
+
+    @property
+    def rule(self) -> SlidingWindowRule:
+        return self._rule
+
+    def kernel_block(self) -> int | None:
+        return 64
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        gqa = self.num_heads != self.num_kv_heads
+        if q.shape[2] <= self.window:  # the window covers everything: causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, window={self.window}, num_sink_tokens={self.num_sink_tokens}"
+
+
+@register_mixer("block_sparse")
+class BlockSparseAttention(SparseAttention):
+    """dkernel / Phi-3-small local + vertical-stride pattern (LongGen "BlockSparse"), per KV head."""
+
+    arg_groups = ("attention",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int = 64, local_blocks: int = 16,
+                 vertical_stride: int = 8, head_sliding_offset: int = 0, homo_head: bool = False,
+                 num_dense_heads: int = 0,
+                 num_heads: int = 8, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False, qk_norm_eps: float = 1e-6,
+                 rope: bool = True, rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
+                 rotary_dim: int | None = None, softmax_scale: float | None = None,
+                 max_position_embeddings: int = 4096) -> None:
+        args = dict(block_size=block_size, local_blocks=local_blocks, vertical_stride=vertical_stride,
+                    head_sliding_offset=head_sliding_offset, homo_head=homo_head, num_dense_heads=num_dense_heads,
+                    num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        self.check_args(d_model, args)
+        super().__init__(d_model, layer_idx, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm,
+                         qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
+                         max_position_embeddings)
+        self.block_size, self.local_blocks, self.vertical_stride = block_size, local_blocks, vertical_stride
+        self._rule = LocalStrideRule(block_size, local_blocks, vertical_stride, self.num_heads, self.num_kv_heads,
+                                     head_sliding_offset, homo_head, num_dense_heads)
+
+    @classmethod
+    def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
+        super().check_args(d_model, kwargs)
+        if cls._base_size_check(kwargs):
+            return
+        _power_of_two("block_size", kwargs.get("block_size", 64))
+        _positive_int("local_blocks", kwargs.get("local_blocks", 16))
+        _positive_int("vertical_stride", kwargs.get("vertical_stride", 8))
+        _positive_int("head_sliding_offset", kwargs.get("head_sliding_offset", 0), 0)
+        Hkv = kwargs.get("num_kv_heads") or kwargs.get("num_heads", 8)
+        nd = kwargs.get("num_dense_heads", 0)
+        _positive_int("num_dense_heads", nd, 0)
+        if nd > Hkv:
+            raise ValueError(f"num_dense_heads={nd} exceeds the number of KV heads {Hkv}")
+        if nd and kwargs.get("homo_head", False):
+            raise ValueError("num_dense_heads needs homo_head=False (dkernel asserts the same)")
+
+    @property
+    def rule(self) -> LocalStrideRule:
+        return self._rule
+
+    def kernel_block(self) -> int | None:
+        return self.block_size if self.block_size >= 16 else None
+
+    def extra_repr(self) -> str:
+        r = self._rule
+        return (f"layer_idx={self.layer_idx}, block_size={r.block_size}, local_blocks={r.local_blocks}, "
+                f"vertical_stride={r.vertical_stride}, step={r.step}, offset={r.head_sliding_offset}, "
+                f"homo_head={r.homo_head}, num_dense_heads={r.num_dense_heads}")
+
+
+@register_mixer("block_diagonal")
+class BlockDiagonalAttention(SparseAttention):
+    """MASFormer local attention: each query sees the earlier tokens of its own block of ``block_size``."""
+
+    arg_groups = ("attention",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int,
+                 num_heads: int = 8, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False, qk_norm_eps: float = 1e-6,
+                 rope: bool = True, rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
+                 rotary_dim: int | None = None, softmax_scale: float | None = None,
+                 max_position_embeddings: int = 4096) -> None:
+        self.check_args(d_model, dict(block_size=block_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                      head_dim=head_dim))
+        super().__init__(d_model, layer_idx, num_heads, num_kv_heads, head_dim, qkv_bias, o_bias, qk_norm,
+                         qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
+                         max_position_embeddings)
+        self.block_size = block_size
+        self._rule = BlockDiagonalRule(block_size)
+
+    @classmethod
+    def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
+        super().check_args(d_model, kwargs)
+        if cls._base_size_check(kwargs):
+            return
+        if kwargs.get("block_size") is None:
+            raise ValueError("block_diagonal needs block_size=<tokens per block>")
+        _positive_int("block_size", kwargs["block_size"])
+
+    @property
+    def rule(self) -> BlockDiagonalRule:
+        return self._rule
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        return block_diagonal_attention(q, k, v, self.block_size, self.scale)
+
+    def kernel_block(self) -> int | None:
+        kb = min(64, self.block_size)
+        return kb if kb >= 16 and self.block_size % kb == 0 and kb & (kb - 1) == 0 else None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, block_size={self.block_size}"
