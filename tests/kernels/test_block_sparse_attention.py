@@ -134,6 +134,28 @@ def test_triton_empty_rows_are_zero():
         assert err < 1e-4, f"{label}: max abs err {err:.3e}"
 
 
+def test_layout_tables_and_cache():
+    """CSR rows list the active key blocks (causal, window-reachable) ascending; CSC is the transpose; the cache
+    returns the same tables for the same unchanged tensor and rebuilds them after an in-place edit."""
+    T, bs = 80, 16  # 5 blocks
+    layout = local_stride_block_mask(T, bs, 2, 3, 2, num_heads=2)
+    layout[0, 4, 4] = False
+    tables = bsa._get_layout(layout, bs, T, None, 0, torch.device("cpu"))
+    for h in range(2):
+        for qb in range(5):
+            n = int(tables.row_cnt[h, qb])
+            assert tables.row_idx[h, qb, :n].tolist() == layout[h, qb].nonzero().flatten().tolist()
+        for kb in range(5):
+            n = int(tables.col_cnt[h, kb])
+            assert tables.col_idx[h, kb, :n].tolist() == layout[h, :, kb].nonzero().flatten().tolist()
+    windowed = bsa._get_layout(layout, bs, T, 20, 0, torch.device("cpu"))  # window 20: distance-2 blocks unreachable
+    assert windowed.row_idx[0, 3, : int(windowed.row_cnt[0, 3])].tolist() == [2, 3]  # block 0 (vertical) dropped
+    assert bsa._get_layout(layout, bs, T, None, 0, torch.device("cpu")) is tables
+    layout[1, 4, 2] = False
+    rebuilt = bsa._get_layout(layout, bs, T, None, 0, torch.device("cpu"))
+    assert rebuilt is not tables and int(rebuilt.row_cnt[1, 4]) == int(tables.row_cnt[1, 4]) - 1 == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reference vs independent oracles
 # ----------------------------------------------------------------------------------------------------------------

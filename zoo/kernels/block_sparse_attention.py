@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -577,6 +579,30 @@ class _Layout:
         return (0 if shared else cnt.stride(0), 0 if shared else idx.stride(0), idx.stride(1))
 
 
+_LAYOUT_CACHE: OrderedDict[tuple, tuple[weakref.ref, int, _Layout]] = OrderedDict()
+_LAYOUT_CACHE_SIZE = 16
+
+
+def _get_layout(
+    block_mask: Tensor, block_size: int, T: int, window: int | None, num_sink_tokens: int, device: torch.device
+) -> _Layout:
+    """CSR/CSC tables for ``block_mask``, reused while the same tensor object is passed unchanged.
+
+    A hit needs the very same tensor (weak reference) at the same ``_version`` (in-place writes bump it), so a
+    mixer that keeps its layout as a buffer builds the tables (a sort and two host syncs) once per shape.
+    """
+    key = (id(block_mask), block_size, T, window, num_sink_tokens, str(device))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is not None and hit[0]() is block_mask and hit[1] == block_mask._version:
+        _LAYOUT_CACHE.move_to_end(key)
+        return hit[2]
+    layout = _Layout(block_mask.to(device), block_size, T, window, num_sink_tokens)
+    _LAYOUT_CACHE[key] = (weakref.ref(block_mask), block_mask._version, layout)
+    while len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+        _LAYOUT_CACHE.popitem(last=False)
+    return layout
+
+
 def _fwd(q: Tensor, k: Tensor, v: Tensor, layout: _Layout, block_size: int, window, num_sink: int, scale: float):
     B, H, T, D = q.shape
     hkv = k.shape[1]
@@ -689,7 +715,7 @@ def block_sparse_attention_triton(
     if not q.is_cuda and not _interpreting():
         raise ValueError("Triton block-sparse attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     T = q.shape[2]
-    layout = _Layout(block_mask.to(q.device), block_size, T, window, int(num_sink_tokens))
+    layout = _get_layout(block_mask, block_size, T, window, int(num_sink_tokens), q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _BlockSparseAttention.apply(q, k, v, layout, block_size, window, int(num_sink_tokens), scale)
 
