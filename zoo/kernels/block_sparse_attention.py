@@ -29,7 +29,8 @@ Kernel structure
 * The block layout (after dropping blocks above the diagonal and blocks the window/sinks make invisible) is turned
   into a CSR-like table: per (layout head, query block) the count and the ascending list of active key blocks; and
   the transposed (CSC) table: per (layout head, key block) the list of query blocks that visit it.
-* Kernel tiles are ``BLOCK_M = BLOCK_N = min(block_size, 64)``; a layout block of 128 is visited as 2 x 2 sub-tiles.
+* Kernel tiles (``_TILES``: fwd 64 x 64, dQ 64 x 32, dK/dV 32 x 64, each capped at ``block_size``) may be smaller
+  than a layout block; a layout block is then visited as sub-tiles.
   A tile pair is skipped when no pair in it is visible; the token mask (causal, ``k < T``, window/sinks) is applied
   only when the pair is not entirely visible (diagonal, ragged last block, window edge), so interior blocks run
   unmasked.
@@ -304,6 +305,7 @@ if HAS_TRITON:
         H, GROUP, s_cnt_h, s_idx_h, s_idx_r, T_PAD,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        SUBTILED: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -334,9 +336,12 @@ if HAS_TRITON:
             for j in range(0, BLOCK_SIZE // BLOCK_N):
                 k_lo = kb * BLOCK_SIZE + j * BLOCK_N
                 k_hi = k_lo + BLOCK_N - 1
-                visible = (k_lo <= q_hi) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
+                if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
+                    visible = (k_lo <= q_hi) & (k_lo < T)
+                    if HAS_WINDOW:
+                        visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
+                else:
+                    visible = True  # static: the effective layout only lists blocks with a visible pair
                 if visible:
                     partial = (k_hi > q_lo) | (k_hi >= T)
                     if HAS_WINDOW:
@@ -404,6 +409,7 @@ if HAS_TRITON:
         H, GROUP, s_cnt_h, s_idx_h, s_idx_r, T_PAD,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        SUBTILED: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -437,9 +443,12 @@ if HAS_TRITON:
             for j in range(0, BLOCK_SIZE // BLOCK_N):
                 k_lo = kb * BLOCK_SIZE + j * BLOCK_N
                 k_hi = k_lo + BLOCK_N - 1
-                visible = (k_lo <= q_hi) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
+                if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
+                    visible = (k_lo <= q_hi) & (k_lo < T)
+                    if HAS_WINDOW:
+                        visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
+                else:
+                    visible = True  # static: the effective layout only lists blocks with a visible pair
                 if visible:
                     partial = (k_hi > q_lo) | (k_hi >= T)
                     if HAS_WINDOW:
@@ -475,6 +484,7 @@ if HAS_TRITON:
         H, HKV, GROUP, s_cnt_h, s_idx_h, s_idx_r, T_PAD,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+        SUBTILED: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_bk = tl.program_id(1)
@@ -505,9 +515,12 @@ if HAS_TRITON:
             for j in range(0, BLOCK_SIZE // BLOCK_M):
                 q_lo = qb * BLOCK_SIZE + j * BLOCK_M
                 q_hi = q_lo + BLOCK_M - 1
-                visible = (k_lo <= q_hi) & (q_lo < T) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - k_last < window) | (k_lo < num_sink))
+                if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
+                    visible = (k_lo <= q_hi) & (q_lo < T) & (k_lo < T)
+                    if HAS_WINDOW:
+                        visible = visible & ((q_lo - k_last < window) | (k_lo < num_sink))
+                else:
+                    visible = True  # static: the effective layout only lists blocks with a visible pair
                 if visible:
                     partial = (k_hi > q_lo) | (k_hi >= T)
                     if HAS_WINDOW:
@@ -552,12 +565,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tiles(block_size: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a layout block size and head dim."""
-    tile = min(block_size, 64)
+# Tile shapes per kernel (BLOCK_M query rows, BLOCK_N key rows), capped by the layout block size. Chosen so the
+# sm_90 build (compiled offline with Triton's bundled ptxas, bf16, D = 64 and 128) has no register spills:
+# fwd 64 x 64, dQ 64 x 32, dK/dV 32 x 64; 4 warps for BLOCK_D <= 64, else 8. Not tuned on a GPU.
+_TILES = {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 64)}
+
+
+def _tiles(kind: str, block_size: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of kernel ``kind`` for a layout block size and head dim."""
+    bm, bn = _TILES[kind]
     block_d = max(16, triton.next_power_of_2(head_dim))
     num_warps = 4 if block_d <= 64 else 8
-    return tile, tile, block_d, num_warps
+    return min(block_size, bm), min(block_size, bn), block_d, num_warps
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -606,7 +625,7 @@ def _get_layout(
 def _fwd(q: Tensor, k: Tensor, v: Tensor, layout: _Layout, block_size: int, window, num_sink: int, scale: float):
     B, H, T, D = q.shape
     hkv = k.shape[1]
-    bm, bn, bd, nw = _tiles(block_size, D)
+    bm, bn, bd, nw = _tiles("fwd", block_size, D)
     n_m = triton.cdiv(T, bm)
     t_pad = n_m * bm
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
@@ -618,7 +637,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, layout: _Layout, block_size: int, wind
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // hkv, s_cnt, s_idx_h, s_idx_r, t_pad,
         BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=D,
-        HAS_WINDOW=window is not None, PRECISION=_precision(q.dtype), num_warps=nw, num_stages=2,
+        HAS_WINDOW=window is not None, PRECISION=_precision(q.dtype), SUBTILED=min(bm, bn) < block_size,
+        num_warps=nw, num_stages=2,
     )
     return o, lse
 
@@ -626,35 +646,39 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, layout: _Layout, block_size: int, wind
 def _bwd(do: Tensor, q, k, v, o, lse, layout: _Layout, block_size: int, window, num_sink: int, scale: float):
     B, H, T, D = q.shape
     hkv = k.shape[1]
-    bm, bn, bd, nw = _tiles(block_size, D)
-    n_m = triton.cdiv(T, bm)
     t_pad = lse.shape[1]
     delta = torch.empty_like(lse)
-    _bsa_delta_kernel[(n_m, B * H)](
+    bm, _, bd, _ = _tiles("fwd", block_size, D)
+    _bsa_delta_kernel[(triton.cdiv(T, bm), B * H)](
         o, do, delta, T, *o.stride()[:3], *do.stride()[:3], H, t_pad, BLOCK_M=bm, BLOCK_D=bd, HEAD_DIM=D
     )
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    prec = _precision(q.dtype)
-    common = dict(
-        BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=D,
-        HAS_WINDOW=window is not None, PRECISION=prec, num_warps=nw, num_stages=2,
-    )
     qk_scale = scale * math.log2(math.e)
+
+    def consts(kind: str) -> tuple[int, int, dict]:
+        bm, bn, bd, nw = _tiles(kind, block_size, D)
+        return bm, bn, dict(
+            BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=D, HAS_WINDOW=window is not None,
+            PRECISION=_precision(q.dtype), SUBTILED=min(bm, bn) < block_size, num_warps=nw, num_stages=2,
+        )
+
+    bm, _, kw = consts("dq")
     s_cnt, s_idx_h, s_idx_r = _Layout.strides(layout.row_cnt, layout.row_idx)
-    _bsa_bwd_dq_kernel[(n_m, B * H)](
+    _bsa_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, dq, lse, delta, layout.row_cnt, layout.row_idx,
         qk_scale, scale, T, int(window or 0), int(num_sink),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        H, H // hkv, s_cnt, s_idx_h, s_idx_r, t_pad, **common,
+        H, H // hkv, s_cnt, s_idx_h, s_idx_r, t_pad, **kw,
     )
+    _, bn, kw = consts("dkdv")
     s_cnt, s_idx_h, s_idx_r = _Layout.strides(layout.col_cnt, layout.col_idx)
     _bsa_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * hkv)](
         q, k, v, do, dk, dv, lse, delta, layout.col_cnt, layout.col_idx,
         qk_scale, scale, T, int(window or 0), int(num_sink),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, hkv, H // hkv, s_cnt, s_idx_h, s_idx_r, t_pad, **common,
+        H, hkv, H // hkv, s_cnt, s_idx_h, s_idx_r, t_pad, **kw,
     )
     return dq, dk, dv
 
