@@ -316,6 +316,14 @@ def test_gpu_matches_fp32_reference(dtype, tol, pattern):
         assert rel < tol, f"{pattern} {dtype} {label}: rmse/rms {rel:.3e}"
 
 
+def test_bench_flop_count_matches_dense_mask():
+    T, bs = 300, 16
+    cases = [(local_stride_block_mask(T, bs, 3, 4, 2, num_heads=4), 4), (block_diagonal_block_mask(T, bs), 2)]
+    for layout, heads in cases:
+        dense = dense_mask_from_layout(layout, bs, T, 50, 7, num_heads=heads).expand(heads, T, T)
+        assert bsa._visible_pairs(layout, bs, T, 50, 7, heads) == int(dense.sum())
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_gpu_bench_runs():

@@ -567,16 +567,16 @@ def _interpreting() -> bool:
 
 # Tile shapes per kernel (BLOCK_M query rows, BLOCK_N key rows), capped by the layout block size. Chosen so the
 # sm_90 build (compiled offline with Triton's bundled ptxas, bf16, D = 64 and 128) has no register spills:
-# fwd 64 x 64, dQ 64 x 32, dK/dV 32 x 64; 4 warps for BLOCK_D <= 64, else 8. Not tuned on a GPU.
+# fwd 64 x 64, dQ 64 x 32, dK/dV 32 x 64; 8 warps for BLOCK_D > 64 with full-size tiles, else 4. Not tuned on a GPU.
 _TILES = {"fwd": (64, 64), "dq": (64, 32), "dkdv": (32, 64)}
 
 
 def _tiles(kind: str, block_size: int, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of kernel ``kind`` for a layout block size and head dim."""
-    bm, bn = _TILES[kind]
+    bm, bn = (min(block_size, x) for x in _TILES[kind])
     block_d = max(16, triton.next_power_of_2(head_dim))
-    num_warps = 4 if block_d <= 64 else 8
-    return min(block_size, bm), min(block_size, bn), block_d, num_warps
+    num_warps = 8 if block_d > 64 and bm * bn >= 2048 else 4
+    return bm, bn, block_d, num_warps
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
