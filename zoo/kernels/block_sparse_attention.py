@@ -28,7 +28,8 @@ Kernel structure
 ----------------
 * The block layout (after dropping blocks above the diagonal and blocks the window/sinks make invisible) is turned
   into a CSR-like table: per (layout head, query block) the count and the ascending list of active key blocks; and
-  the transposed (CSC) table: per (layout head, key block) the list of query blocks that visit it.
+  the transposed (CSC) table: per (layout head, key block) the list of query blocks that visit it. The tables are
+  cached per (unchanged) ``block_mask`` tensor object, so a layout kept as a buffer is converted once.
 * Kernel tiles (``_TILES``: fwd 64 x 64, dQ 64 x 32, dK/dV 32 x 64, each capped at ``block_size``) may be smaller
   than a layout block; a layout block is then visited as sub-tiles.
   A tile pair is skipped when no pair in it is visible; the token mask (causal, ``k < T``, window/sinks) is applied
