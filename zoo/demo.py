@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -106,7 +106,8 @@ def run_demo(steps: int = 300, out_dir: str | None = None, print_fn: Callable[[s
     before = {k: v.clone() for k, v in reloaded.state_dict().items()}
     zoo.swap_layers(reloaded, swap)
     after = reloaded.state_dict()
-    reused = sum(1 for k, v in after.items() if k in before and before[k].shape == v.shape and torch.equal(before[k], v))
+    reused = sum(1 for k, v in after.items() if k in before and before[k].shape == v.shape
+                 and torch.equal(before[k], v))
     states = reloaded.init_states(1)
     with torch.no_grad():
         new_logits = reloaded(probe, states=states).logits

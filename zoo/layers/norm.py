@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.kernels.gated_rmsnorm import gated_rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -39,16 +40,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        if z is not None and not self.norm_before_gate:
-            x = x * F.silu(z.float())
-        xg = x.unflatten(-1, (-1, self.group_size))
-        x = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        out = x * self.weight.float()
-        if z is not None and self.norm_before_gate:
-            out = out * F.silu(z.float())
-        return out.to(dtype)
+        return gated_rmsnorm(x, self.weight, z, eps=self.eps, group_size=self.group_size,
+                             norm_before_gate=self.norm_before_gate)
 
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
