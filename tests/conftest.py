@@ -38,6 +38,15 @@ def _pin_autotune_to_first_config() -> None:
 _pin_autotune_to_first_config()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls (use with pytest.mark.usefixtures)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def hub_cache() -> str:
     return _HUB_CACHE

@@ -7,14 +7,7 @@ import torch
 
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def naive_scan(x, dt, A, B, C, *, D=None, z=None, initial_states=None, seq_idx=None, dA_offset=None,

@@ -8,14 +8,7 @@ import torch
 from zoo.config import ZooConfig
 from zoo.layers.mamba2 import Mamba2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 D_MODEL = 24
 SMALL = dict(d_state=8, headdim=6, ngroups=2, chunk_size=8)  # H = 48 / 6 = 8 heads, 2 groups

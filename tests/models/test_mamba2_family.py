@@ -15,13 +15,7 @@ import zoo
 from zoo.hub import _load_bin
 from zoo.models.mamba2 import calibrate_state_norm, save_mamba_ssm, save_transformers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 VOCAB_REAL, VOCAB_PAD = 100, 112  # mamba_ssm pads 100 up to a multiple of 16
