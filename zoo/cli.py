@@ -13,12 +13,11 @@ from zoo.models.lm import state_bytes_per_token
 
 
 def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
-    """A preset name (random init; on the meta device if ``meta``), or a checkpoint directory / hub id."""
-    if name in zoo.list_presets() and not Path(name).exists():
-        if meta:
-            with torch.device("meta"):
-                return zoo.create_model(name)
-        return zoo.create_model(name)
+    """``meta``: a preset's architecture on the meta device (nothing materialised); otherwise weights are loaded:
+    a checkpoint directory, a hub id, or a preset name (its published checkpoint)."""
+    if meta and name in zoo.list_presets() and not Path(name).exists():
+        with torch.device("meta"):
+            return zoo.create_model(name)
     return zoo.from_pretrained(name)
 
 
