@@ -70,6 +70,13 @@ def test_quick_json_holds_every_registered_case(quick_run: tuple[int, Path]) -> 
         assert {"subject", "phase", "impl", "T", "time_s", "time_exponent", "mem_exponent"} <= set(s)
 
 
+def test_render_rewrites_reports_from_json(quick_run: tuple[int, Path]) -> None:
+    _, out = quick_run
+    (out / "quick.md").unlink()
+    assert main(["--render", str(out / "quick.json")]) == 0
+    assert (out / "quick.md").read_text().startswith("# zoo bench")
+
+
 def test_unregistered_mixer_is_skipped_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = dataclasses.replace(SUBJECTS["sliding_window"], zoo_mixers=("no_such_mixer",))
     monkeypatch.setitem(SUBJECTS, "sliding_window", fake)

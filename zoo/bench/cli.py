@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 import time
@@ -58,11 +59,18 @@ def parser() -> argparse.ArgumentParser:
                         "subject/phase are skipped (default 120)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the roofline matmul (default 2048; 256 quick)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="measure nothing: re-render the Markdown and PNG reports of an existing JSON report")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        paths = write_reports(report, args.render.parent, args.render.stem)
+        print(f"zoo bench: rendered {paths['markdown']} and {len(paths['plots'])} plots from {args.render}")
+        return 0
     try:
         subjects = _csv(args.subjects, sorted(SUBJECTS))
         phases = _csv(args.phases, PHASES)
@@ -99,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = make_cases(subjects, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch)
 
     started = time.time()
-    probe = memory_probe(cases, opts)
+    probe = memory_probe(cases, opts)  # its server imports torch/transformers while we collect machine info
     machine = machine_info(device)
+    if probe is not None:
+        probe.idle_bytes  # noqa: B018 - wait for the server (and the idle baseline): nothing timed runs beside it
     machine["gemm"] = measure_gemm_flops(device, getattr(torch, dtype), n=args.gemm_n or (256 if args.quick else 2048))
     machine["peak_flops"] = gpu_peak_flops(device)
     results = run_cases(cases, opts, probe)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "zoo-bench/1"
+PHASE_COLORS = {"forward": "tab:blue", "forward_backward": "tab:red", "prefill": "tab:green", "decode": "tab:purple"}
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
@@ -115,7 +116,9 @@ def plots(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ys = s["ms_per_token"] if decode else [t * 1e3 for t in s["time_s"]]
                 k = s["time_exponent"]
                 label = s["impl"] + ("" if decode else f" {s['phase']}") + (f" (T^{k:.2f})" if k is not None else "")
-                ax.plot(s["T"], ys, "-" if s["impl"] == "zoo" else "--", marker="o", label=label)
+                # colour = phase, line = implementation (solid: zoo, dashed: references)
+                ax.plot(s["T"], ys, "-" if s["impl"] == "zoo" else "--", marker="o" if s["impl"] == "zoo" else "s",
+                        color=PHASE_COLORS.get(s["phase"]), label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("context length" if decode else "sequence length T")
