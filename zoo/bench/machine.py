@@ -1,0 +1,85 @@
+"""What the run ran on: CPU/GPU model, cores, library versions, and the measured GEMM FLOP/s (the roofline)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from zoo.bench.timing import time_calls
+
+# Vendor dense peaks (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name().
+GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 790e12, "float16": 790e12},
+    "H100": {"bfloat16": 790e12, "float16": 790e12},  # SXM; the H200 has the same tensor cores
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken optional dependency
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import zoo
+
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "zoo": zoo.__version__,
+        "mamba_ssm": _version("mamba_ssm"),
+        "triton": _version("triton"),
+        # Other processes share the cores of a CI or dev box: the load says how quiet the run was.
+        "load_average_start": list(os.getloadavg()),
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_bytes"] = int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu_name=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def gpu_peak_flops(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return dict(peaks)
+    return {}
+
+
+def measure_gemm_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
+    """FLOP/s of one ``[n, n] @ [n, n]`` matmul (``2 n^3`` FLOPs): median and best of ``repeats``. The best is the
+    roofline of the reports (on a shared machine the median includes time lost to other processes)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing, _ = time_calls(lambda _: a @ b, warmup=2, repeats=repeats, device=device)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "median_s": timing.median,
+            "flops_per_s": 2 * n**3 / timing.median, "best_flops_per_s": 2 * n**3 / timing.min}

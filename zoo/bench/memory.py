@@ -1,0 +1,104 @@
+"""Peak memory of one (implementation, case) on the CPU: max RSS of a fresh process that builds and runs it.
+
+Each measurement runs in its own child of a ``multiprocessing`` *forkserver* whose server process has imported
+torch, zoo and the transformers reference modules but run nothing: a child starts clean (no allocator caches,
+no tensors of earlier cases) in milliseconds instead of re-importing for seconds. The child builds the
+implementation alone, runs the phase once and reports ``ru_maxrss``; the report gives the delta against the
+``ru_maxrss`` of an idle child (same imports, nothing built), i.e. weights + inputs + state + activations.
+
+On CUDA the memory is measured in the timing process instead (``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.spawn
+import resource
+import sys
+import traceback
+from typing import Any
+
+PRELOAD = ["torch", "zoo", "zoo.layers", "zoo.models", "zoo.bench.cases", "transformers",
+           "transformers.modeling_utils", "transformers.cache_utils", "transformers.models.llama.modeling_llama",
+           "transformers.models.mamba2.modeling_mamba2"]
+
+
+def _maxrss_bytes() -> int:
+    # Linux reports kilobytes, macOS bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _job(case_dict: dict[str, Any] | None, impl: str | None, threads: int, decode_steps: int, queue: Any) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        if case_dict is not None and impl is not None:
+            from zoo.bench.cases import Case, build, make_input, phase_callables
+
+            case = Case.from_dict(case_dict)
+            adapter = build(case, [impl])[impl]
+            x = make_input(case, impl, decode_steps)
+            step, setup = phase_callables(case, adapter, x, decode_steps)
+            step(setup() if setup else None)
+        queue.put(("ok", _maxrss_bytes()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which records it
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+class MemoryProbe:
+    """Runs memory measurements in fresh forkserver children; ``idle_bytes`` is the baseline subtracted."""
+
+    def __init__(self, threads: int, decode_steps: int) -> None:
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(PRELOAD)
+        self.threads, self.decode_steps = threads, decode_steps
+        self._idle_bytes: int | None = None
+
+    def start(self) -> MemoryProbe:
+        """Start the server now (it imports torch/transformers, seconds) so that it overlaps other work."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+        return self
+
+    @property
+    def idle_bytes(self) -> int:
+        if self._idle_bytes is None:
+            status, value = self._run(None, None)
+            if status != "ok":
+                raise RuntimeError(f"idle memory probe failed: {value}")
+            self._idle_bytes = value
+        return self._idle_bytes
+
+    def _run(self, case_dict: dict[str, Any] | None, impl: str | None) -> tuple[str, Any]:
+        queue = self.ctx.SimpleQueue()
+        proc = self.ctx.Process(target=_job, args=(case_dict, impl, self.threads, self.decode_steps, queue))
+        # The job lives in this importable module: the child must not re-run the caller's __main__ (a script,
+        # pytest, stdin), which multiprocessing does by default.
+        original = multiprocessing.spawn.get_preparation_data
+
+        def without_main(name: str) -> dict[str, Any]:
+            data = original(name)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+
+        multiprocessing.spawn.get_preparation_data = without_main
+        try:
+            proc.start()
+        finally:
+            multiprocessing.spawn.get_preparation_data = original
+        proc.join()
+        if queue.empty():
+            return "error", f"memory worker died with exit code {proc.exitcode} (killed for memory?)"
+        return queue.get()
+
+    def measure(self, case_dict: dict[str, Any], impl: str) -> dict[str, Any]:
+        idle = self.idle_bytes
+        status, value = self._run(case_dict, impl)
+        if status != "ok":
+            return {"mem_status": "error", "mem_error": value.splitlines()[0]}
+        return {"mem_status": "ok", "mem_bytes": value - idle, "peak_rss_bytes": value,
+                "idle_rss_bytes": idle, "mem_method": "cpu_subprocess_maxrss_delta"}

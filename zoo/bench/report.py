@@ -1,0 +1,147 @@
+"""Reports of a run: ``<stem>.json`` (every raw number + machine info), ``<stem>.md`` (ratio tables) and PNG plots
+(time vs T on log-log axes per subject; decode ms/token vs context per subject)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "zoo-bench/1"
+PHASE_COLORS = {"forward": "tab:blue", "forward_backward": "tab:red", "prefill": "tab:green", "decode": "tab:purple"}
+
+
+def write_json(report: dict[str, Any], path: Path) -> Path:
+    path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+def _ms(e: dict[str, Any]) -> str:
+    t = e["time_s"]
+    return f"{t['median'] * 1e3:.3g} ({t['min'] * 1e3:.3g}–{t['max'] * 1e3:.3g})"
+
+
+def _mb(e: dict[str, Any]) -> str:
+    return f"{e['mem_bytes'] / 2**20:.0f}" if e.get("mem_status") == "ok" else "–"
+
+
+def _gflops(e: dict[str, Any], roof: float | None) -> str:
+    s = f"{e['flops_per_s'] / 1e9:.3g}"
+    return f"{s} ({100 * e['flops_per_s'] / roof:.0f}%)" if roof else s
+
+
+def _load(values: list[float] | None) -> str:
+    return "/".join(f"{v:.1f}" for v in values) if values else "?"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    gemm = m["gemm"]
+    roof = gemm["best_flops_per_s"]
+    lines = [
+        f"# zoo bench — {m['device']} — {report['created']}",
+        "",
+        f"Machine: {m.get('gpu_name') or m['cpu_model']}; {m['cpu_count']} CPU cores, torch threads "
+        f"{m['torch_threads']}; torch {m['torch']}, transformers {m['transformers']}, zoo {m['zoo']}.",
+        f"Measured GEMM ({gemm['dtype']}, {gemm['n']}^3, best of {gemm['repeats']}): {roof / 1e9:.4g} GFLOP/s "
+        f"(median {gemm['flops_per_s'] / 1e9:.4g})"
+        + "".join(f"; vendor peak {k}: {v / 1e12:.0f} TFLOP/s" for k, v in m.get("peak_flops", {}).items()) + ".",
+        f"Load average (1/5/15 min) at start {_load(m.get('load_average_start'))}, at end "
+        f"{_load(m.get('load_average_end'))} (other processes on the machine).",
+        f"Mode: {report['mode']}; warm-up {report['options']['warmup']}, repeats {report['options']['repeats']} "
+        f"(decode: {report['options']['decode_repeats']} single-token steps); "
+        f"batch {report['options']['batch']}; dtype {report['options']['dtype']}.",
+        "",
+        "Times are the median (min–max) in ms of one call (decode: one token at context T). speedup = reference "
+        "median / zoo median (> 1: zoo faster). GFLOP/s from the analytic FLOP counts (% of the measured GEMM). "
+        "Memory: MB above an idle process (CPU) or CUDA peak above the pre-call allocation (GPU). "
+        "max|Δ|: largest absolute difference of the forward outputs (same weights).",
+        "",
+        "| subject | phase | T | zoo ms | reference | ref ms | speedup | zoo GFLOP/s | ref GFLOP/s | zoo MB | ref MB "
+        "| max\\|Δ\\| | status |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["cases"]:
+        z = r["impls"].get("zoo", {})
+        ref_name = r.get("reference") or "–"
+        ref = r["impls"].get(ref_name, {})
+        zok, rok = z.get("status") == "ok", ref.get("status") == "ok"
+        speed = f"**{r['speedup']:.2f}**" if "speedup" in r else "–"
+        diff = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "–"
+        lines.append(
+            f"| {r['subject']} | {r['phase']} | {r['T']} | {_ms(z) if zok else '–'} | {ref_name} | "
+            f"{_ms(ref) if rok else '–'} | {speed} | {_gflops(z, roof) if zok else '–'} | "
+            f"{_gflops(ref, roof) if rok else '–'} | {_mb(z) if zok else '–'} | {_mb(ref) if rok else '–'} | "
+            f"{diff} | {r['status']} |")
+    kernels = [(r, k, e) for r in report["cases"] for k, e in r["impls"].items()
+               if e.get("scope") == "kernel" and e.get("status") == "ok"]
+    if kernels:
+        lines += ["", "## Kernel-level references (core op only, same shapes)", "",
+                  "| subject | phase | T | kernel | ms | GFLOP/s |", "|---|---|---:|---|---:|---:|"]
+        lines += [f"| {r['subject']} | {r['phase']} | {r['T']} | {k} | {_ms(e)} | {_gflops(e, roof)} |"
+                  for r, k, e in kernels]
+    lines += ["", "## Scaling (least-squares slope of log time / log memory against log T)", "",
+              "| subject | phase | impl | T | time exponent | memory exponent |", "|---|---|---|---|---:|---:|"]
+    for s in report["scaling"]:
+        te = f"{s['time_exponent']:.2f}" if s["time_exponent"] is not None else "–"
+        me = f"{s['mem_exponent']:.2f}" if s["mem_exponent"] is not None else "–"
+        lines.append(f"| {s['subject']} | {s['phase']} | {s['impl']} | {', '.join(map(str, s['T']))} | {te} | {me} |")
+    skipped = sorted({(r["subject"], r["status"]) for r in report["cases"] if r["status"] != "ok"})
+    if skipped:
+        lines += ["", "## Not measured", ""] + [f"- {s}: {why}" for s, why in skipped]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plots(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """``<stem>-scaling.png`` (time vs T, log-log, one panel per subject, a line per implementation and phase) and
+    ``<stem>-decode.png`` (decode ms/token vs context, one panel per subject)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for decode in (False, True):
+        series = [s for s in report["scaling"] if (s["phase"] == "decode") == decode]
+        subjects = sorted({s["subject"] for s in series})
+        if not subjects:
+            continue
+        cols = min(3, len(subjects))
+        rows = -(-len(subjects) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+        for ax, subject in zip(axes.flat, subjects):
+            for s in (s for s in series if s["subject"] == subject):
+                ys = s["ms_per_token"] if decode else [t * 1e3 for t in s["time_s"]]
+                k = s["time_exponent"]
+                label = s["impl"] + ("" if decode else f" {s['phase']}") + (f" (T^{k:.2f})" if k is not None else "")
+                # colour = phase, line = implementation (solid: zoo, dashed: references)
+                ax.plot(s["T"], ys, "-" if s["impl"] == "zoo" else "--", marker="o" if s["impl"] == "zoo" else "s",
+                        color=PHASE_COLORS.get(s["phase"]), label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length" if decode else "sequence length T")
+            ax.set_ylabel("ms per token" if decode else "ms per call")
+            ax.set_title(subject)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(subjects):]:
+            ax.axis("off")
+        what = "decode ms/token vs context" if decode else "time vs T (log-log)"
+        fig.suptitle(f"zoo bench: {what} — {report['machine']['device']}, {report['created']}")
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{'decode' if decode else 'scaling'}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_reports(report: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = write_json(report, out_dir / f"{stem}.json")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(report))
+    pngs = plots(report, out_dir, stem)
+    return {"json": json_path, "markdown": md_path, "plots": pngs}

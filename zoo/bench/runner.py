@@ -1,0 +1,183 @@
+"""Run the cases: time every implementation of a case in this process, back to back, then its memory.
+
+Per case: availability (an implementation whose zoo mixer is not registered is "skipped: mixer not available";
+the references that do not need it are still measured), build all implementations with shared weights, time
+each (warm-up + repeats), record FLOPs and achieved FLOP/s, the forward outputs' max abs difference from the
+reference, and memory (a fresh process per implementation on CPU, CUDA peak allocation on GPU).
+
+Budget: once a (subject, phase) case takes more than ``max_case_seconds`` or does not fit in memory, its larger
+``T`` are skipped with that reason (a time-vs-T series stops where the machine's limits are).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import zoo
+from zoo.bench.cases import SUBJECTS, UNAVAILABLE, Case, build, case_flops, make_input, phase_callables
+from zoo.bench.memory import MemoryProbe
+from zoo.bench.timing import fit_exponent, time_calls
+
+DECODE_MIN_REPEATS = 10  # single-token steps are cheap: time at least this many (medians of tiny ops are noisy)
+
+
+@dataclass
+class RunOptions:
+    warmup: int = 1
+    repeats: int = 5
+    memory: bool = True
+    max_case_seconds: float = 120.0  # of timing (all implementations of a case), memory probes excluded
+    progress: bool = True
+
+    def repeats_for(self, phase: str) -> int:
+        return max(self.repeats, DECODE_MIN_REPEATS) if phase == "decode" and self.repeats > 1 else self.repeats
+
+    @property
+    def decode_steps(self) -> int:
+        return self.warmup + self.repeats_for("decode") + 1
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or isinstance(
+        e, getattr(torch.cuda, "OutOfMemoryError", ()))
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _max_abs_diff(a: Any, b: Any) -> float | None:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return None
+    return float((a.float() - b.float()).abs().max())
+
+
+def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[str, Any]:
+    subject = SUBJECTS[case.subject]
+    registered = set(zoo.list_mixers())
+    result: dict[str, Any] = {"id": case.id, **case.to_dict(), "kind": subject.kind,
+                              "mixer_args": subject.args(case.size), "impls": {}}
+    runnable = []
+    for impl in case.impls:
+        missing = [m for m in subject.requirements(impl) if m not in registered]
+        if missing:
+            result["impls"][impl] = {"status": UNAVAILABLE, "missing_mixers": missing}
+        else:
+            runnable.append(impl)
+    try:
+        adapters = build(case, runnable)
+    except Exception as e:  # noqa: BLE001 - a case that cannot be built is reported, the run goes on
+        for impl in runnable:
+            result["impls"][impl] = {"status": "skipped: does not fit" if _is_oom(e) else f"error: {_short(e)}"}
+        adapters = {}
+    device = torch.device(case.device)
+    outputs: dict[str, Any] = {}
+    for impl, ad in adapters.items():
+        entry: dict[str, Any] = {"scope": ad.scope}
+        result["impls"][impl] = entry
+        if not ad.supports(case.phase):
+            entry["status"] = f"skipped: {impl} is a kernel-only reference (forward phases only)"
+            continue
+        try:
+            x = make_input(case, impl, opts.decode_steps)
+            step, setup = phase_callables(case, ad, x, opts.decode_steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            timing, out = time_calls(step, setup=setup, warmup=opts.warmup, repeats=opts.repeats_for(case.phase),
+                                     device=device)
+            entry["wall_s"] = time.perf_counter() - t0
+            entry["status"] = "ok"
+            entry["time_s"] = timing.to_dict()
+            entry["flops"] = case_flops(case, impl)
+            entry["flops_per_s"] = entry["flops"] / timing.median
+            if device.type == "cuda":
+                entry.update(mem_status="ok", mem_bytes=torch.cuda.max_memory_allocated(device) - before,
+                             mem_method="cuda_max_allocated_delta")
+            if case.phase == "forward" and ad.scope == "layer":
+                outputs[impl] = out
+            del out, step, setup, x
+        except Exception as e:  # noqa: BLE001
+            entry["status"] = "skipped: does not fit" if _is_oom(e) else f"error: {_short(e)}"
+    del adapters
+    if probe is not None and device.type == "cpu":
+        for impl, entry in result["impls"].items():
+            if entry.get("status") == "ok":
+                entry.update(probe.measure(case.to_dict(), impl))
+
+    ok = {k: v for k, v in result["impls"].items() if v.get("status") == "ok"}
+    ref = case.reference
+    if "zoo" in ok and ref in ok:
+        result["speedup"] = ok[ref]["time_s"]["median"] / ok["zoo"]["time_s"]["median"]
+        if "zoo" in outputs and ref in outputs:
+            result["max_abs_diff"] = _max_abs_diff(outputs["zoo"], outputs[ref])
+    statuses = [v["status"] for v in result["impls"].values()]
+    if any(s.startswith("error") for s in statuses):
+        result["status"] = "error"
+    elif result["impls"].get("zoo", {}).get("status") == UNAVAILABLE:
+        result["status"] = UNAVAILABLE
+    elif all(s == "ok" or "kernel-only" in s for s in statuses):
+        result["status"] = "ok"
+    else:
+        result["status"] = next(s for s in statuses if s != "ok")
+    return result
+
+
+def memory_probe(cases: list[Case], opts: RunOptions) -> MemoryProbe | None:
+    """The CPU memory probe, started (call early: its server's imports overlap the caller's work)."""
+    if opts.memory and any(c.device == "cpu" for c in cases):
+        return MemoryProbe(torch.get_num_threads(), opts.decode_steps).start()
+    return None
+
+
+def run_cases(cases: list[Case], opts: RunOptions, probe: MemoryProbe | None = None) -> list[dict[str, Any]]:
+    stopped: dict[tuple[str, str, str], str] = {}
+    results = []
+    bar = tqdm(cases, desc="bench", unit="case", disable=not opts.progress)
+    for case in bar:
+        bar.set_postfix_str(case.id)
+        key = (case.subject, case.phase, case.device)
+        if key in stopped:
+            results.append({"id": case.id, **case.to_dict(), "kind": SUBJECTS[case.subject].kind,
+                            "mixer_args": SUBJECTS[case.subject].args(case.size), "impls": {},
+                            "status": stopped[key]})
+            continue
+        t0 = time.perf_counter()
+        res = run_case(case, opts, probe)
+        res["case_wall_s"] = time.perf_counter() - t0
+        results.append(res)
+        if any(v.get("status") == "skipped: does not fit" for v in res["impls"].values()):
+            stopped[key] = f"skipped: does not fit at T={case.T}"
+        elif sum(e.get("wall_s", 0.0) for e in res["impls"].values()) > opts.max_case_seconds:
+            stopped[key] = (f"skipped: over the time budget ({opts.max_case_seconds:g} s of timing per case) "
+                            f"at T={case.T}")
+    return results
+
+
+def scaling(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (subject, phase, impl): time and memory against T, and their fitted exponents (log-log slope)."""
+    series: dict[tuple[str, str, str, str, str], list[tuple[int, float, float | None]]] = defaultdict(list)
+    for r in results:
+        for impl, e in r["impls"].items():
+            if e.get("status") == "ok":
+                series[(r["subject"], r["phase"], impl, r["dtype"], r["device"])].append(
+                    (r["T"], e["time_s"]["median"], e.get("mem_bytes")))
+    out = []
+    for (subject, phase, impl, dtype, device), pts in sorted(series.items()):
+        pts.sort()
+        Ts, times, mems = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        entry = {"subject": subject, "phase": phase, "impl": impl, "dtype": dtype, "device": device, "T": Ts,
+                 "time_s": times, "mem_bytes": mems, "time_exponent": fit_exponent(Ts, times),
+                 "mem_exponent": fit_exponent(Ts, mems) if all(m is not None for m in mems) else None}
+        if phase == "decode":
+            entry["ms_per_token"] = [t * 1e3 for t in times]
+        out.append(entry)
+    return out
