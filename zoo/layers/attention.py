@@ -36,6 +36,7 @@ class KVCache(State):
     v: Tensor
     valid: Tensor
     length: int = 0
+    has_padding: bool = False  # any invalid slot so far: attention then needs the key mask
 
     @property
     def nbytes(self) -> int:  # bytes actually holding tokens, not the reserved capacity
@@ -146,10 +147,11 @@ class Attention(Mixer):
             o = self.attend(q, k, v, key_valid=attention_mask, seq_idx=seq_idx)
         else:
             valid = attention_mask.bool() if attention_mask is not None else x.new_ones(B, T, dtype=torch.bool)
+            state.has_padding = state.has_padding or (attention_mask is not None and not bool(valid.all()))
             offset = state.length
             state.append(k, v, valid)
             o = self.attend(q, state.k[:, :, : state.length], state.v[:, :, : state.length],
-                            key_valid=state.valid[:, : state.length], q_offset=offset)
+                            key_valid=state.valid[:, : state.length] if state.has_padding else None, q_offset=offset)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def attend(
@@ -165,8 +167,9 @@ class Attention(Mixer):
         """Causal attention of ``q [B, H, Tq, D]`` (cache indices ``q_offset..``) over ``k, v [B, Hkv, Tk, D]``."""
         Tq, Tk = q.shape[2], k.shape[2]
         gqa = self.num_heads != self.num_kv_heads
-        if key_valid is None and seq_idx is None and q_offset == 0 and Tq == Tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        if key_valid is None and seq_idx is None and q_offset + Tq == Tk and (q_offset == 0 or Tq == 1):
+            # no mask needed: a prefill from the start is plain causal, one new token sees every key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=self.scale, enable_gqa=gqa)
         q_idx = torch.arange(q_offset, q_offset + Tq, device=q.device)
         k_idx = torch.arange(Tk, device=q.device)
         mask = (k_idx[None, :] <= q_idx[:, None])[None, None]  # [1, 1, Tq, Tk]
