@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -28,3 +32,18 @@ def make_hf_llama(path: Path, *, vocab_size: int = 1001, tie: bool = False, seed
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def run_sm90_compile(script: str) -> None:
+    """Run ``script`` (Triton AOT compiles to sm_90) in a fresh interpreter without TRITON_INTERPRET, so kernels
+    are lowered for a real GPU with Triton's bundled ptxas; skips when this Triton has no ptxas."""
+    import triton
+
+    if not list((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*")):
+        pytest.skip("no bundled ptxas in this triton install")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]

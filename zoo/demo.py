@@ -32,11 +32,11 @@ SWAP_TO = "sliding_window(window=16)"
 def demo_config() -> zoo.ZooConfig:
     available = [m for m in DEMO_MIXERS if m.split("(")[0] in zoo.list_mixers()]
     n_layers = 2 * len(available)
-    mixers = {str(i): available[i % len(available)] for i in range(n_layers)}
     mlp = {"intermediate_size": 192}
-    layers = [{"mixer": zoo.config.parse_mixer_spec(mixers[str(i)])[0],
-               "mixer_args": zoo.config.parse_mixer_spec(mixers[str(i)])[1],
-               "mlp": None if mixers[str(i)].startswith("mamba2") else mlp} for i in range(n_layers)]
+    layers = []
+    for i in range(n_layers):
+        name, args = zoo.config.parse_mixer_spec(available[i % len(available)])
+        layers.append({"mixer": name, "mixer_args": args, "mlp": None if name == "mamba2" else mlp})
     tok = ByteTokenizer()
     return zoo.ZooConfig(
         vocab_size=tok.vocab_size, d_model=64, n_layers=n_layers, layers=layers, tie_embeddings=True,

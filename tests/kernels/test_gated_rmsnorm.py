@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import run_sm90_compile
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_ref
 from zoo.kernels.gated_rmsnorm_triton import gated_rmsnorm_triton
 
@@ -138,13 +134,4 @@ for dt in ("bf16", "fp32"):
 @pytest.mark.slow
 def test_gated_rmsnorm_compiles_for_sm90():
     """Lower both kernels to sm_90 cubins without a GPU (group of 8192 channels, 16 warps, bf16 and fp32)."""
-    import triton
-
-    if not list((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*")):
-        pytest.skip("no bundled ptxas in this triton install")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_sm90_compile(_SM90_COMPILE)

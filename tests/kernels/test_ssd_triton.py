@@ -5,15 +5,11 @@ Runs under ``TRITON_INTERPRET=1`` on the CPU (tests/conftest.py sets it when CUD
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import run_sm90_compile
 from zoo.kernels.ssd_triton import SSDChunkScanTritonFn, ssd_chunk_scan_triton
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_states")
@@ -288,13 +284,4 @@ for fn, consts, warps in jobs:
 def test_ssd_triton_compiles_for_sm90():
     """Lower every kernel to an sm_90 cubin without a GPU (bundled ptxas): catches MLIR-lowering errors and
     shared-memory overruns that the interpreter cannot see (bf16, P=64, N=128, chunk 256, seq_idx, z, D[H,P])."""
-    import triton
-
-    if not list((Path(triton.__file__).parent / "backends" / "nvidia" / "bin").glob("ptxas*")):
-        pytest.skip("no bundled ptxas in this triton install")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
+    run_sm90_compile(_SM90_COMPILE)
