@@ -11,11 +11,22 @@ Conventions every mixer follows:
 * ``attention_mask: [B, T]`` 1 for real tokens, 0 for padding, for the tokens of *this call*; a padded
   token is a no-op for the state (never attended to, never written into a recurrent state).
 * ``seq_idx: [B, T]`` document ids of packed sequences; nothing crosses a document boundary.
+
+The model owns time: it computes ``positions`` and the valid-token mask once per call and hands them to every
+mixer. A mixer state keeps at most one count of the tokens it has absorbed (used when a mixer runs standalone
+with ``positions=None``), and the one-token decode step makes no host synchronisation (no ``.item()``,
+``.tolist()`` or data-dependent Python branch on tensor values).
+
+A mixer describes itself with class attributes (see "Adding a mixer" in the README), so that the contract
+suite (``zoo.testing.check_mixer``), the benchmarks and the demo iterate over the registry and never branch on
+a mixer's name: ``example_args``, ``demo_args``, ``supports_packing``, ``dtypes``, ``state_growth``,
+``boundaries``, ``flops`` and ``bench_cases``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -46,12 +57,58 @@ class State:
                 setattr(self, f.name, v.index_select(0, batch_indices.to(v.device)))
 
 
+@dataclass(frozen=True)
+class BenchCase:
+    """How a mixer is benchmarked: constructor arguments per size, and the reference it is timed against.
+
+    ``args``: ``{"full": {...}, "quick": {...}}``, each holding ``d_model`` and the mixer's keyword arguments.
+    ``reference``: the name of a reference registered in :mod:`zoo.bench.references` (built with the *same
+    weights* as the zoo mixer), or ``None``. ``gpu_kernels``: kernel-level references timed on CUDA only.
+    """
+
+    args: dict[str, dict[str, Any]]
+    reference: str | None = None
+    gpu_kernels: tuple[str, ...] = ()
+    phases: tuple[str, ...] = ("forward", "forward_backward", "prefill", "decode")
+    name: str = ""  # the case's subject name; default the mixer's registry name
+    description: str = ""
+    lengths: tuple[int, ...] = field(default=())  # default: the harness's sequence lengths
+
+
 class Mixer(nn.Module):
     """Base class: ``forward(x, *, positions, state, attention_mask, seq_idx) -> (y, state)``."""
 
     mixer_name: ClassVar[str] = ""
     # Groups of ``ZooConfig.mixer_defaults`` this mixer reads its defaults from.
     arg_groups: ClassVar[tuple[str, ...]] = ()
+
+    # ---- self-description: what the contract suite, the benchmarks and the demo need to know
+    # Small argument sets for the contract suite (``tests/contract/`` runs ``check_mixer`` on each; the
+    # model around it has d_model=32 and ``mixer_defaults`` giving attention-like mixers 4 heads / 2 KV heads).
+    example_args: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    # Arguments for ``zoo demo`` (d_model 64), or None to leave the mixer out of the demo.
+    demo_args: ClassVar[dict[str, Any] | None] = None
+    # True when the parallel forward honours ``seq_idx`` (packed documents); otherwise it must raise ValueError.
+    supports_packing: ClassVar[bool] = False
+    # Parameter dtypes in which outputs and gradients are promised finite (fp32 is always checked).
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    # How ``State.nbytes`` grows with the tokens absorbed: "constant" (bounded state) or "linear" (a KV cache).
+    state_growth: ClassVar[str] = "constant"
+    # Benchmark cases (``zoo bench --mixers NAME``).
+    bench_cases: ClassVar[tuple[BenchCase, ...]] = ()
+
+    @classmethod
+    def boundaries(cls, args: dict[str, Any]) -> list[int]:
+        """Token periods of the mixer's internal structure (chunk, window, block, stride) for these arguments;
+        the contract checker picks sequence lengths and prefill chunk sizes that cross them."""
+        names = ("chunk_size", "window", "block_size", "kernel_size", "kernel_stride", "window_size")
+        return sorted({v for k, v in args.items() if k in names and isinstance(v, int) and v > 0})
+
+    @classmethod
+    def flops(cls, d_model: int, args: dict[str, Any], *, T: int, context: int = 0, batch: int = 1) -> int:
+        """Analytic forward FLOPs (multiply-add = 2) of ``T`` new tokens after ``context`` absorbed ones
+        (decode: ``T=1``); ``args`` are the mixer's full keyword arguments."""
+        raise NotImplementedError(f"mixer {cls.mixer_name!r} declares no FLOP count")
 
     def __init__(self, d_model: int, layer_idx: int = 0) -> None:
         super().__init__()
