@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import types
@@ -219,20 +220,22 @@ class ZooConfig:
         return cls(**d)
 
     def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kw)
+        """Strict JSON: non-finite floats are written as ``{"__float__": "Infinity"}`` (transformers' convention)."""
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False, **kw)
 
     @classmethod
     def from_json(cls, text: str) -> ZooConfig:
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json_restore(json.loads(text)))
 
     def save(self, path: str | os.PathLike) -> None:
         from zoo import __version__
 
-        Path(path).write_text(json.dumps({"zoo_version": __version__, **self.to_dict()}, indent=2) + "\n")
+        text = json.dumps(json_safe({"zoo_version": __version__, **self.to_dict()}), indent=2, allow_nan=False)
+        Path(path).write_text(text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ZooConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_json(Path(path).read_text())
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ZooConfig:
@@ -265,6 +268,29 @@ class ZooConfig:
                 new.layers[i] = LayerSpec(name, args, new.layers[i].mlp)
         new.validate()
         return new
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``{"__float__": "Infinity" | "-Infinity" | "NaN"}`` (the form
+    transformers 5 writes), so that ``json.dumps(..., allow_nan=False)`` produces strict JSON; tuples become lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_restore(obj: Any) -> Any:
+    """Inverse of :func:`json_safe`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"}:
+            return float(obj["__float__"])
+        return {k: json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_restore(v) for v in obj]
+    return obj
 
 
 def expand_layers(n_layers: int, mixers: dict[str, Any] | str, mlp: dict[str, Any] | None) -> list[dict]:
