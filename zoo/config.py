@@ -139,6 +139,7 @@ class ZooConfig:
             raise ValueError(f"ZooConfig.norm={self.norm!r} is not one of {list(NORMS)}")
         if len(self.layers) != self.n_layers:
             raise ValueError(f"ZooConfig.layers has {len(self.layers)} entries but n_layers={self.n_layers}")
+        self._check_mixer_defaults()
         for i, layer in enumerate(self.layers):
             cls = get_mixer(layer.mixer)
             self._check_args(f"layers[{i}].mixer_args", cls, layer.mixer_args)
@@ -147,9 +148,35 @@ class ZooConfig:
                 cls.check_args(self.d_model, self.mixer_kwargs(i))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"layers[{i}] ({layer.spec_string}): {e}") from None
+
+    def _check_mixer_defaults(self) -> None:
+        """Every group names the argument group of some registered mixer, and every argument is accepted (with
+        the right type) by at least one mixer of that group: a misspelt group or argument is an error."""
+        from zoo.registry import get_mixer, list_mixers
+
+        if not isinstance(self.mixer_defaults, dict):
+            raise ValueError(f"ZooConfig.mixer_defaults must be a dict of dicts, got {self.mixer_defaults!r}")
+        members: dict[str, list[type]] = {}
+        for name in list_mixers():
+            cls = get_mixer(name)
+            for group in cls.arg_groups:
+                members.setdefault(group, []).append(cls)
         for group, args in self.mixer_defaults.items():
+            if group not in members:
+                raise ValueError(f"ZooConfig.mixer_defaults has an unknown group {group!r}; "
+                                 f"groups of the registered mixers: {sorted(members)}")
             if not isinstance(args, dict):
                 raise ValueError(f"ZooConfig.mixer_defaults[{group!r}] must be a dict, got {args!r}")
+            params = [mixer_parameters(cls) for cls in members[group]]
+            for key, value in args.items():
+                accepting = [p[key] for p in params if key in p]
+                if not accepting:
+                    allowed = sorted(set().union(*params))
+                    raise ValueError(f"ZooConfig.mixer_defaults[{group!r}] has an unknown argument {key!r}; "
+                                     f"allowed: {allowed}")
+                if not any(_type_ok(value, p.annotation) for p in accepting):
+                    raise ValueError(f"ZooConfig.mixer_defaults[{group!r}]: {key}={value!r} should be "
+                                     f"{_type_name(accepting[0].annotation)}")
 
     @staticmethod
     def _check_args(where: str, cls: type, args: dict[str, Any]) -> None:

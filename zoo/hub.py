@@ -46,13 +46,21 @@ def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache
         return path
     s = str(id_or_path)
     if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub repo id like 'org/name'")
+        raise FileNotFoundError(f"{s!r} is not a checkpoint directory, a preset name or a hub repo id like "
+                                f"'org/name'; presets: {sorted(presets())}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(
-        s, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only),
-        allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "tokenizer*"],
-    ))
+    try:
+        return Path(snapshot_download(
+            s, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only),
+            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "tokenizer*"],
+        ))
+    except Exception as e:  # offline, no network, no such repo or revision: the exception types vary by cause
+        at = f" at revision {revision!r}" if revision else ""
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("HF_HUB_OFFLINE is set, so only the local cache was searched and it does not hold this repo"
+                if offline or local_files_only else "check the repo id, your network and your token")
+        raise OSError(f"cannot get hub repo {s!r}{at}: {hint} ({type(e).__name__}: {e})") from e
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
