@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor
 
 from zoo.config import ZooConfig, json_restore, json_safe
-from zoo.models import detect_family, presets
+from zoo.models import detect_family
 from zoo.models.family import Family
 from zoo.models.lm import ZooForCausalLM
-from zoo.registry import get_family
+from zoo.registry import get_family, get_preset_entry, is_preset, list_presets
+from zoo.version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,7 +48,7 @@ def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache
     s = str(id_or_path)
     if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise FileNotFoundError(f"{s!r} is not a checkpoint directory, a preset name or a hub repo id like "
-                                f"'org/name'; presets: {sorted(presets())}")
+                                f"'org/name'; presets: {list_presets()}")
     from huggingface_hub import snapshot_download
 
     try:
@@ -150,8 +151,8 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
                     local_files_only: bool | None = None) -> ZooForCausalLM:
     """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id."""
     target = str(id_or_path)
-    if target in presets() and not Path(target).exists():  # a preset name: its published checkpoint
-        preset = presets()[target][1]
+    if is_preset(target) and not Path(target).exists():  # a preset name: its published checkpoint
+        preset = get_preset_entry(target)[1]
         if not preset.hub_id:
             raise ValueError(f"preset {target!r} has no published checkpoint; use zoo.create_model({target!r})")
         target, revision = preset.hub_id, revision or preset.revision
@@ -249,7 +250,7 @@ def save_pretrained(model: ZooForCausalLM, path: str | os.PathLike, *, card: boo
     path = checkpoint_dir(path)
     with staged_files(path) as stage:
         model.config.save(stage(CONFIG_NAME))
-        save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": _version()})
+        save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": __version__})
         if card:
             render_model_card(model, **(card_data or {})).save(str(stage(CARD_NAME)))
     remove_stale_shards(path, WEIGHTS_NAME, {WEIGHTS_NAME})
@@ -312,11 +313,5 @@ def render_model_card(model: ZooForCausalLM, **card_data: Any):
     return ModelCard.from_template(
         data, template_str=template.read_text(), model_name=config.name or family, family=family,
         n_params=f"{model.num_parameters():,}", d_model=config.d_model, n_layers=config.n_layers,
-        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=_version(),
+        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=__version__,
     )
-
-
-def _version() -> str:
-    from zoo import __version__
-
-    return __version__
