@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels import block_sparse_attention as bsa
+import zoo.kernels.block_sparse_attention.triton as bsa
 from zoo.kernels.block_sparse_attention import (
     block_diagonal_block_mask,
     block_sparse_attention,
     block_sparse_attention_ref,
-    block_sparse_attention_triton,
     dense_mask_from_layout,
     local_stride_block_mask,
     sliding_window_block_mask,
 )
+from zoo.kernels.block_sparse_attention.triton import block_sparse_attention_triton
 
 
 def _inputs(B, H, Hkv, T, D, dtype, seed=0, device="cpu"):
