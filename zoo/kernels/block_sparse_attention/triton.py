@@ -84,6 +84,52 @@ def _to_index_table(layout: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @triton.jit
+def _block_list(CNT, IDX, head, blk, s_cnt_h, s_idx_h, s_idx_r):
+    """Row ``blk`` of layout head ``head`` of a CSR/CSC table: the number of active blocks and a pointer to their
+    ascending indices."""
+    return tl.load(CNT + head * s_cnt_h + blk), IDX + head * s_idx_h + blk * s_idx_r
+
+
+@triton.jit
+def _tile_visible(q_lo, k_lo, T, window, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SUBTILED: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Whether query tile ``[q_lo, q_lo + BLOCK_M)`` x key tile ``[k_lo, k_lo + BLOCK_N)`` holds a visible pair.
+
+    Sub-tiles of a layout block may hold none; a whole block of the effective layout always does (static True)."""
+    if SUBTILED:
+        q_hi = q_lo + BLOCK_M - 1  # may exceed T - 1 (padding rows, never stored)
+        k_hi = k_lo + BLOCK_N - 1
+        visible = (k_lo <= q_hi) & (q_lo < T) & (k_lo < T)
+        if HAS_WINDOW:
+            visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
+    else:
+        visible = True
+    return visible
+
+
+@triton.jit
+def _tile_partial(q_lo, k_lo, T, window, num_sink, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr):
+    """Whether some pair of the tile pair is invisible (diagonal, ragged last block, window edge): then the token
+    mask is applied; interior tiles run unmasked."""
+    q_hi = q_lo + BLOCK_M - 1
+    k_hi = k_lo + BLOCK_N - 1
+    partial = (k_hi > q_lo) | (k_hi >= T)
+    if HAS_WINDOW:
+        partial = partial | ((q_hi - k_lo >= window) & (k_hi >= num_sink))
+    return partial
+
+
+@triton.jit
+def _token_visible(q_idx, k_idx, T, window, num_sink, HAS_WINDOW: tl.constexpr):
+    """The token rule on broadcastable query / key index tensors: causal, key < T, inside the window or a sink."""
+    ok = (k_idx <= q_idx) & (k_idx < T)
+    if HAS_WINDOW:
+        ok = ok & ((q_idx - k_idx < window) | (k_idx < num_sink))
+    return ok
+
+
+@triton.jit
 def _bsa_fwd_kernel(
     Q, K, V, Out, LSE,  # q [B,H,T,D], k/v [B,Hkv,T,D], out [B,H,T,D], lse [B*H, T_pad] fp32
     ROW_CNT, ROW_IDX,  # [Hm, nB] int32, [Hm, nB, R] int32
@@ -100,7 +146,6 @@ def _bsa_fwd_kernel(
     h = tl.cast(pid_bh % H, tl.int64)
     hk = h // GROUP
     q_lo = pid_m * BLOCK_M
-    q_hi = q_lo + BLOCK_M - 1  # may exceed T - 1 (padding rows, never stored)
     qb = q_lo // BLOCK_SIZE
     offs_m = q_lo + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -116,23 +161,13 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    cnt = tl.load(ROW_CNT + hk * s_cnt_h + qb)
-    idx_base = ROW_IDX + hk * s_idx_h + qb * s_idx_r
+    cnt, idx_base = _block_list(ROW_CNT, ROW_IDX, hk, qb, s_cnt_h, s_idx_h, s_idx_r)
     for i in range(0, cnt):
         kb = tl.load(idx_base + i)
         for j in range(0, BLOCK_SIZE // BLOCK_N):
             k_lo = kb * BLOCK_SIZE + j * BLOCK_N
-            k_hi = k_lo + BLOCK_N - 1
-            if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
-                visible = (k_lo <= q_hi) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
-            else:
-                visible = True  # static: the effective layout only lists blocks with a visible pair
-            if visible:
-                partial = (k_hi > q_lo) | (k_hi >= T)
-                if HAS_WINDOW:
-                    partial = partial | ((q_hi - k_lo >= window) & (k_hi >= num_sink))
+            if _tile_visible(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, SUBTILED, HAS_WINDOW):
+                partial = _tile_partial(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, HAS_WINDOW)
                 offs_n = k_lo + offs_n0
                 n_ok = offs_n < T
                 kt = tl.load(
@@ -141,9 +176,7 @@ def _bsa_fwd_kernel(
                 )  # [BLOCK_D, BLOCK_N]
                 s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
                 if partial:
-                    ok = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :]
-                    if HAS_WINDOW:
-                        ok = ok & ((offs_m[:, None] - offs_n[None, :] < window) | (offs_n[None, :] < num_sink))
+                    ok = _token_visible(offs_m[:, None], offs_n[None, :], T, window, num_sink, HAS_WINDOW)
                     s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -204,7 +237,6 @@ def _bsa_bwd_dq_kernel(
     h = tl.cast(pid_bh % H, tl.int64)
     hk = h // GROUP
     q_lo = pid_m * BLOCK_M
-    q_hi = q_lo + BLOCK_M - 1
     qb = q_lo // BLOCK_SIZE
     offs_m = q_lo + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -223,23 +255,13 @@ def _bsa_bwd_dq_kernel(
     v_base = V + b * s_vb + hk * s_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    cnt = tl.load(ROW_CNT + hk * s_cnt_h + qb)
-    idx_base = ROW_IDX + hk * s_idx_h + qb * s_idx_r
+    cnt, idx_base = _block_list(ROW_CNT, ROW_IDX, hk, qb, s_cnt_h, s_idx_h, s_idx_r)
     for i in range(0, cnt):
         kb = tl.load(idx_base + i)
         for j in range(0, BLOCK_SIZE // BLOCK_N):
             k_lo = kb * BLOCK_SIZE + j * BLOCK_N
-            k_hi = k_lo + BLOCK_N - 1
-            if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
-                visible = (k_lo <= q_hi) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - tl.minimum(k_hi, T - 1) < window) | (k_lo < num_sink))
-            else:
-                visible = True  # static: the effective layout only lists blocks with a visible pair
-            if visible:
-                partial = (k_hi > q_lo) | (k_hi >= T)
-                if HAS_WINDOW:
-                    partial = partial | ((q_hi - k_lo >= window) & (k_hi >= num_sink))
+            if _tile_visible(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, SUBTILED, HAS_WINDOW):
+                partial = _tile_partial(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, HAS_WINDOW)
                 offs_n = k_lo + offs_n0
                 n_ok = offs_n < T
                 kk = tl.load(k_base + offs_n[:, None].to(tl.int64) * s_kt + offs_d[None, :],
@@ -248,9 +270,7 @@ def _bsa_bwd_dq_kernel(
                              mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
                 s = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
                 if partial:
-                    ok = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :]
-                    if HAS_WINDOW:
-                        ok = ok & ((offs_m[:, None] - offs_n[None, :] < window) | (offs_n[None, :] < num_sink))
+                    ok = _token_visible(offs_m[:, None], offs_n[None, :], T, window, num_sink, HAS_WINDOW)
                     s = tl.where(ok, s, float("-inf"))
                 p = tl.exp2(s - lse[:, None])
                 dp = tl.dot(do, vt, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -278,8 +298,6 @@ def _bsa_bwd_dkdv_kernel(
     b = tl.cast(pid_bk // HKV, tl.int64)
     hk = tl.cast(pid_bk % HKV, tl.int64)
     k_lo = pid_n * BLOCK_N
-    k_hi = k_lo + BLOCK_N - 1
-    k_last = tl.minimum(k_hi, T - 1)
     kb = k_lo // BLOCK_SIZE
     offs_n = k_lo + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -295,29 +313,18 @@ def _bsa_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    cnt = tl.load(COL_CNT + hk * s_cnt_h + kb)
-    idx_base = COL_IDX + hk * s_idx_h + kb * s_idx_r
+    cnt, idx_base = _block_list(COL_CNT, COL_IDX, hk, kb, s_cnt_h, s_idx_h, s_idx_r)
     for i in range(0, cnt):
         qb = tl.load(idx_base + i)
         for j in range(0, BLOCK_SIZE // BLOCK_M):
             q_lo = qb * BLOCK_SIZE + j * BLOCK_M
-            q_hi = q_lo + BLOCK_M - 1
-            if SUBTILED:  # sub-tiles of a layout block may hold no visible pair; whole blocks always do
-                visible = (k_lo <= q_hi) & (q_lo < T) & (k_lo < T)
-                if HAS_WINDOW:
-                    visible = visible & ((q_lo - k_last < window) | (k_lo < num_sink))
-            else:
-                visible = True  # static: the effective layout only lists blocks with a visible pair
-            if visible:
-                partial = (k_hi > q_lo) | (k_hi >= T)
-                if HAS_WINDOW:
-                    partial = partial | ((q_hi - k_lo >= window) & (k_hi >= num_sink))
+            if _tile_visible(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, SUBTILED, HAS_WINDOW):
+                partial = _tile_partial(q_lo, k_lo, T, window, num_sink, BLOCK_M, BLOCK_N, HAS_WINDOW)
                 offs_m = q_lo + offs_m0
                 m_ok = offs_m < T
                 row_off = offs_m[:, None].to(tl.int64)
-                okt = (offs_n[:, None] <= offs_m[None, :]) & n_ok[:, None]  # [BLOCK_N, BLOCK_M]
-                if HAS_WINDOW:
-                    okt = okt & ((offs_m[None, :] - offs_n[:, None] < window) | (offs_n[:, None] < num_sink))
+                # [BLOCK_N, BLOCK_M]
+                okt = _token_visible(offs_m[None, :], offs_n[:, None], T, window, num_sink, HAS_WINDOW)
                 for g in range(0, GROUP):
                     h = hk * GROUP + g
                     bh = b * H + h
