@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoo.registry import get_mixer, get_preset_entry, list_mixers
+from zoo.version import __version__
+
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 MLP_FIELDS = {"intermediate_size": int, "activation": str, "gated": bool, "bias": bool}
@@ -129,8 +132,6 @@ class ZooConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        from zoo.registry import get_mixer
-
         for name in ("vocab_size", "d_model", "n_layers", "max_position_embeddings"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -152,8 +153,6 @@ class ZooConfig:
     def _check_mixer_defaults(self) -> None:
         """Every group names the argument group of some registered mixer, and every argument is accepted (with
         the right type) by at least one mixer of that group: a misspelt group or argument is an error."""
-        from zoo.registry import get_mixer, list_mixers
-
         if not isinstance(self.mixer_defaults, dict):
             raise ValueError(f"ZooConfig.mixer_defaults must be a dict of dicts, got {self.mixer_defaults!r}")
         members: dict[str, list[type]] = {}
@@ -212,8 +211,6 @@ class ZooConfig:
     def mixer_kwargs(self, layer_idx: int) -> dict[str, Any]:
         """The full keyword arguments of layer ``layer_idx``'s mixer: model-wide context, then the mixer's
         group defaults, then the layer's own arguments (later wins); only arguments the mixer accepts."""
-        from zoo.registry import get_mixer
-
         layer = self.layers[layer_idx]
         cls = get_mixer(layer.mixer)
         params = mixer_parameters(cls)
@@ -255,8 +252,6 @@ class ZooConfig:
         return cls.from_dict(json_restore(json.loads(text)))
 
     def save(self, path: str | os.PathLike) -> None:
-        from zoo import __version__
-
         text = json.dumps(json_safe({"zoo_version": __version__, **self.to_dict()}), indent=2, allow_nan=False)
         Path(path).write_text(text + "\n")
 
@@ -266,9 +261,9 @@ class ZooConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ZooConfig:
-        from zoo.models import get_preset
-
-        cfg = get_preset(name)
+        """The config of a registered preset (a family's published checkpoint, or a zoo-native config)."""
+        _, preset = get_preset_entry(name)
+        cfg = cls.from_dict({**preset.config, "name": name})
         return cfg.replace(**overrides) if overrides else cfg
 
     def replace(self, **changes: Any) -> ZooConfig:
