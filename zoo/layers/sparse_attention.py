@@ -25,13 +25,13 @@ O(T * (chunk + reach + extras)), never a T x T mask). With a state: a bounded
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.kernels.backend import backend
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase, document_positions
 from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
@@ -123,7 +123,7 @@ class SparseAttention(Attention):
             # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
             by_slot = attention_mask is None and seq_idx is None and (
                 plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
-            if by_slot and q.is_cuda and os.environ.get("ZOO_BACKEND", "") != "torch":
+            if by_slot and q.is_cuda and backend() != "torch":
                 o = self._kernel(q, k, v)
             if by_slot and o is None:
                 o = self._fast(q, k, v)
