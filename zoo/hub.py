@@ -140,11 +140,12 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
                     local_files_only: bool | None = None) -> ZooForCausalLM:
     """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id."""
     target = str(id_or_path)
+    swap = None
     if target in presets() and not Path(target).exists():  # a preset name: its published checkpoint
         preset = presets()[target][1]
         if not preset.hub_id:
             raise ValueError(f"preset {target!r} has no published checkpoint; use zoo.create_model({target!r})")
-        target, revision = preset.hub_id, revision or preset.revision
+        target, revision, swap = preset.hub_id, revision or preset.revision, preset.swap
     path = resolve(target, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = read_config_json(path)
     if "zoo_version" in cfg:
@@ -164,6 +165,10 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
     load_state_dict_strict(model, sd, strict=strict)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
+    if swap:  # a hybrid preset: the published checkpoint with some layers swapped (weights reused where they fit)
+        from zoo.models.lm import swap_layers
+
+        model = swap_layers(model, swap)
     model.to(device=device, dtype=dtype)
     return model.eval()
 
@@ -199,10 +204,13 @@ def _atomic_dir(path: Path):
 
 
 def save_pretrained(model: ZooForCausalLM, path: str | os.PathLike, *, card: bool = True,
-                    card_data: dict[str, Any] | None = None) -> Path:
-    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card, atomically."""
+                    card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card, atomically;
+    with ``tokenizer`` (anything with ``save_pretrained(directory)``) its files go next to the weights."""
     path = Path(path)
     with _atomic_dir(path) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         model.config.save(tmp / CONFIG_NAME)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "zoo_version": _version()})
         if card:
@@ -231,14 +239,14 @@ def save_reference(model: ZooForCausalLM, path: str | os.PathLike, family: str |
 
 def push_to_hub(model: ZooForCausalLM, repo_id: str, *, private: bool | None = None,
                 commit_message: str = "Upload zoo model", token: str | None = None,
-                card_data: dict[str, Any] | None = None) -> str:
+                card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> str:
     """Create the repo if needed and upload ``save_pretrained``'s files in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, Path(tmp) / "model", card_data=card_data)
+        save_pretrained(model, Path(tmp) / "model", card_data=card_data, tokenizer=tokenizer)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "model"),
                                  commit_message=commit_message, repo_type="model")
     return str(getattr(info, "commit_url", info))
