@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--gen-layers", type=int, default=d.gen_layers)
     p.add_argument("--gen-batches", type=int, nargs="+", default=d.gen_batches)
     p.add_argument("--gen-new-tokens", type=int, default=d.gen_new_tokens)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: small models on a shared box stall on thread barriers)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

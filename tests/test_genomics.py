@@ -46,6 +46,10 @@ def test_generation_blocks_special_tokens(ckpt):
     free = model.generate(ids, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(0),
                           eos_token_id=[])
     assert (free[:, ids.shape[1]:] < 32).any()  # unblocked, the model does emit special tokens
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        model.generate(ids, max_new_tokens=1, suppress_tokens=[4128])
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        model.generate(ids, max_new_tokens=1, suppress_tokens=list(range(4128)))
     prompts = ["ACGTACGGATCC", "TTGACCA", ""]  # the 7-bp prompt is left-truncated to one 6-mer; "" = from <s>
     outs = genomics.generate(model, tok, prompts, max_new_tokens=8, seed=0)
     assert [len(o) for o in outs] == [48, 48, 48] and all(set(o) <= set("ACGT") for o in outs)

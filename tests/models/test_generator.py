@@ -10,6 +10,7 @@ import torch
 
 import zoo
 from tests.helpers import make_hf_generator, make_hf_llama, max_abs
+from zoo import genomics
 from zoo.hub import save_reference
 from zoo.models import detect_family
 from zoo.models.generator import long_context
@@ -120,6 +121,8 @@ def test_hybrid_presets_load_the_pinned_checkpoint_and_swap(hf_generator, hub_ca
     ids = torch.randint(32, 4128, (1, 16))
     with torch.no_grad():
         assert max_abs(swa(ids).logits, hf(ids).logits) < 1e-4  # window 16384 > T: the weights are the checkpoint's
+    _, tok = genomics.load("generator-eukaryote-1.2b-base-swa")  # the tokenizer files of the cached snapshot
+    assert tok.vocab_size == 4128
     cfg = zoo.ZooConfig.from_preset("generator-eukaryote-1.2b-base-mamba2")
     assert [ls.mixer for ls in cfg.layers[:4]] == ["mamba2", "sliding_window"] * 2 and cfg.n_layers == 26
 
