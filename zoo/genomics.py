@@ -44,11 +44,11 @@ def load_tokenizer(name: str | Path, *, revision: str | None = None) -> DNAKmerT
     """The tokenizer saved with a checkpoint (directory, hub id or preset name); the current reference
     tokenizer when the checkpoint ships none."""
     from zoo.hub import resolve
-    from zoo.models import presets
+    from zoo.registry import get_preset_entry, is_preset
 
     target = str(name)
-    if target in presets() and not Path(target).exists():
-        preset = presets()[target][1]
+    if is_preset(target) and not Path(target).exists():
+        preset = get_preset_entry(target)[1]
         target, revision = preset.hub_id or target, revision or preset.revision
     path = Path(target) if Path(target).is_dir() else resolve(target, revision=revision)
     if (path / "vocab.txt").is_file() or (path / "tokenizer_config.json").is_file():

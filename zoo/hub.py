@@ -4,17 +4,20 @@
 * Reference formats: detected from ``config.json`` by each family's ``detect``; weights from safetensors
   (sharded or not) first, else ``pytorch_model.bin`` read with ``torch.load(weights_only=True)`` only.
 * Loading is strict: every checkpoint key used, every parameter filled, or an error listing both sides.
-* Saving is atomic: everything is written into a temporary sibling directory, then renamed into place.
+* Saving writes only the checkpoint's own files into the target directory, each atomically (a temp file in the
+  same directory, then ``os.replace``); other files there are kept, a path that is a file is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
-import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor
 
-from zoo.config import ZooConfig
-from zoo.models import detect_family, presets
+from zoo.config import ZooConfig, json_restore, json_safe
+from zoo.models import detect_family
 from zoo.models.family import Family
 from zoo.models.lm import ZooForCausalLM
-from zoo.registry import get_family
+from zoo.registry import get_family, get_preset_entry, is_preset, list_presets
+from zoo.version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,13 +48,21 @@ def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache
         return path
     s = str(id_or_path)
     if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
-        raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub repo id like 'org/name'")
+        raise FileNotFoundError(f"{s!r} is not a checkpoint directory, a preset name or a hub repo id like "
+                                f"'org/name'; presets: {list_presets()}")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(
-        s, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only),
-        allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "tokenizer*"],
-    ))
+    try:
+        return Path(snapshot_download(
+            s, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only),
+            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "tokenizer*"],
+        ))
+    except Exception as e:  # offline, no network, no such repo or revision: the exception types vary by cause
+        at = f" at revision {revision!r}" if revision else ""
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("HF_HUB_OFFLINE is set, so only the local cache was searched and it does not hold this repo"
+                if offline or local_files_only else "check the repo id, your network and your token")
+        raise OSError(f"cannot get hub repo {s!r}{at}: {hint} ({type(e).__name__}: {e})") from e
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -58,7 +70,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; files there: {sorted(p.name for p in path.iterdir())}")
     try:
-        cfg = json.loads(file.read_text())
+        cfg = json_restore(json.loads(file.read_text()))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
@@ -141,8 +153,8 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
     """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id."""
     target = str(id_or_path)
     swap = None
-    if target in presets() and not Path(target).exists():  # a preset name: its published checkpoint
-        preset = presets()[target][1]
+    if is_preset(target) and not Path(target).exists():  # a preset name: its published checkpoint
+        preset = get_preset_entry(target)[1]
         if not preset.hub_id:
             raise ValueError(f"preset {target!r} has no published checkpoint; use zoo.create_model({target!r})")
         target, revision, swap = preset.hub_id, revision or preset.revision, preset.swap
@@ -181,40 +193,81 @@ def _reset_buffers(model: ZooForCausalLM) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _atomic_dir(path: Path):
-    """Context manager: yields a temp dir next to ``path``; on success it replaces ``path``, on error it is removed."""
-    import contextlib
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    @contextlib.contextmanager
-    def cm():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            yield tmp
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
 
-    return cm()
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory to save into: created (honouring the umask) if missing, refused if it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save a checkpoint to {str(path)!r}: it exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def staged_files(path: Path) -> Iterator[Callable[[str], Path]]:
+    """Write a checkpoint's own files atomically, leaving every other file of ``path`` alone.
+
+    Yields ``stage(name) -> temp path`` (a hidden temp file in ``path`` itself, so the final rename cannot cross
+    file systems). When the block succeeds, each staged file is given the umask's permissions and renamed over
+    ``path / name`` (``os.replace``); when it fails, the temp files are removed and the files already in ``path``
+    (a previous checkpoint included) are untouched."""
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+        os.close(fd)
+        staged[name] = Path(tmp)
+        return Path(tmp)
+
+    try:
+        yield stage
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    mode = 0o666 & ~_umask()
+    for name, tmp in staged.items():
+        os.chmod(tmp, mode)
+        os.replace(tmp, path / name)
+
+
+def remove_stale_shards(path: Path, weights_name: str, written: set[str]) -> list[str]:
+    """Delete the weight files of an earlier save of a checkpoint that this save did not write: shards
+    ``<stem>-NNNNN-of-NNNNN<ext>`` and ``<weights_name>.index.json`` (what transformers removes); nothing else."""
+    stem, ext = os.path.splitext(weights_name)
+    pattern = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?{re.escape(ext)}(\.index\.json)?$")
+    removed = []
+    for f in path.iterdir():
+        if f.is_file() and f.name not in written and pattern.match(f.name):
+            f.unlink()
+            removed.append(f.name)
+    return removed
 
 
 def save_pretrained(model: ZooForCausalLM, path: str | os.PathLike, *, card: bool = True,
                     card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
-    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card, atomically;
-    with ``tokenizer`` (anything with ``save_pretrained(directory)``) its files go next to the weights."""
-    path = Path(path)
-    with _atomic_dir(path) as tmp:
+    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card into the directory
+    ``path`` (created if needed). Each file is written atomically; other files in the directory are kept. With
+    ``tokenizer`` (anything with ``save_pretrained(directory)``, e.g. a ``DNAKmerTokenizer``) its files are written
+    next to the weights the same way."""
+    path = checkpoint_dir(path)
+    with staged_files(path) as stage:
+        model.config.save(stage(CONFIG_NAME))
+        save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": __version__})
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        model.config.save(tmp / CONFIG_NAME)
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "zoo_version": _version()})
+            with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=path) as tok_dir:
+                tokenizer.save_pretrained(tok_dir)
+                for f in sorted(Path(tok_dir).iterdir()):
+                    if f.is_file():
+                        shutil.copyfile(f, stage(f.name))
         if card:
-            render_model_card(model, **(card_data or {})).save(str(tmp / CARD_NAME))
+            render_model_card(model, **(card_data or {})).save(str(stage(CARD_NAME)))
+    remove_stale_shards(path, WEIGHTS_NAME, {WEIGHTS_NAME})
     return path
 
 
@@ -226,14 +279,15 @@ def save_reference(model: ZooForCausalLM, path: str | os.PathLike, family: str |
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")
     ref_sd = fam.state_dict_to_reference(sd, model.config)
-    path = Path(path)
-    with _atomic_dir(path) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(ref_cfg, indent=2) + "\n")
-        if fam.reference_weights_name.endswith(".bin"):
-            torch.save(ref_sd, tmp / fam.reference_weights_name)
+    path = checkpoint_dir(path)
+    weights = fam.reference_weights_name
+    with staged_files(path) as stage:
+        stage(CONFIG_NAME).write_text(json.dumps(json_safe(ref_cfg), indent=2, allow_nan=False) + "\n")
+        if weights.endswith(".bin"):
+            torch.save(ref_sd, stage(weights))
         else:
-            save_file({k: v.clone() for k, v in ref_sd.items()}, str(tmp / fam.reference_weights_name),
-                      metadata={"format": "pt"})
+            save_file({k: v.clone() for k, v in ref_sd.items()}, str(stage(weights)), metadata={"format": "pt"})
+    remove_stale_shards(path, weights, {weights})
     return path
 
 
@@ -273,11 +327,5 @@ def render_model_card(model: ZooForCausalLM, **card_data: Any):
     return ModelCard.from_template(
         data, template_str=template.read_text(), model_name=config.name or family, family=family,
         n_params=f"{model.num_parameters():,}", d_model=config.d_model, n_layers=config.n_layers,
-        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=_version(),
+        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=__version__,
     )
-
-
-def _version() -> str:
-    from zoo import __version__
-
-    return __version__

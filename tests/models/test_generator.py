@@ -71,7 +71,7 @@ def test_presets_have_the_published_sizes():
         assert (c.d_model, c.n_layers, c.max_position_embeddings, c.rope_theta, c.tie_embeddings) == (
             d, n, 16384, 500000.0, False)
         assert (att["num_heads"], att["num_kv_heads"], m.layers[0].mixer.head_dim) == (32, 4, head_dim)
-    fam, preset = zoo.models.presets()["generator-eukaryote-1.2b-base"]
+    fam, preset = zoo.registry.get_preset_entry("generator-eukaryote-1.2b-base")
     assert fam.name == "generator" and preset.hub_id == "GenerTeam/GENERator-eukaryote-1.2b-base"
     assert preset.revision == "5e872c94264891f9adf59d8ea64e426bb68badb5"
 
@@ -112,7 +112,7 @@ def test_long_context_recipes(hf_generator):
 
 def test_hybrid_presets_load_the_pinned_checkpoint_and_swap(hf_generator, hub_cache):
     path, hf = hf_generator
-    _, preset = zoo.models.presets()["generator-eukaryote-1.2b-base"]
+    _, preset = zoo.registry.get_preset_entry("generator-eukaryote-1.2b-base")
     snap = Path(hub_cache) / "models--GenerTeam--GENERator-eukaryote-1.2b-base" / "snapshots" / preset.revision
     if not snap.exists():
         shutil.copytree(path, snap)

@@ -158,8 +158,12 @@ class ZooForCausalLM(nn.Module):
             raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}], got {tuple(attention_mask.shape)}")
+            seen = states.seen_tokens if states is not None else 0
+            lengths = {T, seen + T}
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in lengths:
+                also = f" or [B, seen + T]=[{B}, {seen + T}]" if seen else ""
+                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}]{also} like input_ids, "
+                                 f"got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -T:]
             if bool(attention_mask.all()):
                 attention_mask = None
