@@ -171,3 +171,10 @@ def test_cli(ckpt, tmp_path, capsys):
     assert main(["dna", "score", path, "--sequence", "ACGT", "--position", "9", "--alt", "T"]) == 2
     assert "outside the sequence" in capsys.readouterr().err
     assert main(["generate", path, "--prompt", "ACGTAC", "--max-new-tokens", "2"]) == 0  # the DNA tokenizer is used
+
+
+@pytest.mark.parametrize("sub", ["generate", "recover", "score", "embed"])
+def test_cli_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["dna", sub, "-h"])
+    assert e.value.code == 0 and "model" in capsys.readouterr().out
