@@ -53,14 +53,15 @@ NAMED_SPECIALS = {"unk_token": "<oov>", "bos_token": "<s>", "eos_token": "</s>",
                   "mask_token": "<mask>"}
 MODEL_MAX_LENGTH = int(1e30)  # transformers' "no limit" sentinel, as in the reference config
 
-_NOT_LETTER, _OTHER_LETTER = 5, 4  # codes of the class table below; 0..3 are the digits of A, T, C, G
+# Character classes: 0..3 the digits of A, T, C, G; 4 another IUPAC letter (N, R, ...); 5 another upper-case letter
+# (still a letter to the reference's [A-Z] runs, but not DNA); 6 anything else. DNA <=> every code <= 4.
+_IUPAC_LETTER, _FOREIGN_LETTER, _NOT_LETTER = 4, 5, 6
 _CLASS = np.full(128, _NOT_LETTER, dtype=np.uint8)
-_CLASS[ord("A"):ord("Z") + 1] = _OTHER_LETTER
+_CLASS[ord("A"):ord("Z") + 1] = _FOREIGN_LETTER
+_CLASS[[ord(c) for c in IUPAC_DNA]] = _IUPAC_LETTER
 for _d, _b in enumerate(BASES):
     _CLASS[ord(_b)] = _d
 _CLASS_TABLE = bytes(_CLASS.tolist()) + bytes([_NOT_LETTER] * 128)  # for bytes.translate (C speed, no fancy index)
-_IUPAC = np.zeros(128, dtype=bool)
-_IUPAC[[ord(c) for c in IUPAC_DNA]] = True
 
 
 class DNAKmerTokenizer:
@@ -143,23 +144,16 @@ class DNAKmerTokenizer:
 
     # ------------------------------------------------------------------ encoding
     def _codes(self, text: str) -> np.ndarray:
-        """``text`` -> class codes ``[n]`` uint8 (0..3 digits of A,T,C,G; 4 other A-Z letter; 5 anything else)."""
+        """``text`` -> class codes ``[n]`` uint8, one per character (see ``_CLASS``)."""
         if text.isascii():
             return np.frombuffer(text.encode("ascii").translate(_CLASS_TABLE), dtype=np.uint8)
         cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         return np.where(cp < 128, _CLASS[np.minimum(cp, 127)], _NOT_LETTER).astype(np.uint8)
 
-    def _reject(self, text: str, start: int, end: int) -> None:
-        """``ValueError`` for the first character of ``text[start:end]`` that is not accepted as DNA."""
-        seg = text[start:end]
-        if seg.isascii():
-            bad = np.flatnonzero(~_IUPAC[np.frombuffer(seg.encode("ascii"), dtype=np.uint8)])
-        else:
-            cp = np.frombuffer(seg.encode("utf-32-le"), dtype=np.uint32)
-            bad = np.flatnonzero((cp >= 128) | ~_IUPAC[np.minimum(cp, 127)])
-        if not bad.size:
-            return
-        pos = start + int(bad[0])
+    def _reject(self, text: str, codes: np.ndarray, start: int) -> None:
+        """``ValueError`` naming the first character of ``codes`` (a stretch of ``text`` from ``start``) that is
+        not accepted as DNA."""
+        pos = start + int(np.flatnonzero(codes > _IUPAC_LETTER)[0])
         ch = text[pos]
         hint = ("lower-case bases: pass text.upper() (the reference matches [A-Z] only and would give one <oov> "
                 "per lower-case letter)" if ch.lower() in "acgtn" and ch.islower() else
@@ -183,16 +177,15 @@ class DNAKmerTokenizer:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         top = int(d.max())
-        if top <= _OTHER_LETTER:  # letters only: one run, whole k-mers from its start + maybe one remainder piece
+        if top < _NOT_LETTER:  # letters only: one run, whole k-mers from its start + maybe one remainder piece
             m = n // k
-            rows = d[: m * k].reshape(m, k)
-            ids = self._kmer_ids(rows)
-            if top == _OTHER_LETTER:  # a k-mer holding N (or another non-ACGT letter) is not in the vocabulary
-                ids[(rows == _OTHER_LETTER).any(1)] = self.unk_token_id
+            ids = self._kmer_ids(d[: m * k].reshape(m, k))
+            if top >= _IUPAC_LETTER:  # a k-mer holding N (or another non-ACGT letter) is not in the vocabulary
+                ids[np.flatnonzero(d[: m * k] >= _IUPAC_LETTER) // k] = self.unk_token_id
             return np.append(ids, self.unk_token_id) if n % k else ids
         # several runs (only with unknown="oov": other characters are pieces of their own)
         idx = np.arange(n)
-        letter = d <= _OTHER_LETTER
+        letter = d < _NOT_LETTER
         run_first = letter.copy()
         run_first[1:] &= ~letter[:-1]
         run_last = letter.copy()
@@ -200,7 +193,7 @@ class DNAKmerTokenizer:
         run_start = np.maximum.accumulate(np.where(run_first, idx, 0))
         run_end = np.minimum.accumulate(np.where(run_last, idx, n)[::-1])[::-1] + 1  # exclusive end of i's run
         starts = np.flatnonzero(~letter | ((idx - run_start) % k == 0))  # one piece starts at each of these
-        not_acgt = np.concatenate(([0], np.cumsum(d >= _OTHER_LETTER)))
+        not_acgt = np.concatenate(([0], np.cumsum(d >= _IUPAC_LETTER)))
         whole = letter[starts] & (run_end[starts] - starts >= k)
         ends = np.minimum(starts + k, n)
         ok = whole & (not_acgt[ends] == not_acgt[starts])
@@ -231,8 +224,8 @@ class DNAKmerTokenizer:
 
     def _encode_stretch(self, text: str, codes: np.ndarray, start: int, end: int, check: bool) -> np.ndarray:
         d = codes[start:end]
-        if check and d.size and int(d.max()) >= _OTHER_LETTER:  # something besides A/T/C/G: is it DNA?
-            self._reject(text, start, end)
+        if check and d.size and int(d.max()) > _IUPAC_LETTER:
+            self._reject(text, d, start)
         return self._encode_run_codes(d)
 
     def _add_specials(self, ids: np.ndarray) -> np.ndarray:
