@@ -180,7 +180,7 @@ def write_report(s: Setup, tok_rows: list[dict], gen_rows: list[dict], info: dic
                                     ("encode_array_bp_per_s", "encode_array (numpy)"))):
         ax[0].bar(x + (j - 1.5) * 0.2, [r[key] for r in tok_rows], 0.2, label=lab)
     ax[0].set(xticks=x, xticklabels=labels, yscale="log", ylabel="bp / s", title="6-mer tokenizer throughput")
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
     ax[1].bar([str(r["batch"]) for r in gen_rows], [r["tokens_per_s"] for r in gen_rows])
     ax[1].set(xlabel="batch", ylabel="new tokens / s", title=f"generation, random {s.gen_layers}-layer "
                                                               f"d{s.gen_d_model} model (vocab 4128)")
