@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from tests.helpers import make_hf_llama
-from zoo.hub import load_weights
+from zoo.checkpoint import load_weights
 
 
 @pytest.fixture()
@@ -198,7 +198,7 @@ def test_failed_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(zoo.hub, "save_model", boom)
+    monkeypatch.setattr(zoo.checkpoint, "save_model", boom)
     with pytest.raises(OSError, match="disk full"):
         tiny.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left
@@ -255,7 +255,7 @@ def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_files(tiny, tmp_
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(zoo.hub, "save_model", broken_save_model)
+    monkeypatch.setattr(zoo.checkpoint, "save_model", broken_save_model)
     with pytest.raises(OSError, match="disk full"):
         other.save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, old files intact

@@ -127,17 +127,11 @@ def test_hybrid_presets_load_the_pinned_checkpoint_and_swap(hf_generator, hub_ca
     assert [ls.mixer for ls in cfg.layers[:4]] == ["mamba2", "sliding_window"] * 2 and cfg.n_layers == 26
 
 
-def test_family_card_template_renders(hf_generator):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    template = Path(zoo.__file__).parent / "models" / "cards" / "generator.md"
+def test_saved_model_gets_the_generator_card(hf_generator, tmp_path):
     model = zoo.from_pretrained(hf_generator[0])
-    card = ModelCard.from_template(
-        ModelCardData(library_name="zoo"), template_str=template.read_text(), model_name="tiny", family="generator",
-        n_params="1", d_model=32, n_layers=2, vocab_size=4128, mixers=["attention"], zoo_version="0",
-        layers=[{"index": i, "mixer": ls.spec_string, "mlp": 64} for i, ls in enumerate(model.config.layers)])
-    assert "98,304 bp" in card.content or "98 kbp" in card.content
-    assert "| 1 | `attention` | 64 |" in card.content
+    model.save_pretrained(tmp_path / "ckpt")
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "GENERator" in card and "98,304 bp" in card and "| 1 | `attention` | 64 |" in card
 
 
 def test_plain_llama_is_still_llama(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zoo.checkpoint import save_reference
 from zoo.config import ZooConfig
 from zoo.models.family import Family, Preset, StateDict
 
@@ -264,10 +265,6 @@ def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tensors
-def _attn_layers(config: ZooConfig) -> list[int]:
-    return [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-
-
 def from_reference(sd: StateDict, config: ZooConfig) -> StateDict:
     """After renaming: split mamba_ssm's packed MLP ``fc1`` and MHA ``in_proj``; drop a tied ``lm_head``."""
     sd = dict(sd)
@@ -362,15 +359,11 @@ TRANSFORMERS_FORMAT = Family(
 
 def save_mamba_ssm(model, path: str | os.PathLike) -> Path:
     """Write a ``state-spaces/mamba2-*`` style directory: ``config.json`` + ``pytorch_model.bin`` (plain tensors)."""
-    from zoo.hub import save_reference
-
     return save_reference(model, path, FAMILY)
 
 
 def save_transformers(model, path: str | os.PathLike) -> Path:
     """Write a transformers ``Mamba2ForCausalLM`` directory: ``config.json`` + ``model.safetensors``."""
-    from zoo.hub import save_reference
-
     return save_reference(model, path, TRANSFORMERS_FORMAT)
 
 
