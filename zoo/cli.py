@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, generate, convert, demo, bench."""
+"""The ``zoo`` command: list, info, generate, convert, swap, eval, ablate, demo, bench, dna."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 
 import zoo
+from zoo.ablation.cli import add_ablation_commands
 from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
+from zoo.tokenizers import load_tokenizer
 
 
 def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
     """``meta``: a preset's architecture on the meta device (nothing materialised); otherwise weights are loaded:
-    a checkpoint directory, a hub id, or a preset name (its published checkpoint)."""
+    a checkpoint directory, a hub id, a preset name (its published checkpoint), or "default" (the embedded model)."""
+    if name == "default" and not Path(name).exists():
+        return zoo.default_model()
     if meta and name in zoo.list_presets() and not Path(name).exists():
         with torch.device("meta"):
             return zoo.create_model(name)
@@ -42,25 +46,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(model_name: str):
-    path = Path(model_name)
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
-        from zoo.tokenizers import DNAKmerTokenizer  # GENERator's 6-mer tokenizer, without its remote code
-
-        return DNAKmerTokenizer.from_pretrained(path)
-    if path.is_dir() and any(path.glob("tokenizer*")):
-        from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    from zoo.tokenizers import ByteTokenizer
-
-    return ByteTokenizer()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args.model)
-    tok = _tokenizer(args.model)
+    tok = load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt)])
     if int(ids.max()) >= model.config.vocab_size:
         print(f"error: the tokenizer produced ids >= vocab_size {model.config.vocab_size}", file=sys.stderr)
@@ -84,10 +72,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from zoo.demo import run_demo
+    from zoo.demo import demo_spec, run_demo
 
-    result = run_demo(steps=args.steps, threads=args.threads)
-    return 0 if result["reload_identical"] else 1
+    run_demo(args.out, spec=demo_spec(args.spec) if args.spec else None, threads=args.threads,
+             progress=not args.no_progress)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -120,15 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--to", default="zoo", help="'zoo' or a family name (e.g. llama)")
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
-    s.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    s = sub.add_parser("demo", help="offline CPU demo: a layer-swap ablation of the embedded default model")
+    s.add_argument("--out", default="zoo-demo", help="results directory (default ./zoo-demo; reruns resume)")
+    s.add_argument("--spec", default=None, help="another ablation spec file (default: the packaged demo.yaml)")
     s.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (default 1: the demo's tensors are tiny; more threads only add stalls)")
+                   help="intra-op threads (default 1: the model is small; more threads only add stalls)")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench)
     add_dna_commands(sub)
+    add_ablation_commands(sub)
     return p
 
 
