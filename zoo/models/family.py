@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from zoo.config import ZooConfig
+from zoo.layers.base import BenchCase
 
 StateDict = dict[str, Tensor]
 
@@ -36,6 +37,8 @@ class Family:
     to_reference: Callable[[StateDict, ZooConfig], StateDict] | None = None
     reference_weights_name: str = "model.safetensors"
     model_card: str = "default"
+    # Model-level benchmark cases (``BenchCase(kind="model")``, args per size = a ZooConfig dict): ``zoo bench``.
+    bench_cases: tuple[BenchCase, ...] = ()
 
     def state_dict_from_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         out = rename_keys(sd, self.key_table, source="reference")
