@@ -53,16 +53,16 @@ def swiglu_descent(w0: Tensor, w1: Tensor, w2: Tensor, k: Tensor, v: Tensor, lr0
                    lr2: Tensor) -> FastWeights:
     """``(dw0, dw1, dw2) = -grad`` of ``-sum_t lr_t <v_t, f_W(k_t)>``; ``k, v [N, C, dh]``, ``lr* [N, C, 1]``."""
     dH = w0.shape[1]
-    gu = torch.bmm(k, torch.cat([w0, w2], 1).transpose(1, 2))  # [N, C, 2 dH]
+    gu = torch.bmm(k, torch.cat([w0, w2], 1).transpose(1, 2))  # [N, C, 2 dH]: one GEMM for gate and up
     g, u = gu[..., :dH], gu[..., dH:]
     sg = torch.sigmoid(g)
     a = g * sg  # silu(g)
     dhid = torch.bmm(v, w1)  # [N, C, dH] = (w1^T v_t)_t
     dw1 = torch.bmm(v.transpose(1, 2), a * u * lr1)  # [N, dh, dH]
-    dg = dhid * u * sg * (1 + g * (1 - sg)) * lr0  # silu'(g) = sg (1 + g (1 - sg))
-    du = dhid * a * lr2
-    dw02 = torch.bmm(torch.cat([dg, du], 2).transpose(1, 2), k)  # [N, 2 dH, dh]: one GEMM for dw0 and dw2
-    return dw02[:, :dH], dw1, dw02[:, dH:]
+    dg = dhid * u * torch.addcmul(sg, a, 1 - sg)  # silu'(g) = sg (1 + g (1 - sg)) = sg + silu(g) (1 - sg)
+    dw0 = torch.bmm(dg.transpose(1, 2), k * lr0)  # [N, dH, dh]
+    dw2 = torch.bmm((dhid * a).transpose(1, 2), k * lr2)
+    return dw0, dw1, dw2
 
 
 def newton_schulz5(g: Tensor) -> Tensor:
