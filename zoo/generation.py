@@ -6,6 +6,7 @@ same tokens as the row alone. Finished rows (after ``eos_token_id``) are filled 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,6 +30,27 @@ def sample_next(logits: Tensor, *, do_sample: bool, temperature: float = 1.0, to
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_generate_args(input_ids: Tensor, attention_mask: Tensor | None, *, max_new_tokens: Any, do_sample: bool,
+                        temperature: Any, top_k: Any, top_p: Any) -> None:
+    """``ValueError`` naming the bad argument; run once per ``generate`` call, never per token."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): generate needs a prompt of at least "
+                         "one token per row (e.g. the BOS token)")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be a non-negative int (0 = off), got {top_k!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number when sampling, got {temperature!r}")
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -46,8 +68,8 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Returns ``[B, T + n]`` (prompt followed by the new tokens; ``n <= max_new_tokens``)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    check_generate_args(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p)
     B, T = input_ids.shape
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=input_ids.device)

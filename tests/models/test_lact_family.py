@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import zoo
 from tests.layers.lact_reference import lact_lm
-from zoo.hub import save_reference
+from zoo.checkpoint import save_reference
 from zoo.models import lact as fam
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """Mamba-2's ``RMSNormGated``: ``rmsnorm_group(x * silu(z)) * weight`` (or gate after the norm).
 
-    The mean square is taken over groups of ``group_size`` channels (``d_inner // ngroups``), in fp32.
+    The mean square is taken over groups of ``group_size`` channels (``d_inner // ngroups``), in fp32 (fp64 stays
+    fp64).
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False):

@@ -13,14 +13,17 @@ Parameter names: ``embedding``, ``layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``norm
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from zoo import checkpoint, generation
 from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_spec
 from zoo.layers.base import State
 from zoo.layers.mlp import MLP
@@ -51,7 +54,6 @@ class CausalLMOutput:
     logits: Tensor
     loss: Tensor | None = None
     states: ModelState | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Block(nn.Module):
@@ -158,8 +160,12 @@ class ZooForCausalLM(nn.Module):
             raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}], got {tuple(attention_mask.shape)}")
+            seen = states.seen_tokens if states is not None else 0
+            lengths = {T, seen + T}
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in lengths:
+                also = f" or [B, seen + T]=[{B}, {seen + T}]" if seen else ""
+                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}]{also} like input_ids, "
+                                 f"got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -T:]
             if bool(attention_mask.all()):
                 attention_mask = None
@@ -176,7 +182,7 @@ class ZooForCausalLM(nn.Module):
         for i, block in enumerate(self.layers):
             state = states.layers[i] if states is not None else None
             if self.gradient_checkpointing and self.training and states is None:
-                h, _ = checkpoint(block, h, positions, None, attention_mask, seq_idx, use_reentrant=False)
+                h, _ = activation_checkpoint(block, h, positions, None, attention_mask, seq_idx, use_reentrant=False)
             else:
                 h, new_state = block(h, positions, state, attention_mask, seq_idx)
                 if states is not None:
@@ -201,19 +207,13 @@ class ZooForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ API sugar
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
-        from zoo.generation import generate
+        return generation.generate(self, input_ids, **kwargs)
 
-        return generate(self, input_ids, **kwargs)
-
-    def save_pretrained(self, path: str, **kwargs: Any) -> None:
-        from zoo.hub import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
+    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        return checkpoint.save_pretrained(self, path, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from zoo.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return checkpoint.push_to_hub(self, repo_id, **kwargs)
 
 
 def create_model(config: ZooConfig | str | dict, **overrides: Any) -> ZooForCausalLM:
