@@ -44,17 +44,13 @@ FastWeights = tuple[Tensor, Tensor, Tensor]  # w0, w1, w2
 
 def swiglu_apply(w0: Tensor, w1: Tensor, w2: Tensor, x: Tensor) -> Tensor:
     """``f_W(x) = w1 (silu(w0 x) * (w2 x))`` for ``x [N, L, dh]`` -> ``[N, L, dh]``."""
-    dH = w0.shape[1]
-    gu = torch.bmm(x, torch.cat([w0, w2], 1).transpose(1, 2))  # [N, L, 2 dH]: one GEMM for gate and up
-    return torch.bmm(F.silu(gu[..., :dH]) * gu[..., dH:], w1.transpose(1, 2))
+    return torch.bmm(F.silu(torch.bmm(x, w0.transpose(1, 2))) * torch.bmm(x, w2.transpose(1, 2)), w1.transpose(1, 2))
 
 
 def swiglu_descent(w0: Tensor, w1: Tensor, w2: Tensor, k: Tensor, v: Tensor, lr0: Tensor, lr1: Tensor,
                    lr2: Tensor) -> FastWeights:
     """``(dw0, dw1, dw2) = -grad`` of ``-sum_t lr_t <v_t, f_W(k_t)>``; ``k, v [N, C, dh]``, ``lr* [N, C, 1]``."""
-    dH = w0.shape[1]
-    gu = torch.bmm(k, torch.cat([w0, w2], 1).transpose(1, 2))  # [N, C, 2 dH]: one GEMM for gate and up
-    g, u = gu[..., :dH], gu[..., dH:]
+    g, u = torch.bmm(k, w0.transpose(1, 2)), torch.bmm(k, w2.transpose(1, 2))  # [N, C, dH]
     sg = torch.sigmoid(g)
     a = g * sg  # silu(g)
     dhid = torch.bmm(v, w1)  # [N, C, dH] = (w1^T v_t)_t
