@@ -5,12 +5,12 @@ low rank 32, window 2048, chunk 2048, momentum).
 1. **Utilisation**: the chunk update (``swiglu_descent`` + ``fast_weight_step``: ``12 C dh dH`` FLOPs per head, plus
    ``3 x 5 (4 m^2 n + 2 m^3)`` for Newton-Schulz with Muon) and the whole per-chunk step (apply + update,
    ``18 C dh dH``), timed at each chunk size; achieved FLOP/s over the fp32 GEMM FLOP/s (``[n, n] @ [n, n]``)
-   measured right before each case in the same process (best over repeats for both: on a shared machine the
-   median includes time lost to other processes; medians are reported too).
+   measured in the same process, in turns with the update (best over the rounds for both: on a shared machine
+   the median includes time lost to other processes; medians are reported too).
 2. **Forward**: the mixer's parallel forward (no grad) at each T; FLOPs from ``LaCT.flops``.
-3. **Decode**: a state prefilled (in pieces) to each context, then single-token steps: the steady per-token time
-   (median) and the step that completes a chunk (the update), timed at the next chunk boundary; amortised =
-   steady + (boundary - steady) / C.
+3. **Decode**: states prefilled (in pieces) to each context, then single-token steps timed in turns across the
+   contexts: the steady per-token time (median) and the step that completes a chunk (the update), timed at the
+   next chunk boundary; amortised = steady + (boundary - steady) / C.
 
 Every case records ``os.getloadavg()``. ``run`` writes ``results.md``, ``utilisation.csv``, ``forward.csv``,
 ``decode.csv`` and ``lact.png`` into the output directory.
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from zoo.bench.machine import machine_info, measure_gemm_flops
-from zoo.bench.timing import Timing, time_calls
+from zoo.bench.machine import machine_info
+from zoo.bench.timing import time_calls
 from zoo.kernels.lact import fast_weight_step, lact_chunked, row_norms, swiglu_descent
 from zoo.layers.lact import LaCT
 
@@ -70,18 +70,17 @@ def muon_flops(dh: int, dH: int) -> int:
     return 3 * 5 * (4 * m * m * n + 2 * m**3)
 
 
-@torch.no_grad()
-def _time_chunk(ws: Any, norms: Any, moms: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
-                m: torch.Tensor, use_muon: bool, repeats: int) -> tuple[Timing, Timing]:
-    """Timings of the chunk update alone and of one chunk's apply + update."""
-    def update(_: Any) -> Any:
+def _chunk_fns(ws: Any, norms: Any, moms: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
+               m: torch.Tensor, use_muon: bool) -> tuple[Any, Any]:
+    """The chunk update alone, and one chunk's apply + update."""
+    def update() -> Any:
         dws = swiglu_descent(*ws, k, v, lr[..., 0:1], lr[..., 1:2], lr[..., 2:3])
         return fast_weight_step(ws, None, moms, dws, m.mean(1, keepdim=True), norms, use_muon=use_muon)
 
-    def step(_: Any) -> Any:  # the chunk read with the current weights, then the update
+    def step() -> Any:  # the chunk read with the current weights, then the update
         return lact_chunked(ws, q, k, v, lr, m, chunk_size=k.shape[1], use_muon=use_muon, norms=norms, moms=moms)
 
-    return time_calls(update, warmup=1, repeats=repeats)[0], time_calls(step, warmup=1, repeats=repeats)[0]
+    return update, step
 
 
 def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, Any]:
@@ -90,32 +89,44 @@ def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+@torch.no_grad()
 def utilisation(s: Setup, bar: Any = None) -> list[dict[str, Any]]:
-    """Per chunk size and Muon on/off: achieved FLOP/s of the chunk update and of the per-chunk step."""
+    """Per chunk size and Muon on/off: achieved FLOP/s of the chunk update and of the per-chunk step. The GEMM
+    reference, the update and the step are timed in turns (``repeats`` rounds), so that all three meet the same
+    load; best and median of each."""
     nh, dh = s.num_lact_heads, s.d_model // s.num_lact_heads
     g = torch.Generator().manual_seed(s.seed)
     ws = tuple(torch.randn(nh, dh, dh, generator=g) / dh**0.5 for _ in range(3))
     norms = row_norms(ws)
     moms = tuple(torch.zeros_like(w) for w in ws)
+    A, Bm = torch.randn(s.gemm_n, s.gemm_n, generator=g), torch.randn(s.gemm_n, s.gemm_n, generator=g)
     rows = []
     for C in s.chunk_sizes:
         q, k, v = (torch.nn.functional.normalize(torch.randn(nh, C, dh, generator=g), dim=-1) for _ in range(3))
         lr = torch.rand(nh, C, 3, generator=g) * 1e-2
         m = torch.rand(nh, C, 1, generator=g)
         for use_muon in (False, True):
-            gemm = measure_gemm_flops(torch.device("cpu"), torch.float32, n=s.gemm_n, repeats=s.repeats)
-            t_up, t_step = _time_chunk(ws, norms, moms, q, k, v, lr, m, use_muon, s.repeats)
+            update, step = _chunk_fns(ws, norms, moms, q, k, v, lr, m, use_muon)
+            fns = {"gemm": partial(torch.mm, A, Bm), "update": update, "step": step}
+            for fn in fns.values():  # warm-up
+                fn()
+            times: dict[str, list[float]] = {n: [] for n in fns}
+            for _ in range(s.repeats):
+                for name, fn in fns.items():
+                    times[name].append(_timed(fn)[0])
+            best = {n: min(t) for n, t in times.items()}
+            med = {n: statistics.median(t) for n, t in times.items()}
             extra = nh * muon_flops(dh, dh) if use_muon else 0
-            f_up, f_step = nh * 12 * C * dh * dh + extra, nh * 18 * C * dh * dh + extra
+            f_gemm, f_up, f_step = 2 * s.gemm_n**3, nh * 12 * C * dh * dh + extra, nh * 18 * C * dh * dh + extra
             rows.append({
                 "chunk_size": C, "use_muon": use_muon, "heads": nh, "dh": dh,
-                "gemm_gflops_best": gemm["best_flops_per_s"] / 1e9, "gemm_gflops_median": gemm["flops_per_s"] / 1e9,
-                "update_gflop": f_up / 1e9, "update_s_best": t_up.min, "update_s_median": t_up.median,
-                "update_gflops_best": f_up / t_up.min / 1e9,
-                "update_utilisation": f_up / t_up.min / gemm["best_flops_per_s"],
-                "update_utilisation_median": f_up / t_up.median / gemm["flops_per_s"],
-                "step_gflops_best": f_step / t_step.min / 1e9,
-                "step_utilisation": f_step / t_step.min / gemm["best_flops_per_s"],
+                "gemm_gflops_best": f_gemm / best["gemm"] / 1e9, "gemm_gflops_median": f_gemm / med["gemm"] / 1e9,
+                "update_gflop": f_up / 1e9, "update_s_best": best["update"], "update_s_median": med["update"],
+                "update_gflops_best": f_up / best["update"] / 1e9,
+                "update_utilisation": f_up / best["update"] / (f_gemm / best["gemm"]),
+                "update_utilisation_median": f_up / med["update"] / (f_gemm / med["gemm"]),
+                "step_gflops_best": f_step / best["step"] / 1e9,
+                "step_utilisation": f_step / best["step"] / (f_gemm / best["gemm"]),
                 "load_avg": _load(),
             })
             if bar is not None:
@@ -148,30 +159,40 @@ def forward_times(s: Setup, bar: Any = None) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def decode_times(s: Setup, bar: Any = None) -> list[dict[str, Any]]:
-    mixer, rows = _mixer(s), []
+    """States prefilled to every context first; then the single-token steps of all contexts are timed in turns (so
+    they meet the same load); then each state is advanced (untimed) to its next chunk boundary and the step that
+    completes the chunk is timed."""
+    mixer = _mixer(s)
     C = s.chunk_size
     g = torch.Generator().manual_seed(s.seed)
+
+    def feed(state: Any, n: int) -> Any:
+        for t0 in range(0, n, s.prefill_piece):
+            _, state = mixer(torch.randn(1, min(s.prefill_piece, n - t0), s.d_model, generator=g), state=state)
+        return state
+
+    states = {}
     for ctx in s.decode_contexts:
-        state = mixer.init_state(1, dtype=torch.float32, device="cpu")
-        for t0 in range(0, ctx, s.prefill_piece):
-            _, state = mixer(torch.randn(1, min(s.prefill_piece, ctx - t0), s.d_model, generator=g), state=state)
-        samples = []
-        for _ in range(s.decode_tokens):
-            dt, (_, state) = _timed(mixer, torch.randn(1, 1, s.d_model, generator=g), state=state)
-            samples.append(dt)
-        # to the next chunk boundary (untimed), then the step that completes the chunk
-        left = (C - 1 - int(state.count[0]) % C) % C
-        for t0 in range(0, left, s.prefill_piece):
-            _, state = mixer(torch.randn(1, min(s.prefill_piece, left - t0), s.d_model, generator=g), state=state)
+        states[ctx] = feed(mixer.init_state(1, dtype=torch.float32, device="cpu"), ctx)
+        if bar is not None:
+            bar.update(0.5)
+    samples: dict[int, list[float]] = {ctx: [] for ctx in states}
+    for _ in range(s.decode_tokens):
+        for ctx in states:
+            dt, (_, states[ctx]) = _timed(mixer, torch.randn(1, 1, s.d_model, generator=g), state=states[ctx])
+            samples[ctx].append(dt)
+    rows = []
+    for ctx, state in states.items():
+        state = feed(state, (C - 1 - int(state.count[0]) % C) % C)  # to the next chunk boundary
         boundary, (_, state) = _timed(mixer, torch.randn(1, 1, s.d_model, generator=g), state=state)
-        steady = statistics.median(samples)
-        rows.append({"context": ctx, "steady_ms_median": steady * 1e3, "steady_ms_mean": statistics.mean(samples) * 1e3,
-                     "steady_ms_max": max(samples) * 1e3, "boundary_step_ms": boundary * 1e3,
-                     "boundary_context": int(state.count[0]) - 1,
+        steady = statistics.median(samples[ctx])
+        rows.append({"context": ctx, "steady_ms_median": steady * 1e3,
+                     "steady_ms_mean": statistics.mean(samples[ctx]) * 1e3, "steady_ms_max": max(samples[ctx]) * 1e3,
+                     "boundary_step_ms": boundary * 1e3, "boundary_context": int(state.count[0]) - 1,
                      "amortised_ms": (steady + (boundary - steady) / C) * 1e3, "state_bytes": state.nbytes,
                      "load_avg": _load()})
         if bar is not None:
-            bar.update(1)
+            bar.update(0.5)
     return rows
 
 
