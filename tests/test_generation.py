@@ -96,5 +96,5 @@ def test_forward_refuses_a_mask_of_another_length():
     states = m.init_states(2)
     m(ids, states=states)
     m(ids[:, :1], attention_mask=torch.ones(2, 7, dtype=torch.long), states=states)  # transformers-style [B, seen+T]
-    with pytest.raises(ValueError, match=r"or \[B, seen \+ T\]=\[2, 8\]"):
+    with pytest.raises(ValueError, match=r"or \[B, offset \+ T\]=\[2, 8\]"):
         m(ids[:, :1], attention_mask=torch.ones(2, 5, dtype=torch.long), states=states)

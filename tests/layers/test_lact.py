@@ -1,6 +1,8 @@
-"""LaCT mixer: parity with an independent float64 reference written from the equations (outputs and fast
-weights, Muon/momentum/prenorm variants, T past several chunks and not a multiple of the chunk), incremental
-decoding across chunk boundaries, padding and packing, the no-sync decode step, and the reference's key names."""
+"""LaCT mixer, what is specific to it: parity with an independent float64 reference written from the equations
+(outputs and fast weights, Muon/momentum/prenorm variants, T past several chunks and not a multiple of the chunk),
+per-row chunk phases under padded decode steps, padding inside packed rows, the reference's leak on request, the
+no-sync decode step with masks across chunk boundaries, the reference's key names, the FLOP count. Three modes,
+left padding, packing, reorder, nbytes, save/reload and swap: the contract suite (tests/contract)."""
 
 from __future__ import annotations
 
@@ -88,69 +90,6 @@ def test_fast_weights_really_change():
     assert (m_muon(x)[0][:, 8:] - y_ttt[:, 8:]).abs().max() > 1e-3
 
 
-def run_chunks(m, x, sizes, mask=None, no_grad=False):
-    state = m.init_state(x.shape[0], dtype=x.dtype, device="cpu")
-    ys, t = [], 0
-    for n in sizes:
-        sl = slice(t, t + n)
-        with torch.set_grad_enabled(not no_grad and torch.is_grad_enabled()):
-            y, state = m(x[:, sl], state=state, attention_mask=None if mask is None else mask[:, sl])
-        ys.append(y)
-        t += n
-    return torch.cat(ys, 1), state
-
-
-# Temporary until zoo.testing.check_mixer lands on main: three modes, every example argument set.
-@pytest.mark.parametrize("args", LaCT.example_args, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_three_modes_agree(args, dtype, tol):
-    """Tolerances relative to the output scale (the weights are large here): in fp32, Newton-Schulz amplifies
-    the rounding differences of rank-deficient chunk gradients (chunk 8 < dh 16) about 10x over plain steps."""
-    m, _ = build(dtype, **{k: v for k, v in args.items() if k not in SMALL})
-    T = 27  # crosses chunks of 6 / 8 and windows of 6 / 10
-    x = torch.randn(2, T, D, dtype=dtype)
-    y = m(x)[0]
-    C = args["chunk_size"]
-    for sizes in ([1] * T, [3] * 9, [C - 1, C + 1, 2, T - 2 * C - 2], [C, C, T - 2 * C]):
-        y_c, state = run_chunks(m, x, sizes, no_grad=sizes[0] == 1)
-        torch.testing.assert_close(y_c, y, atol=tol * y.abs().max().item(), rtol=0)
-    # backward through the chunked path
-    x.requires_grad_(True)
-    m.zero_grad()
-    (m(x)[0] ** 2).sum().backward()
-    g_par, gx = {n: p.grad.clone() for n, p in m.named_parameters()}, x.grad.clone()
-    m.zero_grad()
-    x.grad = None
-    y_c, _ = run_chunks(m, x, [1, C, 4, T - C - 5])
-    (y_c**2).sum().backward()
-    torch.testing.assert_close(x.grad, gx, atol=tol * gx.abs().max().item(), rtol=0)
-    # one scale for all parameters: with Muon the gradient of a common lr shift (lr_proj.bias) is a near-exact
-    # cancellation (Newton-Schulz normalises the scale away), so its own magnitude is no yardstick in fp32
-    scale = max(g.abs().max().item() for g in g_par.values())
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, g_par[n], atol=tol * scale, rtol=0, msg=n)
-
-
-def test_left_padding_is_a_noop():
-    m, _ = build(use_muon=True)
-    T, P = 21, 5
-    x = torch.randn(2, T, D, dtype=torch.float64)
-    xp = torch.cat([torch.randn(2, P, D, dtype=torch.float64), x], 1)
-    mask = torch.ones(2, T + P, dtype=torch.long)
-    mask[0, :P] = 0
-    xp[1] = torch.cat([x[1], torch.randn(P, D, dtype=torch.float64)])  # row 1: unpadded, P tokens longer
-    y = m(x)[0]
-    yp = m(xp, attention_mask=mask)[0]
-    torch.testing.assert_close(yp[0, P:], y[0], atol=1e-10, rtol=0)
-    torch.testing.assert_close(yp[1, :T], y[1], atol=1e-10, rtol=0)
-    # through a state: prefill with the padding, then decode; the padded row's state equals the unpadded row's
-    _, st_ref = run_chunks(m, x[:1], [13, 8])
-    yc, st = run_chunks(m, xp[:1], [18, 1, 1, 6], mask[:1], no_grad=True)
-    torch.testing.assert_close(yc[:, P:], y[:1], atol=1e-10, rtol=0)
-    for name in ("w0", "w1", "w2", "mom0", "buf", "count"):
-        torch.testing.assert_close(getattr(st, name), getattr(st_ref, name), atol=1e-10, rtol=0, msg=name)
-
-
 def test_padding_steps_during_decode_change_nothing():
     """Rows skip (padded) decode steps at different times: each row still equals its own unpadded run, and the
     host-side hint of chunk phases stays a superset of the rows' phases."""
@@ -177,20 +116,23 @@ def test_padding_steps_during_decode_change_nothing():
 
 
 @pytest.mark.parametrize("variant", ["momentum", "momentum+muon"])
-def test_packed_documents_equal_separate_runs(variant):
+def test_padding_inside_packed_rows(variant):
+    """Packed documents crossing chunk boundaries, with padding in the same row: each document equals its own run
+    (positions restart per document and count real tokens only; padding never enters a chunk)."""
     m, _ = build(**VARIANTS[variant])
-    lens = [11, 17, 4]  # crosses chunk boundaries inside documents
+    lens = [11, 17, 4]
     docs = [torch.randn(1, n, D, dtype=torch.float64) for n in lens]
-    x = torch.cat(docs, 1)
-    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
-    y = m(x, seq_idx=seq_idx)[0]
-    torch.testing.assert_close(y, torch.cat([m(doc)[0] for doc in docs], 1), atol=1e-10, rtol=0)
-    # padding inside a packed row is skipped too
-    pad = torch.randn(1, 3, D, dtype=torch.float64)
-    xp = torch.cat([pad, x], 1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, x.shape[1], dtype=torch.long)], 1)
-    yp = m(xp, seq_idx=torch.cat([torch.zeros(1, 3, dtype=torch.long), seq_idx], 1), attention_mask=mask)[0]
-    torch.testing.assert_close(yp[:, 3:], y, atol=1e-10, rtol=0)
+    x = torch.cat([torch.randn(1, 3, D, dtype=torch.float64), *docs], 1)
+    seq_idx = torch.cat([torch.zeros(3, dtype=torch.long)] + [torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    mask = torch.ones_like(seq_idx)
+    mask[0, :3] = 0
+    mask[0, 3 + 11 + 5] = 0  # a hole inside document 1
+    y = m(x, seq_idx=seq_idx, attention_mask=mask)[0]
+    torch.testing.assert_close(y[:, 3:14], m(docs[0])[0], atol=1e-10, rtol=0)
+    keep = torch.ones(17, dtype=torch.bool)
+    keep[5] = False
+    torch.testing.assert_close(y[:, 14:31][:, keep], m(docs[1][:, keep])[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(y[:, 31:], m(docs[2])[0], atol=1e-10, rtol=0)
 
 
 def test_reference_leak_is_reproducible_on_request():
@@ -221,19 +163,6 @@ def test_decode_step_makes_no_host_sync(monkeypatch):
         for t in range(7, 20):  # crosses the chunk boundary at 8 and 16, with and without a mask
             mask = torch.tensor([[1], [t % 3 != 0]], dtype=torch.long) if t % 2 else None
             _, state = m(x[:, t:t + 1], state=state, attention_mask=mask)
-
-
-def test_state_is_constant_size_and_reorders():
-    m, _ = build()
-    x = torch.randn(3, 30, D, dtype=torch.float64)
-    state = m.init_state(3, dtype=torch.float64, device="cpu")
-    n0 = state.nbytes
-    _, state = m(x[:, :19], state=state)
-    assert state.nbytes == n0
-    _, ref = m(x[[2, 0], :19], state=m.init_state(2, dtype=torch.float64, device="cpu"))
-    state.reorder(torch.tensor([2, 0]))
-    y, _ = m(x[:, 19:][[2, 0]], state=state)
-    torch.testing.assert_close(y, m(x[[2, 0], 19:], state=ref)[0], atol=1e-12, rtol=0)
 
 
 REFERENCE_KEYS = {  # LaCTSWIGLULayer parameters (sheet §1.2) for hidden d, H heads, nh lact heads, low rank r

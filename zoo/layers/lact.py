@@ -120,7 +120,7 @@ class LaCT(Mixer):
     )
     demo_args = {"num_attn_heads": 4, "num_lact_heads": 2, "chunk_size": 64, "window_size": 64}
     supports_packing = True
-    dtypes = ("float32", "float16", "bfloat16")
+    dtypes = ("float16", "bfloat16")
     state_growth = "constant"
     bench_cases = (BenchCase(
         args={"full": {"d_model": 1536, "num_attn_heads": 24, "num_lact_heads": 4, "w0_w2_low_rank": 32,
