@@ -23,50 +23,93 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TILE = 1 << 22  # complex elements per [H, N, slice] tile (32 MiB in complex64)
+TILE = 1 << 22  # complex elements per [H, N, slice] tile of exp(x l) (32 MiB in complex64)
+SMALL_TILE = 1 << 16  # real elements per [h, N, k] tile of the Cauchy matrix (256 KiB in fp32: stays in cache)
 
 
 def _slice(H: int, N: int, K: int, tile: int | None = None) -> int:
     return max(1, min(K, (tile or TILE) // max(1, H * N)))
 
 
-def _resolvents(z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``R1 = 1/(z - w)``, ``R2 = 1/(z - conj w)`` as ``[H, N, K]``."""
-    zz = z[None, None, :]
-    return (zz - w[..., None]).reciprocal(), (zz - w.conj()[..., None]).reciprocal()
+class _Sym:
+    """``S = 2 / ((z - w)(z - conj w))`` on ``[h, N, k]`` tiles as real and imaginary planes, in real arithmetic
+    into preallocated buffers (small tiles stay in cache; no allocator traffic). One conjugate pair sums to
+    ``v/(z-w) + conj(v)/(z-conj w) = (z Re v - Re(v conj w)) S``."""
+
+    def __init__(self, z: Tensor, w: Tensor) -> None:
+        self.zr, self.zi = z.real.contiguous(), z.imag.contiguous()
+        self.q, self.p2 = self.zr * self.zr - self.zi * self.zi, 2 * self.zi * self.zr
+        self.a2, self.w2 = (-2 * w.real)[..., None].contiguous(), w.abs().square()[..., None].contiguous()
+        self.bufs: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __call__(self, hs: slice, ks: slice) -> tuple[Tensor, Tensor]:
+        a2, w2, zr, zi = self.a2[hs], self.w2[hs], self.zr[ks], self.zi[ks]
+        shape = (a2.shape[0], a2.shape[1], zr.shape[0])
+        if shape not in self.bufs:
+            self.bufs[shape] = tuple(zr.new_empty(shape) for _ in range(3))
+        re, im, inv = self.bufs[shape]
+        torch.add(w2, self.q[ks], out=re).addcmul_(a2, zr)  # Re (z - w)(z - conj w)
+        torch.addcmul(self.p2[ks], a2, zi, out=im)  # Im (z - w)(z - conj w) = 2 zi (zr - Re w)
+        torch.mul(re, re, out=inv).addcmul_(im, im).reciprocal_().mul_(2)
+        return re.mul_(inv), im.mul_(inv).neg_()
+
+
+def _tiles(H: int, N: int, K: int, tile: int | None) -> tuple[int, int]:
+    kb = min(K, 256)
+    return max(1, min(H, (tile or SMALL_TILE) // (N * kb))), kb
 
 
 def cauchy_fwd_ref(v: Tensor, z: Tensor, w: Tensor, tile: int | None = None) -> Tensor:
     """``[M, H, N] x [K] x [H, N] -> [M, H, K]`` (see module docstring)."""
     M, H, N = v.shape
     K = z.shape[0]
-    vv = torch.cat([v, v.conj()], -1).transpose(0, 1)  # [H, M, 2N]
+    wh = w[None]
+    coef = torch.cat([v.real, -(v.real * wh.real + v.imag * wh.imag)]).transpose(0, 1).contiguous()  # [H, 2M, N]
     out = v.new_empty(H, M, K)
-    step = _slice(H, 2 * N, K, tile)
-    for k0 in range(0, K, step):
-        r1, r2 = _resolvents(z[k0:k0 + step], w)
-        out[..., k0:k0 + step] = torch.bmm(vv, torch.cat([r1, r2], 1))
+    sym = _Sym(z, w)
+    hb, kb = _tiles(H, N, K, tile)
+    for h0 in range(0, H, hb):
+        hs = slice(h0, h0 + hb)
+        for k0 in range(0, K, kb):
+            ks = slice(k0, k0 + kb)
+            sr, si = sym(hs, ks)
+            p = torch.complex(torch.bmm(coef[hs], sr), torch.bmm(coef[hs], si))  # [h, 2M, k]
+            out[hs, :, ks] = z[ks] * p[:, :M] + p[:, M:]
     return out.transpose(0, 1)
 
 
 def cauchy_bwd_ref(g: Tensor, v: Tensor, z: Tensor, w: Tensor, tile: int | None = None) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`cauchy_fwd_ref` w.r.t. ``v [M, H, N]`` and ``w [H, N]`` for ``g [M, H, K]``."""
+    """Gradients of :func:`cauchy_fwd_ref` w.r.t. ``v [M, H, N]`` and ``w [H, N]`` for ``g [M, H, K]``.
+
+    With ``out = sum_n (z vr - c) S``, ``c = vr a + vi b`` (``w = a + ib``), ``dS/da = (z - a) S^2``,
+    ``dS/db = -b S^2`` and ``G = Re sum_k g conj(z)^p conj(S^q)`` (five contractions over ``k``)."""
     M, H, N = v.shape
     K = z.shape[0]
+    zc = z.conj()
     gh = g.transpose(0, 1)  # [H, M, K]
-    gv = v.new_zeros(H, M, N)
-    gw = v.new_zeros(H, M, N)
-    step = _slice(H, 2 * N, K, tile)
-    for k0 in range(0, K, step):
-        r1, r2 = _resolvents(z[k0:k0 + step], w)  # [H, N, k]
-        gk = gh[..., k0:k0 + step]
-        a = torch.cat([r1.conj(), r1.conj().square()], 1).transpose(1, 2)  # [H, k, 2N]
-        b = torch.cat([r2, r2.square()], 1).transpose(1, 2)
-        s = torch.bmm(gk, a) + torch.bmm(gk.conj(), b)  # [H, M, 2N]
-        gv += s[..., :N]
-        gw += s[..., N:]
-    gw = (gw * v.transpose(0, 1).conj()).sum(1)
-    return gv.transpose(0, 1), gw
+    gz = torch.cat([gh, gh * zc, gh * zc * zc], 1)  # [H, 3M, K]
+    gr, gi = gz.real.contiguous(), gz.imag.contiguous()
+    G = v.real.new_zeros(2, H, 3 * M, N)  # [S, S^2] x [g, g conj z, g conj z^2]
+    sym = _Sym(z, w)
+    hb, kb = _tiles(H, N, K, tile)
+    for h0 in range(0, H, hb):
+        hs = slice(h0, h0 + hb)
+        for k0 in range(0, K, kb):
+            ks = slice(k0, k0 + kb)
+            sr, si = sym(hs, ks)
+            s2r, s2i = sr * sr - si * si, 2 * sr * si
+            a_r, a_i = gr[hs, :, ks], gi[hs, :, ks]
+            for q, (xr, xi) in enumerate(((sr, si), (s2r, s2i))):  # Re sum_k a conj(s) = ar sr + ai si
+                G[q, hs] += torch.bmm(a_r, xr.transpose(1, 2)) + torch.bmm(a_i, xi.transpose(1, 2))
+    G1, G2 = G[0, :, :M].transpose(0, 1), G[0, :, M:2 * M].transpose(0, 1)  # [M, H, N]
+    G3, G4, G5 = (G[1, :, i * M:(i + 1) * M].transpose(0, 1) for i in range(3))
+    a, b = w.real, w.imag
+    vr, vi = v.real, v.imag
+    c = vr * a + vi * b
+    gv = torch.complex(G2 - a * G1, -b * G1)
+    ga = (-vr * G1 + vr * (G5 - a * G4) - c * (G4 - a * G3)).sum(0)
+    gb = (-vi * G1 - b * (vr * G4 - c * G3)).sum(0)
+    return gv, torch.complex(ga, gb)
 
 
 def _powers(x: Tensor, l0: int, n: int) -> Tensor:
@@ -76,14 +119,19 @@ def _powers(x: Tensor, l0: int, n: int) -> Tensor:
 
 
 def vandermonde_fwd_ref(v: Tensor, x: Tensor, L: int, tile: int | None = None) -> Tensor:
-    """``[M, H, N] x [H, N] -> [M, H, L]`` real: ``2 Re sum_n v_n exp(x_n l)``."""
+    """``[M, H, N] x [H, N] -> [M, H, L]`` real: ``2 Re sum_n v_n exp(x_n l)``.
+
+    One ``exp(x j)`` tile (``j`` < slice) serves every slice: ``exp(x (l0 + j)) = exp(x l0) exp(x j)`` with the
+    first factor folded into ``v``."""
     M, H, N = v.shape
-    vh = v.transpose(0, 1)  # [H, M, N]
     out = v.real.new_empty(H, M, L)
     step = _slice(H, N, L, tile)
+    e = _powers(x, 0, step)
+    e = torch.cat([e.real, e.imag], 1)  # [H, 2N, step]
     for l0 in range(0, L, step):
         n = min(step, L - l0)
-        out[..., l0:l0 + n] = 2 * torch.bmm(vh, _powers(x, l0, n)).real
+        vl = (v * torch.exp(x * l0)).transpose(0, 1)  # [H, M, N]
+        out[..., l0:l0 + n] = 2 * torch.bmm(torch.cat([vl.real, -vl.imag], -1), e[..., :n])
     return out.transpose(0, 1)
 
 
@@ -91,17 +139,20 @@ def vandermonde_bwd_ref(g: Tensor, v: Tensor, x: Tensor, tile: int | None = None
     """Gradients of :func:`vandermonde_fwd_ref` w.r.t. ``v [M, H, N]`` and ``x [H, N]`` for real ``g [M, H, L]``."""
     M, H, N = v.shape
     L = g.shape[-1]
-    gh = g.transpose(0, 1).to(v.dtype)  # [H, M, L]
+    gh = g.transpose(0, 1).to(v.real.dtype)  # [H, M, L]
     gv = v.new_zeros(H, M, N)
     gx = v.new_zeros(H, M, N)
     step = _slice(H, N, L, tile)
+    e = _powers(x, 0, step).conj().transpose(1, 2)  # [H, step, N]
+    js = torch.arange(step, device=x.device, dtype=x.real.dtype)
     for l0 in range(0, L, step):
         n = min(step, L - l0)
-        e = _powers(x, l0, n).conj()  # [H, N, n]
-        ls = torch.arange(l0, l0 + n, device=x.device, dtype=x.real.dtype)
         gk = gh[..., l0:l0 + n]
-        gv += torch.bmm(gk, e.transpose(1, 2))
-        gx += torch.bmm(gk * ls, e.transpose(1, 2))
+        shift = torch.exp(x * l0).conj()[:, None]  # [H, 1, N]
+        s0 = torch.bmm(gk.to(v.dtype), e[:, :n])  # sum_j g conj(exp(x j))
+        s1 = torch.bmm((gk * js[:n]).to(v.dtype), e[:, :n])
+        gv += s0 * shift
+        gx += (s1 + l0 * s0) * shift
     return 2 * gv.transpose(0, 1), 2 * (gx * v.transpose(0, 1).conj()).sum(1)
 
 
