@@ -80,7 +80,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from zoo.demo import run_demo
 
-    result = run_demo(steps=args.steps)
+    result = run_demo(steps=args.steps, threads=args.threads)
     return 0 if result["reload_identical"] else 1
 
 
@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="zoo", help="'zoo' or a family name (e.g. llama)")
     s.set_defaults(fn=cmd_convert)
     s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
-    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1: the demo's tensors are tiny; more threads only add stalls)")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -69,7 +69,7 @@ def test_model_three_modes_agree_logits():
         steps = torch.cat([model(ids[:, t:t + 1], states=states).logits for t in range(19)], 1)
     assert (full - chunked).abs().max() < 1e-5
     assert (full - steps).abs().max() < 1e-5
-    assert states.seen_tokens == 19 and states.nbytes > 0
+    assert states.offset == 19 and states.nbytes > 0
 
 
 def test_state_reorder_and_nbytes_grow_linearly():

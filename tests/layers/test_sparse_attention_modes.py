@@ -24,11 +24,13 @@ def make(name, num_kv_heads=2):
 
 
 def run_chunks(m, x, sizes, attention_mask=None):
+    """Chunked calls; with a mask, positions are computed from it as the model does (the model owns time)."""
     st = m.init_state(x.shape[0], dtype=x.dtype, device=x.device)
+    pos = (attention_mask.cumsum(1) - 1).clamp(min=0) if attention_mask is not None else None
     ys, t = [], 0
     for n in sizes:
         am = attention_mask[:, t:t + n] if attention_mask is not None else None
-        y, st = m(x[:, t:t + n], state=st, attention_mask=am)
+        y, st = m(x[:, t:t + n], state=st, attention_mask=am, positions=None if pos is None else pos[:, t:t + n])
         ys.append(y)
         t += n
     assert t == x.shape[1]
@@ -90,7 +92,7 @@ def test_left_padded_row_equals_unpadded_row(name):
     m.chunk_size = 4  # the blocked path with padding
     torch.testing.assert_close(m(batch, positions=pos, attention_mask=mask)[0][0, pad:], y_alone[0],
                                atol=1e-5, rtol=0)
-    y_dec, _ = run_chunks(m, batch, [pad + 5] + [1] * (T - 5), attention_mask=mask)  # positions from the mask
+    y_dec, _ = run_chunks(m, batch, [pad + 5] + [1] * (T - 5), attention_mask=mask)
     torch.testing.assert_close(y_dec[0, pad:], y_alone[0], atol=1e-5, rtol=0)
     assert torch.isfinite(y_dec).all() and torch.isfinite(y_par).all()
 

@@ -31,19 +31,21 @@ def gated_rmsnorm_ref(
     group_size: int | None = None,
     norm_before_gate: bool = False,
 ) -> Tensor:
-    """Plain-torch reference (mamba_ssm ``rms_norm_ref`` semantics: fp32 compute, weight applied in fp32)."""
+    """Plain-torch reference (mamba_ssm ``rms_norm_ref`` semantics: fp32 compute, weight applied in fp32; fp64
+    inputs are computed in fp64)."""
     dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
     d = x.shape[-1]
     group_size = group_size or d
-    x = x.float()
+    x = x.to(acc)
     if z is not None and not norm_before_gate:
-        x = x * F.silu(z.float())
+        x = x * F.silu(z.to(acc))
     xg = x.unflatten(-1, (d // group_size, group_size))
-    out = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+    out = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(acc)
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(acc)
     if z is not None and norm_before_gate:
-        out = out * F.silu(z.float())
+        out = out * F.silu(z.to(acc))
     return out.to(dtype)
 
 

@@ -143,3 +143,13 @@ def default_positions(x: Tensor, offset: int = 0) -> Tensor:
     """``[B, T]`` positions ``offset .. offset+T-1`` for an unpadded batch."""
     B, T = x.shape[:2]
     return torch.arange(offset, offset + T, device=x.device).unsqueeze(0).expand(B, T)
+
+
+def document_positions(seq_idx: Tensor) -> Tensor:
+    """``seq_idx [B, T]`` (document ids of packed rows) -> each token's index inside its document (restarts at
+    every document start)."""
+    T = seq_idx.shape[1]
+    t = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values

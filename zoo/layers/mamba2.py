@@ -274,15 +274,18 @@ class Mamba2(Mixer):
             out = out + self.conv1d.bias.to(out.dtype)
         return out
 
-    def _thresholds(self, device: torch.device) -> Tensor | None:
+    def _thresholds(self, like: Tensor) -> Tensor | None:
+        """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None
+        when off (an infinite threshold never fires, so its code path is skipped too)."""
         thr = self.state_norm_threshold
-        if thr is None:
+        if thr is None or all(math.isinf(v) for v in (thr if isinstance(thr, (list, tuple)) else [thr])):
             return None
-        return torch.as_tensor(thr, dtype=torch.float32, device=device).expand(self.nheads)
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.as_tensor(thr, dtype=acc, device=like.device).expand(self.nheads)
 
     def _scan(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
               off: Tensor | None, mask: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
-        thr = self._thresholds(xs.device)
+        thr = self._thresholds(xs)
         extra: dict[str, Any] = {}
         if thr is not None:  # align renormalisation boundaries to each row's count of real tokens
             first = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
@@ -332,7 +335,7 @@ class Mamba2(Mixer):
         # y = S C per group as one batched GEMV: [B, G, hg*P, N] @ [B, G, N, 1]
         y = torch.matmul(read.view(Bsz, G, (H // G) * P, N), Cg[..., None]).view(Bsz, H, P)
         y = y.addcmul(xf, D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
-        thr = self._thresholds(x.device)
+        thr = self._thresholds(state.ssm_state)
         if thr is not None:
             seen = state.seen + (1 if mask is None else mask[:, 0].long())
             fire = (seen % self.chunk_size == 0) if mask is None else (seen % self.chunk_size == 0) & mask[:, 0]

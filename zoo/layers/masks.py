@@ -125,6 +125,14 @@ class LocalStrideRule:
             slot = torch.where(dense, p, slot)
         return torch.where(self.vertical(kb, h), slot, torch.full_like(slot, -1))
 
+    def vertical_capacity(self, n_tokens: int) -> int:
+        """Slots of the vertical store that positions ``< n_tokens`` can need (a bound computed on the host)."""
+        if n_tokens <= 0:
+            return 0
+        if self.num_dense_heads:
+            return n_tokens
+        return ((n_tokens - 1) // (self.block_size * self.vertical_stride) + 1) * self.block_size
+
     def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
         return None, 0
 

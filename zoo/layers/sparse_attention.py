@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.layers.attention import Attention
+from zoo.layers.base import document_positions
 from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
 from zoo.layers.sparse_ops import (
     SparseKVCache,
@@ -51,15 +52,6 @@ def _power_of_two(name: str, value: Any) -> None:
     _positive_int(name, value)
     if value & (value - 1):
         raise ValueError(f"{name}={value!r} must be a power of two (block-sparse kernel tiles)")
-
-
-def document_positions(seq_idx: Tensor) -> Tensor:
-    """``seq_idx [B, T]`` -> index of each token inside its document (restarts at every document start)."""
-    T = seq_idx.shape[1]
-    t = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
-    start = torch.ones_like(seq_idx, dtype=torch.bool)
-    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values
 
 
 class SparseAttention(Attention):
@@ -91,15 +83,16 @@ class SparseAttention(Attention):
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed sequences) is supported by the parallel forward only, "
                                  "not with a state")
-            if positions is None:
-                positions = state.next_pos[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
-            state.next_pos = state.next_pos + real.sum(1)
+            if positions is None:  # standalone use: rows without padding before this call
+                positions = state.length + (real.long().cumsum(1) - 1).clamp(min=0)
+            # a decode step (one real token per row, no autograd): in-place write, then attend; no host sync
+            decode = T == 1 and attention_mask is None and not torch.is_grad_enabled()
             outs = []
             for t0 in range(0, T, self.prefill_chunk):
                 sl = slice(t0, t0 + self.prefill_chunk)
                 q, k, v = self.project(x[:, sl], positions[:, sl])
-                if q.shape[2] == 1 and bool(real[:, sl].all()) and not (torch.is_grad_enabled() and k.requires_grad):
-                    state.write_step(self.rule, k, v, positions[:, sl])  # decode: in place, then attend
+                if decode:
+                    state.write_step(self.rule, k, v, positions[:, sl])
                     outs.append(state.attend(self.rule, q, None, None, positions[:, sl], real[:, sl], self.scale))
                     continue
                 outs.append(state.attend(self.rule, q, k, v, positions[:, sl], real[:, sl], self.scale))
@@ -151,10 +144,10 @@ class SparseAttention(Attention):
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> SparseKVCache:
-        """Bounded: ``max_length`` is ignored (the ring has ``rule.ring_size`` slots)."""
-        st = SparseKVCache.empty(self.rule, batch_size, self.num_kv_heads, self.head_dim, dtype, device)
-        st.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return st
+        """A ring of ``rule.ring_size`` slots; a vertical store (local-stride) preallocated for ``max_length``
+        tokens, growing beyond it when needed."""
+        return SparseKVCache.empty(self.rule, batch_size, self.num_kv_heads, self.head_dim, dtype, device,
+                                   max_length=max_length or 0)
 
     @staticmethod
     def _base_size_check(kwargs: dict[str, Any]) -> bool:
