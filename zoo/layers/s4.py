@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.kernels.s4.ssm import INITS, TRANSFORMS, SSMKernel
-from zoo.layers.base import BenchCase, Mixer, State
+from zoo.layers.base import BenchCase, Mixer, State, document_positions
 from zoo.registry import register_mixer
 
 ACTIVATIONS = {"id": nn.Identity, "identity": nn.Identity, "linear": nn.Identity, "gelu": nn.GELU,
@@ -179,7 +179,9 @@ class S4(Mixer):
             raise ValueError("s4: seq_idx (packed documents) is supported in the parallel forward only (state=None)")
         if state is None or T > 1:
             self.kernel.sync_l_kernel()  # (never in the one-token step: no host synchronisation there)
-        if state is None:
+        if T == 0:
+            y = u.new_zeros(*u.shape[:2], self.channels, self.d_model)
+        elif state is None:
             y = self._parallel(u, mask, seq_idx)
         elif T == 1:
             y = self._step(u[:, 0], state, mask)[:, None]
@@ -216,11 +218,8 @@ class S4(Mixer):
     def _packed(self, u: Tensor, seq_idx: Tensor) -> Tensor:
         """Each document of ``seq_idx [B, T]`` gathered into its own row ``[S, T_max, H]``, convolved, scattered."""
         B, T, H = u.shape
-        pos = torch.arange(T, device=u.device).expand(B, T)
-        first = torch.ones_like(seq_idx, dtype=torch.bool)
-        first[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-        doc = first.flatten().cumsum(0).view(B, T) - 1
-        off = pos - torch.cummax(torch.where(first, pos, 0), dim=1).values
+        off = document_positions(seq_idx)  # index inside the document
+        doc = (off == 0).flatten().cumsum(0).view(B, T) - 1  # document number over the whole batch
         buf = u.new_zeros(int(doc[-1, -1]) + 1, int(off.max()) + 1, H)
         buf = buf.index_put((doc, off), u)
         return self._conv(buf)[doc, off]

@@ -227,7 +227,7 @@ class SSMKernel(nn.Module):
         Dm = 1 / (2 / p.dt - p.A)  # [H, N]
         Q = p.P.conj()
         QDP = 2 * torch.einsum("rhn,hn,shn->hrs", Q, Dm, p.P).real
-        Minv = torch.linalg.inv(torch.eye(self.rank, dtype=QDP.dtype, device=QDP.device) + QDP)  # [H, r, r]
+        Minv = torch.linalg.inv_ex(torch.eye(self.rank, dtype=QDP.dtype, device=QDP.device) + QDP)[0]  # [H, r, r]
         return SimpleNamespace(Dm=Dm, E=2 / p.dt + p.A, B2=2 * p.B, P=p.P, Q=Q, QD=Q * Dm, Minv=Minv.to(Dm.dtype))
 
     def _step_params(self, dtype: torch.dtype) -> SimpleNamespace:
@@ -309,7 +309,7 @@ class SSMKernel(nn.Module):
             return ell
         eye = torch.eye(2 * self.N, dtype=R.dtype, device=R.device)
         M = (eye - torch.linalg.matrix_power(R, self._lk)).mT  # l^T (I - R^L) = lt^T
-        return torch.linalg.solve(M, ell.permute(1, 2, 0)).permute(2, 0, 1)
+        return torch.linalg.solve_ex(M, ell.permute(1, 2, 0))[0].permute(2, 0, 1)  # _ex: no host sync
 
     def _ct_ell(self, p: SimpleNamespace, L: int) -> Tensor:
         """``Ct`` (as its output functional) for length ``L``: doubling from ``l_kernel``, or from the plain C."""
