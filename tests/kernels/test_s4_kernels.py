@@ -39,11 +39,11 @@ def naive_with_grads(fn, args, g, wrt):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 1e-4)])
 @pytest.mark.parametrize("imaginary", [True, False])
 def test_cauchy_reference_matches_materialised(dtype, tol, imaginary):
     v, z, w, _ = inputs(dtype, imaginary_nodes=imaginary)
-    g = torch.randn(v.shape[0], v.shape[1], z.shape[0], dtype=dtype)
+    g = torch.randn(v.shape[0], v.shape[1], z.shape[0], dtype=dtype, generator=torch.Generator().manual_seed(1))
     out, (gv, gw) = naive_with_grads(R.cauchy_naive, (v, z, w), g, (0, 2))
     for tile in (None, 3000):  # one tile / many tiles (partial ones at both ends of h and k)
         assert rel(R.cauchy_fwd_ref(v, z, w, tile=tile), out) < tol
@@ -51,11 +51,11 @@ def test_cauchy_reference_matches_materialised(dtype, tol, imaginary):
         assert rel(rv, gv) < tol and rel(rw, gw) < tol
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 1e-4)])
 def test_vandermonde_reference_matches_materialised(dtype, tol):
     v, _, _, x = inputs(dtype)
     L = 301
-    g = torch.randn(v.shape[0], v.shape[1], L, dtype=v.real.dtype)
+    g = torch.randn(v.shape[0], v.shape[1], L, dtype=v.real.dtype, generator=torch.Generator().manual_seed(1))
     out, (gv, gx) = naive_with_grads(lambda a, b: R.log_vandermonde_naive(a, b, L), (v, x), g, (0, 1))
     for tile in (None, 500):
         assert rel(R.vandermonde_fwd_ref(v, x, L, tile=tile), out) < tol
@@ -76,12 +76,12 @@ def _both_backends(monkeypatch, fn, args, g):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-12)])
 def test_cauchy_triton_matches_reference(monkeypatch, dtype, tol):
     cd = torch.complex64 if dtype == torch.float32 else torch.complex128
     v, z, w, _ = inputs(cd, M=2, H=3, N=37, n_nodes=150)  # N and K not multiples of the blocks
     v = v.reshape(2, 1, 3, 37)  # leading batch dims are flattened by the dispatcher
-    g = torch.randn(2, 1, 3, 150, dtype=cd)
+    g = torch.randn(2, 1, 3, 150, dtype=cd, generator=torch.Generator().manual_seed(1))
     r = _both_backends(monkeypatch, lambda a, b: K.cauchy(a, z, b), (v, w), g)
     for a, b in zip(r["triton"], r["torch"]):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -89,12 +89,12 @@ def test_cauchy_triton_matches_reference(monkeypatch, dtype, tol):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-12)])
 def test_vandermonde_triton_matches_reference(monkeypatch, dtype, tol):
     cd = torch.complex64 if dtype == torch.float32 else torch.complex128
     v, _, _, x = inputs(cd, M=2, H=3, N=37)
     L = 170
-    g = torch.randn(2, 3, L, dtype=dtype)
+    g = torch.randn(2, 3, L, dtype=dtype, generator=torch.Generator().manual_seed(1))
     r = _both_backends(monkeypatch, lambda a, b: K.log_vandermonde(a, b, L), (v, x), g)
     for a, b in zip(r["triton"], r["torch"]):
         assert a.shape == b.shape and a.dtype == b.dtype

@@ -260,7 +260,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             axes[1].plot([p[0] for p in pts], [p[1]["mem_bytes"] / 2**20 for p in pts], style, label=f"{kind} H={H}")
     for ax, label in zip(axes, ("time (s)", "peak memory increase (MiB)")):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
