@@ -7,14 +7,14 @@ import csv
 
 import pytest
 
-from zoo.experiments.s4_bench import Setup, naive_bytes, run
+from zoo.experiments.s4_bench import NAIVE_PEAK, Setup, naive_bytes, run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("mode", ["dplr", "diag"])
 def test_s4_bench_tiny(tmp_path, mode):
-    cap = naive_bytes(16, 64, 8) / 2**30  # the materialised path fits at L=64, not at L=128
+    cap = NAIVE_PEAK[mode] * naive_bytes(16, 64, 8, mode) / 2**30  # the materialised path fits at L=64 only
     s = Setup(lengths=[64, 128], widths=[16], d_state=8, mode=mode, scan_steps=32, repeats=1,
               kernel_cases=[(16, 128)], decode_width=16, decode_contexts=[32, 96], decode_steps=4,
               naive_cap_gb=cap, isolate=False)

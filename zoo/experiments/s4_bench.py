@@ -5,17 +5,19 @@ Cases (one fresh process each, so that peak memory is the case's own; ``torch`` 
 
 * ``forward``: the zoo ``s4`` layer's parallel forward over ``L`` tokens (kernel generation included: the kernel
   cache is cleared before every call), batch 1, fp32;
-* ``naive``: the same forward with the Cauchy product computed the way ``state-spaces/s4``'s fallback does
-  (``cauchy_naive``: the ``[rows, H, N, L/2+1]`` matrix materialised); skipped (with its size) when that matrix
-  alone would exceed ``naive_cap_gb``;
+* ``naive``: the same forward with the kernel's structured product computed the way ``state-spaces/s4``'s
+  fallback does (``cauchy_naive``: the ``[rows, H, N, L/2+1]`` Cauchy matrix materialised; S4D:
+  ``log_vandermonde_naive``, ``exp(dtA l)`` as ``[H, N/2, L]``); skipped (with the matrix size) when its
+  estimated peak would exceed ``naive_cap_gb``;
 * ``scan``: the recurrent form over the same tokens, one O(N) step per token (timed over ``scan_steps`` tokens
   and scaled to ``L`` when ``L`` is longer; the per-token cost does not depend on the position);
 * ``kernel``: kernel generation alone (``SSMKernel.kernel``) at ``H x L``: time and peak memory (target < 1 GB at
   H=1024, L=8192; the materialised path needs ~8.6 GB there);
 * ``decode``: prefill ``L`` tokens into a state, then time single-token steps (target: 16k within 1.1x of 1k).
 
-Memory is the increase of the process's peak RSS during the measured call (``ru_maxrss`` after minus before),
-i.e. activations and temporaries on top of weights and inputs. Every row records the load average.
+Memory is the peak RSS during the measured call minus the RSS before it (Linux: the peak is reset first through
+``/proc/self/clear_refs``; elsewhere ``ru_maxrss``), i.e. activations and temporaries on top of weights and
+inputs. Every row records the load average.
 """
 
 from __future__ import annotations
@@ -47,19 +49,51 @@ class Setup:
     decode_width: int = 1024
     decode_contexts: list[int] = field(default_factory=lambda: [1024, 16384])
     decode_steps: int = 200
-    naive_cap_gb: float = 3.0
+    naive_cap_gb: float = 3.5
     threads: int = 1
     isolate: bool = True  # one spawned process per case (False: in-process, for tests)
 
 
-def _rss() -> int:
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _start_peak() -> int:
+    """Reset the peak RSS to the current RSS where Linux allows it (``clear_refs``); returns the baseline."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS") * 1024
+    except (OSError, TypeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _peak() -> int:
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def naive_bytes(H: int, L: int, d_state: int, rank: int = 1, channels: int = 1) -> int:
-    """Bytes of the reference fallback's materialised Cauchy matrix: ``(1+r)(C+r) x H x 2(N/2) x (L/2+1)``
-    complex64 (``_conj`` doubles the state)."""
+def naive_bytes(H: int, L: int, d_state: int, mode: str = "dplr", rank: int = 1, channels: int = 1) -> int:
+    """Bytes of the matrix the reference's fallback materialises: DPLR, the Cauchy matrix
+    ``(1+r)(C+r) x H x 2(N/2) x (L/2+1)`` complex64 (``_conj`` doubles the state); S4D, ``exp(dtA l)`` as
+    ``H x N/2 x L`` complex64."""
+    if mode == "diag":
+        return H * (d_state // 2) * L * 8
     return (1 + rank) * (channels + rank) * H * d_state * (L // 2 + 1) * 8
+
+
+# peak memory of the materialised path relative to its matrix (the Cauchy quotient is formed once; the
+# Vandermonde needs x * l and exp of it at the same time)
+NAIVE_PEAK = {"dplr": 1.25, "diag": 2.0}
 
 
 def _layer(H: int, s: Setup, L: int):
@@ -84,22 +118,26 @@ def measure(kind: str, H: int, L: int, s: Setup) -> dict[str, Any]:
     """One case in the current process: ``{"time_s", "mem_bytes", ...}``."""
     torch.set_num_threads(s.threads)
     row: dict[str, Any] = {"kind": kind, "mode": s.mode, "H": H, "L": L, "load_avg_1m": os.getloadavg()[0]}
-    if kind == "naive" and naive_bytes(H, L, s.d_state) > s.naive_cap_gb * 2**30:
-        row.update(status=f"skipped: materialises {naive_bytes(H, L, s.d_state) / 2**30:.1f} GiB")
+    size = naive_bytes(H, L, s.d_state, s.mode)
+    if kind == "naive" and NAIVE_PEAK[s.mode] * size > s.naive_cap_gb * 2**30:
+        row.update(status=f"skipped: materialises {size / 2**30:.1f} GiB")
         return row
     m = _layer(H, s, L)
     x = torch.randn(1, L, H)
     if kind in ("forward", "naive"):
         def run() -> None:
             m.kernel._cache.clear()
-            if kind == "naive":  # the reference's fallback Cauchy product, for this call only
-                from zoo.kernels.s4 import cauchy_naive, ssm
+            if kind == "naive":  # the reference's fallback product, for this call only
+                from zoo.kernels.s4 import cauchy_naive, log_vandermonde_naive, ssm
 
-                ssm.cauchy, saved = cauchy_naive, ssm.cauchy
+                name, naive = ("cauchy", cauchy_naive) if s.mode == "dplr" else ("log_vandermonde",
+                                                                                 log_vandermonde_naive)
+                saved = getattr(ssm, name)
+                setattr(ssm, name, naive)
                 try:
                     m(x)
                 finally:
-                    ssm.cauchy = saved
+                    setattr(ssm, name, saved)
             else:
                 m(x)
     elif kind == "kernel":
@@ -127,11 +165,11 @@ def measure(kind: str, H: int, L: int, s: Setup) -> dict[str, Any]:
                 m(step, state=st)
     else:
         raise ValueError(f"unknown case kind {kind!r}")
-    before = _rss()
+    before = _start_peak()
     t0 = time.perf_counter()
     run()  # warm-up run: its peak is the memory figure
     first = time.perf_counter() - t0
-    row["mem_bytes"] = _rss() - before
+    row["mem_bytes"] = max(0, _peak() - before)
     row["time_s"] = min(first, _timed(run, s.repeats - 1)) if s.repeats > 1 else first
     if kind == "scan" and L > row["scan_tokens_timed"]:
         row["time_s"] *= L / row["scan_tokens_timed"]
@@ -215,8 +253,8 @@ def report(rows: list[dict[str, Any]], s: Setup, machine: dict[str, Any]) -> str
              f"fp32, batch 1, d_state {s.d_state}. Load average (1/5/15 min) at start "
              f"{'/'.join(f'{v:.2f}' for v in machine['load_average_start'])}, at end "
              f"{'/'.join(f'{v:.2f}' for v in machine['load_average_end'])}; per row below.", "",
-             "## Forward: FFT convolution vs recurrent scan vs the materialised (naive) kernel path", "",
-             "| H | L | FFT conv (zoo) | peak mem | naive Cauchy path | peak mem | recurrent scan | load |",
+             "## Forward: FFT convolution vs recurrent scan vs the reference's materialised kernel path", "",
+             "| H | L | FFT conv (zoo) | peak mem | materialised kernel path | peak mem | recurrent scan | load |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for H in s.widths:
         for L in s.lengths:
@@ -225,11 +263,12 @@ def report(rows: list[dict[str, Any]], s: Setup, machine: dict[str, Any]) -> str
                                  and sc["scan_tokens_timed"] < L else "")
             lines.append(f"| {H} | {L} | {_fmt_t(f)} | {_fmt_m(f)} | {_fmt_t(n)} | {_fmt_m(n)} | {scan} | "
                          f"{(f or {}).get('load_avg_1m', float('nan')):.2f} |")
-    lines += ["", "## Kernel generation", "", "| H | L | time | peak mem (zoo) | materialised Cauchy matrix | load |",
+    lines += ["", "## Kernel generation", "", "| H | L | time | peak mem (zoo) | materialised matrix | load |",
               "|---:|---:|---:|---:|---:|---:|"]
     for H, L in s.kernel_cases:
         r = get.get(("kernel", H, L))
-        lines.append(f"| {H} | {L} | {_fmt_t(r)} | {_fmt_m(r)} | {naive_bytes(H, L, s.d_state) / 2**30:.1f} GiB | "
+        size = naive_bytes(H, L, s.d_state, s.mode) / 2**30
+        lines.append(f"| {H} | {L} | {_fmt_t(r)} | {_fmt_m(r)} | {size:.1f} GiB | "
                      f"{(r or {}).get('load_avg_1m', float('nan')):.2f} |")
     lines += ["", "## Decode (one token after a prefill of L tokens)", "", "| H | context | ms / token | load |",
               "|---:|---:|---:|---:|"]

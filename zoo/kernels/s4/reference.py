@@ -21,9 +21,11 @@ Gradients follow PyTorch's complex convention (``grad = conj(g) d out/d conj(p) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 TILE = 1 << 22  # complex elements per [H, N, slice] tile of exp(x l) (32 MiB in complex64)
+VAND_SLICE = 256  # columns of the one exp(x j) tile of the Vandermonde product (the rest by shifts)
 SMALL_TILE = 1 << 16  # real elements per [h, N, k] tile of the Cauchy matrix (256 KiB in fp32: stays in cache)
 
 
@@ -112,47 +114,53 @@ def cauchy_bwd_ref(g: Tensor, v: Tensor, z: Tensor, w: Tensor, tile: int | None 
     return gv, torch.complex(ga, gb)
 
 
-def _powers(x: Tensor, l0: int, n: int) -> Tensor:
-    """``exp(x l)`` for ``l = l0 .. l0+n-1`` as ``[H, N, n]``."""
-    ls = torch.arange(l0, l0 + n, device=x.device, dtype=x.real.dtype)
-    return torch.exp(x[..., None] * ls)
+def _powers(x: Tensor, js: Tensor) -> tuple[Tensor, Tensor]:
+    """``exp(x j)`` for the exponents ``js`` as real and imaginary ``[..., N, len(js)]`` planes (real exp / cos /
+    sin: torch's complex ``exp`` on the CPU is an order of magnitude slower)."""
+    mag = torch.exp(x.real[..., None] * js)
+    ph = x.imag[..., None] * js
+    return mag * torch.cos(ph), mag * torch.sin(ph)
+
+
+def _grid(x: Tensor, L: int, tile: int | None) -> tuple[int, int, Tensor, Tensor, Tensor]:
+    """Slices of ``step`` positions: ``exp(x (l0 + j)) = exp(x l0) exp(x j)``: the tile ``E [H, N, step]`` (real,
+    imag) and the shifts ``exp(x l0) [H, S, N]`` of the ``S`` slice starts ``l0``."""
+    H, N = x.shape
+    step = min(_slice(H, N, L, tile), VAND_SLICE)
+    S = -(-L // step)
+    l0 = torch.arange(S, device=x.device, dtype=x.real.dtype) * step
+    er, ei = _powers(x, torch.arange(step, device=x.device, dtype=x.real.dtype))
+    sr, si = _powers(x, l0)  # [H, N, S]
+    return step, S, torch.stack([er, ei]), torch.complex(sr, si).transpose(1, 2), l0
 
 
 def vandermonde_fwd_ref(v: Tensor, x: Tensor, L: int, tile: int | None = None) -> Tensor:
-    """``[M, H, N] x [H, N] -> [M, H, L]`` real: ``2 Re sum_n v_n exp(x_n l)``.
-
-    One ``exp(x j)`` tile (``j`` < slice) serves every slice: ``exp(x (l0 + j)) = exp(x l0) exp(x j)`` with the
-    first factor folded into ``v``."""
+    """``[M, H, N] x [H, N] -> [M, H, L]`` real: ``2 Re sum_n v_n exp(x_n l)``: one ``[H, M S, 2N] @ [H, 2N, step]``
+    product, the slice shifts folded into ``v``."""
     M, H, N = v.shape
-    out = v.real.new_empty(H, M, L)
-    step = _slice(H, N, L, tile)
-    e = _powers(x, 0, step)
-    e = torch.cat([e.real, e.imag], 1)  # [H, 2N, step]
-    for l0 in range(0, L, step):
-        n = min(step, L - l0)
-        vl = (v * torch.exp(x * l0)).transpose(0, 1)  # [H, M, N]
-        out[..., l0:l0 + n] = 2 * torch.bmm(torch.cat([vl.real, -vl.imag], -1), e[..., :n])
-    return out.transpose(0, 1)
+    step, S, E, shift, _ = _grid(x, L, tile)
+    vl = v.transpose(0, 1)[:, :, None, :] * shift[:, None]  # [H, M, S, N]
+    coef = torch.cat([vl.real, -vl.imag], -1).reshape(H, M * S, 2 * N)
+    out = torch.bmm(coef, torch.cat([E[0], E[1]], 1))  # [H, M S, step]
+    return 2 * out.view(H, M, S * step)[..., :L].transpose(0, 1)
 
 
 def vandermonde_bwd_ref(g: Tensor, v: Tensor, x: Tensor, tile: int | None = None) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`vandermonde_fwd_ref` w.r.t. ``v [M, H, N]`` and ``x [H, N]`` for real ``g [M, H, L]``."""
     M, H, N = v.shape
     L = g.shape[-1]
-    gh = g.transpose(0, 1).to(v.real.dtype)  # [H, M, L]
-    gv = v.new_zeros(H, M, N)
-    gx = v.new_zeros(H, M, N)
-    step = _slice(H, N, L, tile)
-    e = _powers(x, 0, step).conj().transpose(1, 2)  # [H, step, N]
-    js = torch.arange(step, device=x.device, dtype=x.real.dtype)
-    for l0 in range(0, L, step):
-        n = min(step, L - l0)
-        gk = gh[..., l0:l0 + n]
-        shift = torch.exp(x * l0).conj()[:, None]  # [H, 1, N]
-        s0 = torch.bmm(gk.to(v.dtype), e[:, :n])  # sum_j g conj(exp(x j))
-        s1 = torch.bmm((gk * js[:n]).to(v.dtype), e[:, :n])
-        gv += s0 * shift
-        gx += (s1 + l0 * s0) * shift
+    step, S, E, shift, l0 = _grid(x, L, tile)
+    gh = F.pad(g.transpose(0, 1).to(v.real.dtype), (0, S * step - L)).reshape(H, M * S, step)
+    gj = gh * torch.arange(step, device=g.device, dtype=gh.dtype)
+    Et = E.transpose(2, 3)  # [2, H, step, N]
+
+    def conj_sum(a: Tensor) -> Tensor:  # sum_j a_j conj(exp(x j)) per slice -> [H, M, S, N]
+        return torch.complex(torch.bmm(a, Et[0]), -torch.bmm(a, Et[1])).view(H, M, S, N)
+
+    A, B = conj_sum(gh), conj_sum(gj)
+    sc = shift.conj()[:, None]  # [H, 1, S, N]
+    gv = (A * sc).sum(2)
+    gx = ((B + l0[:, None] * A) * sc).sum(2)
     return 2 * gv.transpose(0, 1), 2 * (gx * v.transpose(0, 1).conj()).sum(1)
 
 
