@@ -26,7 +26,8 @@ def main() -> None:
     p.add_argument("--scan-steps", type=int, default=d.scan_steps, help="recurrent tokens timed (scaled to L)")
     p.add_argument("--decode-width", type=int, default=d.decode_width)
     p.add_argument("--decode-contexts", type=int, nargs="+", default=d.decode_contexts)
-    p.add_argument("--decode-steps", type=int, default=d.decode_steps)
+    p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="tokens per timed round")
+    p.add_argument("--decode-rounds", type=int, default=d.decode_rounds)
     p.add_argument("--naive-cap-gb", type=float, default=d.naive_cap_gb,
                    help="skip the materialised path when its Cauchy matrix alone exceeds this")
     p.add_argument("--repeats", type=int, default=d.repeats)
@@ -34,7 +35,8 @@ def main() -> None:
     a = p.parse_args()
     s = Setup(lengths=a.lengths, widths=a.widths, d_state=a.d_state, mode=a.mode, scan_steps=a.scan_steps,
               repeats=a.repeats, kernel_cases=[(max(a.widths), 8192)], decode_width=a.decode_width,
-              decode_contexts=a.decode_contexts, decode_steps=a.decode_steps, naive_cap_gb=a.naive_cap_gb,
+              decode_contexts=a.decode_contexts, decode_steps=a.decode_steps, decode_rounds=a.decode_rounds,
+              naive_cap_gb=a.naive_cap_gb,
               threads=a.threads)
     out = run(s, a.out)
     print(f"wrote {out}/results.md, results.csv, s4_bench.png")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def test_s4_bench_tiny(tmp_path, mode):
     cap = NAIVE_PEAK[mode] * naive_bytes(16, 64, 8, mode) / 2**30  # the materialised path fits at L=64 only
     s = Setup(lengths=[64, 128], widths=[16], d_state=8, mode=mode, scan_steps=32, repeats=1,
-              kernel_cases=[(16, 128)], decode_width=16, decode_contexts=[32, 96], decode_steps=4,
+              kernel_cases=[(16, 128)], decode_width=16, decode_contexts=[32, 96], decode_steps=4, decode_rounds=2,
               naive_cap_gb=cap, isolate=False)
     out = run(s, tmp_path)
     rows = list(csv.DictReader(open(out / "results.csv")))

@@ -232,11 +232,9 @@ class SSMKernel(nn.Module):
 
     def _step_params(self, dtype: torch.dtype) -> SimpleNamespace:
         cd = torch.complex128 if dtype == torch.float64 else torch.complex64
-        p = self.params(torch.float64)
-        sp = self._coeffs(p)
-        ell = self._plain_ell(p, self._transition(sp) if self.mode == "dplr" and self._lk else None)
-        out = SimpleNamespace(**{k: v.to(cd) for k, v in vars(sp).items()})
-        out.dC = self._ell_to_c(ell).mul(2).to(cd)  # y = Re(dC x) on the half state
+        d = self.dense()  # shared with the chunked path (a prefill leaves it cached)
+        out = SimpleNamespace(**{k: v.to(cd) for k, v in vars(d.sp).items()})
+        out.dC = self._ell_to_c(d.ell).mul(2).to(cd)  # y = Re(dC x) on the half state
         return out
 
     def step(self, sp: SimpleNamespace, x: Tensor, u: Tensor) -> Tensor:
@@ -249,21 +247,22 @@ class SSMKernel(nn.Module):
         corr = torch.einsum("hrs,...sh->...rh", sp.Minv, qy)
         return sp.Dm * (y - torch.einsum("rhn,...rh->...hn", sp.P, corr))
 
-    def dense(self, dtype: torch.dtype) -> SimpleNamespace:
-        """Real dense forms (fp64): transition ``R [H, 2N, 2N]``, input ``b [H, 2N]``, output ``ell [C, H, 2N]``."""
-        return self._cached("dense", dtype, self._dense)
+    def dense(self) -> SimpleNamespace:
+        """Real dense forms (fp64): transition ``R [H, 2N, 2N]``, input ``b [H, 2N]``, output ``ell [C, H, 2N]``
+        (of the plain C), and the step coefficients ``sp``."""
+        return self._cached("dense", torch.float64, self._dense)
 
     def _dense(self) -> SimpleNamespace:
         p = self.params(torch.float64)
         sp = self._coeffs(p)
         R = self._transition(sp)
         b = self._real(self.step(sp, torch.zeros_like(p.B), p.dt.new_ones(self.H)))
-        return SimpleNamespace(R=R, b=b, ell=self._plain_ell(p, R))
+        return SimpleNamespace(R=R, b=b, ell=self._plain_ell(p, R), sp=sp)
 
     def powers(self, n: int, dtype: torch.dtype) -> list[Tensor]:
         """``[R, R^2, R^4, ..., R^(2^(n-1))]`` in ``dtype`` (squared in fp64)."""
         def make() -> list[Tensor]:
-            out = [self.dense(dtype).R]
+            out = [self.dense().R]
             for _ in range(n - 1):
                 out.append(out[-1] @ out[-1])
             return [t.to(dtype) for t in out]
@@ -274,7 +273,7 @@ class SSMKernel(nn.Module):
         """Per block of ``Q`` tokens: ``RQ = R^Q [H, 2N, 2N]``, the Krylov matrix ``kry[h, :, q] = R^(Q-1-q) b``
         and the observability rows ``obs[c, h, i] = l^T R^(i+1)`` (``i < Q``), in ``dtype``."""
         def make() -> SimpleNamespace:
-            d = self.dense(dtype)
+            d = self.dense()
             kry, obs, Rm = d.b[..., None], (d.ell[:, :, None] @ d.R)[:, :, :1], d.R  # [H,2N,1], [C,H,1,2N]
             while kry.shape[-1] < Q:
                 kry = torch.cat([kry, Rm @ kry], -1)
