@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,13 +178,21 @@ def remove_stale_shards(path: Path, weights_name: str, written: set[str]) -> lis
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, card: bool = True,
-                    card_data: dict[str, Any] | None = None) -> Path:
+                    card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
     """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card into the directory
-    ``path`` (created if needed). Each file is written atomically; other files in the directory are kept."""
+    ``path`` (created if needed). Each file is written atomically; other files in the directory are kept. With
+    ``tokenizer`` (anything with ``save_pretrained(directory)``, e.g. a ``DNAKmerTokenizer``) its files are written
+    next to the weights the same way."""
     path = checkpoint_dir(path)
     with staged_files(path) as stage:
         model.config.save(stage(CONFIG_NAME))
         save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": __version__})
+        if tokenizer is not None:
+            with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=path) as tok_dir:
+                tokenizer.save_pretrained(tok_dir)
+                for f in sorted(Path(tok_dir).iterdir()):
+                    if f.is_file():
+                        shutil.copyfile(f, stage(f.name))
         if card:
             render_model_card(model, **(card_data or {})).save(str(stage(CARD_NAME)))
     remove_stale_shards(path, WEIGHTS_NAME, {WEIGHTS_NAME})
@@ -213,14 +222,14 @@ def save_reference(model: nn.Module, path: str | os.PathLike, family: Any = None
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
                 commit_message: str = "Upload zoo model", token: str | None = None,
-                card_data: dict[str, Any] | None = None) -> str:
+                card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> str:
     """Create the repo if needed and upload ``save_pretrained``'s files in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, Path(tmp) / "model", card_data=card_data)
+        save_pretrained(model, Path(tmp) / "model", card_data=card_data, tokenizer=tokenizer)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "model"),
                                  commit_message=commit_message, repo_type="model")
     return str(getattr(info, "commit_url", info))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import zoo
+from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
 
 
@@ -43,6 +44,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _tokenizer(model_name: str):
     path = Path(model_name)
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
+        from zoo.tokenizers import DNAKmerTokenizer  # GENERator's 6-mer tokenizer, without its remote code
+
+        return DNAKmerTokenizer.from_pretrained(path)
     if path.is_dir() and any(path.glob("tokenizer*")):
         from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
 
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench)
+    add_dna_commands(sub)
     return p
 
 

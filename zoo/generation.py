@@ -71,8 +71,13 @@ def generate(
     pad_token_id: int | None = None,
     streamer: Any = None,
     generator: torch.Generator | None = None,
+    suppress_tokens: list[int] | Tensor | None = None,
 ) -> Tensor:
-    """Returns ``[B, T + n]`` (prompt followed by the new tokens; ``n <= max_new_tokens``)."""
+    """Returns ``[B, T + n]`` (prompt followed by the new tokens; ``n <= max_new_tokens``).
+
+    ``suppress_tokens``: ids that are never generated (their logits are set to -inf before sampling or argmax,
+    as transformers' ``suppress_tokens``), e.g. the special tokens of a DNA k-mer vocabulary.
+    """
     check_generate_args(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p)
     B, T = input_ids.shape
@@ -81,6 +86,16 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id
                                                          if model.config.pad_token_id is not None
                                                          else (int(eos_ids[0]) if len(eos_ids) else 0))
+    bias = None  # -inf at the suppressed ids, built (and checked) once per call
+    if suppress_tokens is not None:
+        V = model.config.vocab_size
+        banned = torch.as_tensor(suppress_tokens, dtype=torch.long).reshape(-1)
+        if banned.numel() and (int(banned.min()) < 0 or int(banned.max()) >= V):
+            raise ValueError(f"suppress_tokens must be ids in [0, {V}), got {banned.tolist()[:8]}...")
+        bias = torch.zeros(V, device=input_ids.device)
+        bias[banned.to(input_ids.device)] = float("-inf")
+        if bool(torch.isinf(bias).all()):
+            raise ValueError("suppress_tokens suppresses the whole vocabulary")
     states = model.init_states(B, max_length=T + max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -89,6 +104,8 @@ def generate(
     tokens = []
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
+        if bias is not None:
+            logits = logits.float() + bias
         token = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator)
         if len(eos_ids):

@@ -61,11 +61,12 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
                     local_files_only: bool | None = None) -> ZooForCausalLM:
     """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id."""
     target = str(id_or_path)
+    swap = None
     if is_preset(target) and not Path(target).exists():  # a preset name: its published checkpoint
         preset = get_preset_entry(target)[1]
         if not preset.hub_id:
             raise ValueError(f"preset {target!r} has no published checkpoint; use zoo.create_model({target!r})")
-        target, revision = preset.hub_id, revision or preset.revision
+        target, revision, swap = preset.hub_id, revision or preset.revision, preset.swap
     path = resolve(target, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = read_config_json(path)
     if "zoo_version" in cfg:
@@ -85,6 +86,10 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
     load_state_dict_strict(model, sd, strict=strict)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
+    if swap:  # a hybrid preset: the published checkpoint with some layers swapped (weights reused where they fit)
+        from zoo.models.lm import swap_layers
+
+        model = swap_layers(model, swap)
     model.to(device=device, dtype=dtype)
     return model.eval()
 

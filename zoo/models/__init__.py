@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from zoo.config import ZooConfig
-from zoo.models import llama, mamba2, mistral, s4, tiny
+from zoo.models import generator, lact, llama, mamba2, mistral, s4, tiny
 from zoo.models.family import Family
 from zoo.models.lm import ZooForCausalLM, create_model, swap_layers
 from zoo.registry import families, list_presets, register_family, register_preset
 
-for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, s4.FAMILY):
+for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, generator.FAMILY, lact.FAMILY, s4.FAMILY):
     register_family(_family.name, _family)
 for _name, _preset in tiny.PRESETS.items():
     register_preset(_name, _preset)
@@ -27,7 +27,8 @@ def detect_family(reference_config: dict) -> Family:
             f"config.json is in no known format (model_type/keys: {hint!r}); "
             f"known: zoo checkpoints (with 'zoo_version') and the families {sorted(families())}"
         )
-    return matches[0]
+    refined = {f.specializes for f in matches}
+    return [f for f in matches if f.name not in refined][0]
 
 
 __all__ = ["ZooForCausalLM", "create_model", "swap_layers", "list_presets", "get_preset", "detect_family"]

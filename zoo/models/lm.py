@@ -57,6 +57,33 @@ class CausalLMOutput:
     states: ModelState | None = None
 
 
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """The model's initialisation of one module (use with ``module.apply``): normal(0, std) linear and embedding
+    weights, zero biases, and a mixer's own ``reset_mixer_parameters`` (e.g. Mamba-2's dt and A)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+    if hasattr(module, "reset_mixer_parameters"):
+        module.reset_mixer_parameters()
+
+
+def token_positions(B: int, T: int, attention_mask: Tensor | None = None, *, start: Tensor | None = None,
+                    seq_idx: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+    """The positions ``[B, T]`` the model hands to every mixer: ``start + arange(T)`` for unpadded rows; with a
+    mask, transformers' ``cumsum(mask) - 1`` (padded slots clamp to the row's next position); for packed rows
+    (``seq_idx``), the index inside each document. ``start [B]``: each row's next position (from the states)."""
+    if seq_idx is not None:
+        return document_positions(seq_idx)
+    if start is None:
+        start = torch.zeros(B, dtype=torch.long, device=device)
+    if attention_mask is None:
+        return start[:, None] + torch.arange(T, device=start.device)[None]
+    return start[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 class Block(nn.Module):
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
@@ -104,15 +131,7 @@ class ZooForCausalLM(nn.Module):
             self.lm_head.weight = self.embedding.weight
 
     def _init_module(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        if hasattr(module, "reset_mixer_parameters"):  # mixers with their own init (e.g. Mamba-2's dt, A)
-            module.reset_mixer_parameters()
+        init_weights(module, self.config.initializer_range)
 
     # ------------------------------------------------------------------ utilities
     @property
@@ -199,7 +218,8 @@ class ZooForCausalLM(nn.Module):
         valid-token mask (None = all real), and the state's offset / next positions."""
         B, T = input_ids.shape
         if positions is None:
-            positions = self._positions(B, T, attention_mask, states, seq_idx)
+            start = states.next_position if states is not None else None
+            positions = token_positions(B, T, attention_mask, start=start, seq_idx=seq_idx, device=self.device)
         if states is not None:
             states.next_position = states.next_position + (T if attention_mask is None else attention_mask.sum(1))
             states.offset += T
@@ -221,16 +241,6 @@ class ZooForCausalLM(nn.Module):
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
         return logits
-
-    def _positions(self, B: int, T: int, attention_mask: Tensor | None, states: ModelState | None,
-                   seq_idx: Tensor | None) -> Tensor:
-        if seq_idx is not None:  # packed documents: positions restart at every document
-            return document_positions(seq_idx)
-        start = states.next_position if states is not None else torch.zeros(B, dtype=torch.long, device=self.device)
-        if attention_mask is None:
-            return start[:, None] + torch.arange(T, device=self.device)[None]
-        # transformers' convention: cumsum(mask) - 1 over real tokens; padded slots clamp to the row's start
-        return start[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
     # ------------------------------------------------------------------ API sugar
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:

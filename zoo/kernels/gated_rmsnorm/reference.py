@@ -1,24 +1,20 @@
-"""Fused gated RMSNorm (Mamba-2's ``RMSNormGated``), Triton forward and backward, with its torch reference.
+"""Gated RMSNorm (Mamba-2's ``RMSNormGated``) in plain torch: the CPU path and the test oracle.
 
 Per row of ``d`` channels split into groups of ``group_size`` channels (mean of squares per group, in fp32)::
 
     norm_before_gate=False (Mamba-2 default):  u = x * silu(z);  y = u / sqrt(mean_g(u^2) + eps) * weight (+ bias)
     norm_before_gate=True:                      y = (x / sqrt(mean_g(x^2) + eps) * weight (+ bias)) * silu(z)
 
-``z=None`` gives a plain group RMSNorm. Output in x.dtype. Kernels: one program per (block of rows, group), the
-forward stores 1/rms per (row, group) in fp32; the backward recomputes the rest and writes per-program partial
-sums of d weight / d bias, reduced in torch.
+``z=None`` gives a plain group RMSNorm. Output in x.dtype; computed in fp32 (fp64 for fp64 input).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gated_rmsnorm", "gated_rmsnorm_ref"]
+__all__ = ["gated_rmsnorm_ref"]
 
 
 def gated_rmsnorm_ref(
@@ -47,24 +43,3 @@ def gated_rmsnorm_ref(
     if z is not None and norm_before_gate:
         out = out * F.silu(z.to(acc))
     return out.to(dtype)
-
-
-
-def gated_rmsnorm(
-    x: Tensor,
-    weight: Tensor,
-    z: Tensor | None = None,
-    *,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    group_size: int | None = None,
-    norm_before_gate: bool = False,
-) -> Tensor:
-    """Dispatch: Triton on CUDA tensors, the torch reference otherwise; ``ZOO_BACKEND=torch|triton`` overrides."""
-    backend = os.environ.get("ZOO_BACKEND", "")
-    use_triton = backend == "triton" or (backend != "torch" and x.is_cuda)
-    if use_triton:
-        from zoo.kernels.gated_rmsnorm_triton import gated_rmsnorm_triton as fn
-    else:
-        fn = gated_rmsnorm_ref
-    return fn(x, weight, z, bias=bias, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
