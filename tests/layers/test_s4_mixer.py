@@ -1,5 +1,5 @@
 """S4 / S4D mixer against an independent reference written from the paper's definitions, the reference's
-parameter names and shapes, HiPPO-LegS, and (temporarily, until the contract suite lands) the three modes.
+parameter names and shapes, HiPPO-LegS (three modes, padding, packing: the contract suite, tests/contract).
 
 The reference: materialise the full (conjugate-doubled) ``A = diag(Lambda) - P P^*`` per feature, discretise
 (bilinear for S4; ZOH or bilinear for S4D), recover the plain ``C`` from the stored ``C~ = C (I - dA^L)``
@@ -166,57 +166,3 @@ def test_bad_arguments_fail_clearly():
     with pytest.raises(ValueError, match="seq_idx"):
         m(torch.randn(1, 4, H), state=m.init_state(1, dtype=torch.float32, device="cpu"),
           seq_idx=torch.zeros(1, 4, dtype=torch.long))
-
-
-# ---------------------------------------------------------------------------------------------- temporary
-def _chunks(m: S4, x: torch.Tensor, sizes: list[int], mask: torch.Tensor | None = None):
-    state = m.init_state(x.shape[0], dtype=x.dtype, device=x.device)
-    out, t = [], 0
-    for n in sizes:
-        y, state = m(x[:, t:t + n], state=state, attention_mask=None if mask is None else mask[:, t:t + n])
-        out.append(y)
-        t += n
-    return torch.cat(out, 1), state
-
-
-@pytest.mark.parametrize("args", S4.example_args, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
-def test_three_modes_padding_packing_TEMPORARY(args):
-    """Temporary, until ``zoo.testing.check_mixer`` lands on main: parallel == chunked (crossing chunk_size and
-    l_max) == token by token, forward and backward; left padding; packed documents."""
-    torch.manual_seed(0)
-    m = randomise(S4(32, **args), seed=2).double()
-    x = torch.randn(3, 29, 32, dtype=torch.float64, requires_grad=True)
-    y, _ = m(x)
-    for sizes in ([5, 1, 13, 1, 9], [1] * 29, [17, 12]):
-        torch.testing.assert_close(_chunks(m, x, sizes)[0], y, rtol=0, atol=1e-10)
-    w = torch.randn_like(y)
-    grads = []
-    for run in (lambda: m(x)[0], lambda: _chunks(m, x, [5, 1, 12, 11])[0]):
-        m.zero_grad()
-        x.grad = None
-        (run() * w).sum().backward()
-        grads.append([p.grad.clone() for p in m.parameters()] + [x.grad.clone()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
-    # left padding: padded rows give the unpadded rows' outputs and states (parallel, chunked, then decode)
-    x = x.detach()
-    mask = torch.ones(3, 29, dtype=torch.long)
-    mask[1, :4], mask[2, :11] = 0, 0
-    for sizes in ([29], [3, 9, 1, 16]):
-        yp, sp = _chunks(m, x, sizes, mask) if len(sizes) > 1 else (m(x, attention_mask=mask)[0], None)
-        for row, pad in ((1, 4), (2, 11)):
-            yr, sr = _chunks(m, x[row:row + 1, pad:], [29 - pad])
-            torch.testing.assert_close(yp[row, pad:], yr[0], rtol=0, atol=1e-10)
-            if sp is not None:
-                torch.testing.assert_close(sp.ssm_state[row], sr.ssm_state[0], rtol=0, atol=1e-10)
-    _, st = _chunks(m, x, [29])
-    before = st.ssm_state.clone()
-    m(x[:, :1], state=st, attention_mask=torch.zeros(3, 1))  # an all-padding step changes nothing
-    assert torch.equal(st.ssm_state, before)
-    # packing: each document as if alone
-    seq = torch.tensor([[0] * 7 + [1] * 13 + [2] * 9, [5] * 29, [0] * 28 + [1]])
-    yk, _ = m(x, seq_idx=seq)
-    for row in range(3):
-        cuts = [0] + [t for t in range(1, 29) if seq[row, t] != seq[row, t - 1]] + [29]
-        ref = torch.cat([m(x[row:row + 1, a:b])[0] for a, b in zip(cuts, cuts[1:])], 1)
-        torch.testing.assert_close(yk[row:row + 1], ref, rtol=0, atol=1e-10)

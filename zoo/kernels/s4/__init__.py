@@ -1,5 +1,7 @@
 """S4 / S4D structured products with autograd: ``cauchy`` (DPLR generating function) and ``log_vandermonde``
-(diagonal kernel). Triton on CUDA tensors, the slice-wise torch reference otherwise (``zoo.kernels.backend``).
+(diagonal kernel). Dispatch (:mod:`zoo.kernels.backend`): the Triton kernels (:mod:`zoo.kernels.s4.triton`,
+imported only when chosen) for CUDA tensors, the sliced torch reference (:mod:`zoo.kernels.s4.reference`)
+otherwise; ``ZOO_BACKEND=torch|triton`` forces one. The SSM kernel built on them is :mod:`zoo.kernels.s4.ssm`.
 
     cauchy(v, z, w)          v [..., H, N], z [K], w [H, N]  ->  [..., H, K]   (complex)
     log_vandermonde(v, x, L) v [..., H, N], x [H, N]         ->  [..., H, L]   (real)
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zoo.kernels.backend import use_triton
+from zoo.kernels.backend import triton_module, use_triton
 from zoo.kernels.s4.reference import (
     cauchy_bwd_ref,
     cauchy_fwd_ref,
@@ -27,10 +29,9 @@ __all__ = ["cauchy", "log_vandermonde", "cauchy_naive", "log_vandermonde_naive"]
 
 
 def _impl(triton: bool, name: str):
-    if triton:
-        from zoo.kernels.s4 import triton as mod
-
-        return getattr(mod, f"{name}_triton")
+    kernels = triton_module("zoo.kernels.s4.triton") if triton else None
+    if kernels is not None:
+        return getattr(kernels, f"{name}_triton")
     return {"cauchy_fwd": cauchy_fwd_ref, "cauchy_bwd": cauchy_bwd_ref,
             "vandermonde_fwd": vandermonde_fwd_ref, "vandermonde_bwd": vandermonde_bwd_ref}[name]
 
