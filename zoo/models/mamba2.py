@@ -32,7 +32,8 @@ from torch import Tensor
 
 from zoo.checkpoint import save_reference
 from zoo.config import ZooConfig
-from zoo.models.family import Family, Preset, StateDict
+from zoo.layers.mamba2 import CITATION as MAMBA2_CITATION
+from zoo.models.family import Family, Preset, StateDict, refuse_layers
 
 MAMBA_SSM_KEYS = [
     ("backbone.embedding.", "embedding."),
@@ -175,25 +176,25 @@ def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
         if on:
             raise ValueError(f"cannot export to the {fmt} format: layer {i} uses inference-time mitigations {on}, "
                              f"which have no field there; turn them off (swap_layers) before exporting")
-    if any(a != args[0] for a in args):
-        raise ValueError(f"cannot export to the {fmt} format: mamba2 layers have different arguments")
+    refuse_layers(fmt, config, [i for i, a in zip(idx, args) if a != args[0]],
+                  f"one set of Mamba-2 arguments for every mamba2 layer (layer {idx[0]}: {config.layers[idx[0]].spec_string})")
     return {**_mixer_defaults(), **args[0]}
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """mamba_ssm ``MambaConfig`` dict (``config.json`` of ``state-spaces/mamba2-*``)."""
+    holds = "mamba2 layers (+ mamba_ssm MHA `attention` layers sharing one set of arguments), one MLP shape"
+    refuse_layers("mamba_ssm", config, [i for i, ls in enumerate(config.layers)
+                                        if ls.mixer not in ("mamba2", "attention")], holds)
     a = _mixer_args(config, "mamba_ssm")
     if a["norm_eps"] != 1e-5:
         raise ValueError(f"cannot export to the mamba_ssm format: its gated norm eps is fixed at 1e-5, "
                          f"the model uses norm_eps={a['norm_eps']}")
     attn_idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-    other = sorted({ls.mixer for ls in config.layers} - {"mamba2", "attention"})
-    if other:
-        raise ValueError(f"cannot export to the mamba_ssm format: mixers {other} have no mamba_ssm counterpart")
-    mlps = {str(ls.mlp) for ls in config.layers}
-    if len(mlps) != 1:
-        raise ValueError("cannot export to the mamba_ssm format: blocks differ in their MLP")
+    refuse_layers("mamba_ssm", config, [i for i in attn_idx
+                                        if config.mixer_kwargs(i) != config.mixer_kwargs(attn_idx[0])], holds)
     mlp = config.layers[0].mlp
+    refuse_layers("mamba_ssm", config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp], holds)
     if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
         raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
     defaults = _mixer_defaults()
@@ -240,10 +241,9 @@ def _to_json(v: Any) -> Any:
 
 def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
     """transformers ``Mamba2Config`` dict."""
-    a = _mixer_args(config, "transformers")
+    a = _mixer_args(config, "mamba2-transformers")
     bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "mamba2" or ls.mlp is not None]
-    if bad:
-        raise ValueError(f"cannot export to the transformers mamba2 format: layers {bad} are not mixer-only mamba2")
+    refuse_layers("mamba2-transformers", config, bad, "mamba2 layers without MLP")
     defaults = _mixer_defaults()
     unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate") if a[k] != defaults[k]}
     if not a["rmsnorm"] or unsupported or config.norm != "rmsnorm" or a["norm_eps"] != config.norm_eps:
@@ -342,18 +342,20 @@ PRESETS = {
         mixers={"default": "mamba2", "9,18,27,36,45,56": {"mixer": "attention", "mixer_args": _ATTN_2P7B}}),
 }
 
-FAMILY = Family(
-    name="mamba2", detect=detect, config_from_reference=config_from_reference,
-    config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
-    from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
-    model_card="mamba2",
-)
-# export-only variant for the transformers layout
+# export-only variant for the transformers layout (``zoo convert --to mamba2-transformers``)
 TRANSFORMERS_FORMAT = Family(
     name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
     config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
     key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
-    reference_weights_name="model.safetensors", model_card="mamba2",
+    reference_weights_name="model.safetensors", model_card="mamba2", citations=(MAMBA2_CITATION,),
+)
+FAMILY = Family(
+    name="mamba2", detect=detect, config_from_reference=config_from_reference,
+    config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
+    from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
+    model_card="mamba2", export_formats={"mamba2-transformers": TRANSFORMERS_FORMAT},
+    shardable=False,  # mamba_ssm's loader reads one pytorch_model.bin
+    citations=(MAMBA2_CITATION,),
 )
 
 
