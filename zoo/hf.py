@@ -257,8 +257,9 @@ class ZooForCausalLMHF(PreTrainedModel, GenerationMixin):
         """``input_ids [B, T]``; ``attention_mask [B, T]`` or ``[B, past + T]`` (1 = token; left padding);
         ``cache``: a :class:`ZooCache` to continue (updated in place); ``labels`` as transformers (shifted inside,
         -100 ignored; ``num_items_in_batch`` honoured). Without ``cache`` or ``use_cache=True`` the parallel form
-        runs (bit-identical to ``zoo``'s forward); with them, the states continue / are returned in the output. ``position_ids`` are not needed (the model derives
-        positions); without a mask, position ids that restart at 0 mark packed documents."""
+        runs (bit-identical to ``zoo``'s forward); with them, the states continue / are returned in the output.
+        ``position_ids`` are not needed (the model derives positions); without a mask, position ids that restart at
+        0 mark packed documents."""
         if inputs_embeds is not None:
             raise ValueError("zoo models take input_ids, not inputs_embeds")
         if input_ids is None:

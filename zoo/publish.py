@@ -59,6 +59,7 @@ class PublishResult:
     private: bool | None = None
     commit_message: str = ""
     notes: list[str] = field(default_factory=list)
+    model: ZooForCausalLM | None = field(default=None, repr=False)  # the in-memory model that was validated
 
     def summary(self) -> str:
         total = sum(n for _, n in self.files)
@@ -237,7 +238,8 @@ def publish(source: str | ZooForCausalLM, repo_id: str, *, swap: dict[str, Any] 
                                  tags=tags or (), repo_id=repo_id, export_format=None if to == "zoo" else to)
         card.save(str(folder / CARD_NAME))
         result = PublishResult(repo_id=repo_id, folder=folder, files=folder_files(folder), max_abs_diff=diff,
-                               tolerance=tol, revision=revision, private=private, commit_message=commit_message)
+                               tolerance=tol, revision=revision, private=private, commit_message=commit_message,
+                               model=model)
         if dry_run:
             if out is None:
                 result.notes.append("(the folder is kept for inspection; delete it when done)")

@@ -42,7 +42,6 @@ from zoo.layers.sparse_ops import (
 )
 from zoo.registry import register_mixer
 
-
 LONGFORMER = """@article{beltagy2020longformer,
   title={Longformer: The Long-Document Transformer},
   author={Beltagy, Iz and Peters, Matthew E. and Cohan, Arman},

@@ -111,7 +111,7 @@ def config_to_reference(config: ZooConfig, fmt: str = "llama") -> dict[str, Any]
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta,
-        "rope_scaling": config.rope_scaling,
+        **({"rope_scaling": config.rope_scaling} if config.rope_scaling else {}),  # None: transformers 5 warns
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.initializer_range,
         "pad_token_id": config.pad_token_id,

@@ -52,6 +52,7 @@ MIXER_ARGS = ("d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "n
               "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
               "conv_bias", "chunk_size")
 IGNORED_SSM_ARGS = ("layer", "use_mem_eff_path", "process_group", "sequence_parallel", "device", "dtype")
+SSM_FMT = "mamba2 (mamba_ssm)"  # the family's own export format, named in errors
 MITIGATIONS = {"decay_scale": 1.0, "input_scale": 1.0, "dt_scale": 1.0, "state_norm_threshold": None,
                "state_window": None}
 
@@ -176,27 +177,28 @@ def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
         if on:
             raise ValueError(f"cannot export to the {fmt} format: layer {i} uses inference-time mitigations {on}, "
                              f"which have no field there; turn them off (swap_layers) before exporting")
+    first = f"layer {idx[0]}: {config.layers[idx[0]].spec_string}"
     refuse_layers(fmt, config, [i for i, a in zip(idx, args) if a != args[0]],
-                  f"one set of Mamba-2 arguments for every mamba2 layer (layer {idx[0]}: {config.layers[idx[0]].spec_string})")
+                  f"one set of Mamba-2 arguments for every mamba2 layer ({first})")
     return {**_mixer_defaults(), **args[0]}
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """mamba_ssm ``MambaConfig`` dict (``config.json`` of ``state-spaces/mamba2-*``)."""
     holds = "mamba2 layers (+ mamba_ssm MHA `attention` layers sharing one set of arguments), one MLP shape"
-    refuse_layers("mamba_ssm", config, [i for i, ls in enumerate(config.layers)
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers)
                                         if ls.mixer not in ("mamba2", "attention")], holds)
-    a = _mixer_args(config, "mamba_ssm")
+    a = _mixer_args(config, SSM_FMT)
     if a["norm_eps"] != 1e-5:
-        raise ValueError(f"cannot export to the mamba_ssm format: its gated norm eps is fixed at 1e-5, "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: its gated norm eps is fixed at 1e-5, "
                          f"the model uses norm_eps={a['norm_eps']}")
     attn_idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-    refuse_layers("mamba_ssm", config, [i for i in attn_idx
+    refuse_layers(SSM_FMT, config, [i for i in attn_idx
                                         if config.mixer_kwargs(i) != config.mixer_kwargs(attn_idx[0])], holds)
     mlp = config.layers[0].mlp
-    refuse_layers("mamba_ssm", config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp], holds)
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp], holds)
     if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
-        raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
+        raise ValueError(f"cannot export to the {SSM_FMT} format: only gated SiLU MLPs without bias, got {mlp}")
     defaults = _mixer_defaults()
     ssm = {"layer": "Mamba2", **{k: _to_json(a[k]) for k in MIXER_ARGS if _norm(a[k]) != _norm(defaults[k])}}
     attn_cfg: dict[str, Any] = {}
@@ -234,7 +236,7 @@ def _to_json(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_to_json(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"cannot export to the mamba_ssm format: the value {v} (e.g. a dt_limit bound other than the "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: the value {v} (e.g. a dt_limit bound other than the "
                          "default (0.0, inf)) has no strict-JSON form that mamba_ssm reads")
     return v
 
