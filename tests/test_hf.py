@@ -136,6 +136,18 @@ def test_a_trainer_step_runs_and_saves_a_zoo_checkpoint(ckpt, tmp_path):
     assert "lm_head.weight" not in load_weights(tmp_path / "saved")  # tied: stored once
 
 
+def test_resized_vocabulary_is_what_gets_saved(ckpt, tmp_path):
+    path, _ = ckpt
+    hf = auto(path)
+    hf.resize_token_embeddings(520, mean_resizing=False)
+    x = torch.tensor([[515, 3, 519]])
+    with torch.no_grad():
+        assert hf(x).logits.shape == (1, 3, 520)
+    hf.save_pretrained(tmp_path)
+    back = zoo.from_pretrained(tmp_path)
+    assert back.config.vocab_size == 520 and torch.equal(back.embedding.weight, hf.model.embedding.weight)
+
+
 def test_loss_follows_transformers_conventions(ckpt):
     path, model = ckpt
     hf = auto(path)
@@ -174,6 +186,11 @@ def test_config_round_trip_and_registration(ckpt, tmp_path):
     hf_mod._register()  # idempotent
     wrapped = hf_mod.from_zoo(model)
     assert wrapped.model is model and wrapped.model.embedding.weight.data_ptr() == model.embedding.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(wrapped(ids()).logits, model(ids()).logits)  # wrapping re-initialises nothing
+        fresh = hf_mod.ZooForCausalLMHF(cfg)  # a new model: the zoo's init (norms 1, Mamba-2's A / dt / D)
+        assert all(bool((fresh.model.layers[i].norm.weight == 1).all()) for i in range(4))
+        assert bool((fresh.model.layers[1].mixer.D == 1).all()) and torch.isfinite(fresh(ids()).logits).all()
 
 
 def test_an_untied_reference_conversion_through_the_adapter(tmp_path):

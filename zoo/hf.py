@@ -42,9 +42,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from zoo import checkpoint
 from zoo.config import MODEL_TYPE, ZooConfig, json_restore, json_safe
-from zoo.layers.mlp import MLP
 from zoo.layers.norm import GatedRMSNorm, RMSNorm
-from zoo.models.lm import ModelState, ZooForCausalLM, init_weights
+from zoo.models.lm import ModelState, ZooForCausalLM
 
 __all__ = ["ZooConfigHF", "ZooForCausalLMHF", "ZooCache", "from_zoo"]
 
@@ -193,23 +192,30 @@ class ZooForCausalLMHF(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ transformers plumbing
     def _init_weights(self, module: nn.Module) -> None:
-        """The zoo's initialisation (transformers calls this for modules whose weights a checkpoint did not fill,
-        and for non-persistent buffers such as RoPE frequencies)."""
+        """The zoo's initialisation, for what a checkpoint did not fill (transformers' flag-aware ``init`` functions
+        skip loaded tensors) and the non-persistent buffers (RoPE frequencies)."""
         if getattr(self, "_wrapping", False):
             return
         from transformers import initialization as init
 
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+        loaded = any(getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False))
+        std = self.config.zoo.get("initializer_range", 0.02)
         if isinstance(module, (RMSNorm, GatedRMSNorm, nn.LayerNorm)):
             if getattr(module, "weight", None) is not None:
                 init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Conv1d):
-            module.reset_parameters()
-        elif not isinstance(module, (ZooForCausalLM, MLP)):
-            init_weights(module, self.config.zoo.get("initializer_range", 0.02))
+            if not loaded:
+                module.reset_parameters()
+        elif hasattr(module, "reset_mixer_parameters") and not loaded:  # e.g. Mamba-2's dt / A / D
+            module.reset_mixer_parameters()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embedding
@@ -222,6 +228,12 @@ class ZooForCausalLMHF(PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.model.lm_head = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers' resize; the zoo model's own config follows (its input checks read the vocabulary size)."""
+        out = super().resize_token_embeddings(*args, **kwargs)
+        self.model.config = self.config.zoo_config
+        return out
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None) -> None:
         self.model.gradient_checkpointing = enable
@@ -338,7 +350,7 @@ def _register() -> None:
                            f"{existing.__module__}.{existing.__qualname__}; zoo.hf does not override it")
     AutoConfig.register(MODEL_TYPE, ZooConfigHF)
     AutoModelForCausalLM.register(ZooConfigHF, ZooForCausalLMHF)
-    register_checkpoint_conversion_mapping(MODEL_TYPE, [PrefixChange(prefix_to_add="model")], overwrite=True)
+    register_checkpoint_conversion_mapping(MODEL_TYPE, [PrefixChange(prefix_to_add="model")])
 
 
 _register()

@@ -15,8 +15,9 @@ rotate-half). Its optional depthwise causal conv over ``qkv`` (``d_conv > 0``; `
 the fused MLP (``mlp_dim > 0``) have no counterpart in the zoo ``attention`` mixer: such configs are refused with
 a ``ValueError`` naming the field (the preset itself builds, without that conv).
 
-Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``) and :func:`save_transformers`
-(config.json + ``model.safetensors``). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
+Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``; ``zoo convert --to mamba2``) and
+:func:`save_transformers` (config.json + ``model.safetensors``; ``zoo convert --to mamba2-transformers``, the
+family's ``export_formats`` entry). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
 thresholds from a prompt (Stuffed Mamba, method 2).
 """
 
