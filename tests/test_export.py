@@ -87,6 +87,27 @@ def test_export_round_trips_through_the_reference_loader(fmt, tmp_path):
         assert torch.equal(back(ids).logits, model(ids).logits)
 
 
+def test_lact_export_matches_the_independent_reference_lm(tmp_path):
+    """zoo -> lact_swiglu (config.json + model.safetensors) -> the float64 reference LM of tests/layers."""
+    from safetensors.torch import load_file
+
+    from tests.layers.lact_reference import lact_lm
+    from tests.models.test_lact_family import tiny_reference
+    from zoo.models import lact
+
+    torch.manual_seed(0)
+    model = zoo.create_model(lact.config_from_reference(tiny_reference(3, True))).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.float().save_pretrained(tmp_path / "zoo")
+    assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "ref"), "--to", "lact"]) == 0
+    cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    sd = load_file(tmp_path / "ref" / "model.safetensors")
+    x = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(2))  # 3 chunks of 4 + 3
+    torch.testing.assert_close(lact_lm(sd, cfg, x), model.double()(x).logits, atol=1e-9, rtol=1e-9)
+
+
 HYBRID = {"vocab_size": 97, "d_model": 32, "n_layers": 4, "mlp": MLP, "mixer_defaults": ATT,
           "mixers": {"default": "attention", "1": "sliding_window(window=5)", "3": "mamba2(d_state=8, headdim=16)"}}
 
@@ -96,6 +117,7 @@ HYBRID = {"vocab_size": 97, "d_model": 32, "n_layers": 4, "mlp": MLP, "mixer_def
     ("generator", ["1: sliding_window(window=5)", "3: mamba2(d_state=8, headdim=16)"]),
     ("mistral", ["3: mamba2(d_state=8, headdim=16)"]),
     ("mamba2", ["1: sliding_window(window=5)"]),
+    ("lact", ["0: attention", "1: sliding_window(window=5)", "2: attention", "3: mamba2(d_state=8, headdim=16)"]),
     ("mamba2-transformers", ["0: attention", "1: sliding_window(window=5)", "2: attention",
                              "3: mamba2(d_state=8, headdim=16)"]),
 ])
@@ -118,7 +140,7 @@ def test_mixed_attention_kinds_are_named_for_mistral(tmp_path):
 def test_unknown_format_lists_the_formats(tmp_path, capsys):
     zoo_model("llama").save_pretrained(tmp_path / "zoo")
     assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "out"), "--to", "gpt2"]) == 2
-    assert "unknown export format 'gpt2'; available: ['zoo', 'generator', 'llama', 'mamba2', " \
+    assert "unknown export format 'gpt2'; available: ['zoo', 'generator', 'lact', 'llama', 'mamba2', " \
            "'mamba2-transformers', 'mistral']" in capsys.readouterr().err
 
 
