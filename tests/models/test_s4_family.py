@@ -170,3 +170,21 @@ def test_v3_names_convert_to_v4():
     out = fam.v3_to_v4(v3)
     assert set(out) == set(v4)
     assert all(torch.equal(out[k], v4[k]) for k in v4)
+
+
+def test_card_and_export_refusal(tmp_path):
+    model = from_pretrained_tiny()
+    model.save_pretrained(tmp_path / "zoo")
+    card = (tmp_path / "zoo" / "README.md").read_text()
+    assert "C tilde" in card and "gu2022efficiently" in card and "gu2022parameterization" in card
+    hybrid = zoo.swap_layers(model, {"1": "attention(num_heads=4)"})
+    with pytest.raises(ValueError, match=r"layer\(s\) 1: attention"):
+        fam.config_to_reference(hybrid.config)
+
+
+def from_pretrained_tiny() -> zoo.ZooForCausalLM:
+    cfg = fam.config_from_reference(REF_CONFIG)
+    model = zoo.create_model(cfg)
+    model.load_state_dict(fam.FAMILY.state_dict_from_reference(reference_backbone(), cfg), strict=False)
+    return model
+

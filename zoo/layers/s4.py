@@ -60,6 +60,19 @@ class S4State(State):
     ssm_state: Tensor
 
 
+CITATIONS = ("""@inproceedings{gu2022efficiently,
+  title={Efficiently Modeling Long Sequences with Structured State Spaces},
+  author={Gu, Albert and Goel, Karan and R{\'e}, Christopher},
+  booktitle={International Conference on Learning Representations},
+  year={2022}
+}""", """@inproceedings{gu2022parameterization,
+  title={On the Parameterization and Initialization of Diagonal State Space Models},
+  author={Gu, Albert and Gupta, Ankit and Goel, Karan and R{\'e}, Christopher},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2022}
+}""")
+
+
 @register_mixer("s4")
 class S4(Mixer):
     arg_groups = ("s4",)
@@ -74,6 +87,7 @@ class S4(Mixer):
     supports_packing = True
     dtypes = ("float16", "bfloat16")  # the SSM math runs in fp32 whatever the parameter dtype
     state_growth = "constant"
+    citations = CITATIONS
     bench_cases = (
         BenchCase(args={"full": {"d_model": 1024, "d_state": 64, "l_max": 16384},
                         "quick": {"d_model": 64, "d_state": 16, "l_max": 512}},

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from zoo.config import ZooConfig
-from zoo.models.family import Family, Preset, StateDict, rename_keys
+from zoo.layers.s4 import CITATIONS
+from zoo.models.family import Family, Preset, StateDict, refuse_layers, rename_keys
 
 # reference -> zoo prefixes; "blocks.{i}" are the reference's residual blocks, re-indexed by from_reference
 KEY_TABLE = [
@@ -120,20 +121,21 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
-    other = sorted({ls.mixer for ls in config.layers} - {"s4"})
-    if other or config.norm != "layernorm":
-        raise ValueError(f"cannot export to the s4 format: it needs s4 mixers and LayerNorm (got mixers {other}, "
-                         f"norm {config.norm!r})")
+    def fits(ls: Any) -> bool:
+        m = ls.mlp
+        return ls.mixer == "s4" and (m is None or (not m.get("gated", True) and m.get("bias", False)))
+
+    refuse_layers("s4", config, [i for i, ls in enumerate(config.layers) if not fits(ls)],
+                  "s4 mixers, each optionally followed by the reference FFN (ungated, with bias)")
+    if config.norm != "layernorm" or config.embedding_scale != 1 or config.residual_scale != 1 or \
+            config.logit_scale != 1:
+        raise ValueError("cannot export to the s4 format: LayerNorm pre-norm and no embedding/residual/logit scales")
     flat: list[dict[str, Any]] = []
     for i, ls in enumerate(config.layers):
         flat.append({"_name_": "s4", **config.mixer_kwargs(i)})
         if ls.mlp is not None:
-            m = ls.mlp
-            if m.get("gated", True) or not m.get("bias", False):
-                raise ValueError(f"cannot export to the s4 format: layer {i}'s MLP must be ungated with bias "
-                                 f"(the reference FFN), got {m}")
-            flat.append({"_name_": "ffn", "expand": m["intermediate_size"] / config.d_model,
-                         "activation": m.get("activation", "silu")})
+            flat.append({"_name_": "ffn", "expand": ls.mlp["intermediate_size"] / config.d_model,
+                         "activation": ls.mlp.get("activation", "silu")})
     return {"model": {"_name_": "model", "d_model": config.d_model, "n_layers": 1, "prenorm": True,
                       "norm": "layer", "residual": "R", "layer": flat},
             "vocab_size": config.vocab_size, "tie_embeddings": config.tie_embeddings}
@@ -270,4 +272,6 @@ FAMILY = Family(
     to_reference=to_reference,
     reference_weights_name="pytorch_model.bin",
     model_card="s4",
+    shardable=False,  # the reference reads one torch.load file
+    citations=CITATIONS,
 )
