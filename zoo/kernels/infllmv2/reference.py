@@ -146,8 +146,7 @@ def sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
     Queries are taken in tiles of ``query_tile``; a tile gathers the union of its queries' blocks (only those:
     unselected blocks are never read) and masks per query, one fused SDPA call per group of tiles. With
     ``query_tile=1`` the union is the query's own list (no host synchronisation: the decode step). Differentiable;
-    fp32 math for half inputs (fp64 stays fp64). A query without any visible key (padding) returns its first
-    gathered value rather than NaN."""
+    fp32 math for half inputs (fp64 stays fp64). A query without any visible key (padding) returns zeros."""
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G, W = H // Hkv, idx.shape[-1]
@@ -188,13 +187,15 @@ def sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
         kidx = (blk[..., None] * bs + offs).flatten(-2)  # [B, Hkv, g, U*bs] key positions
         m = member.repeat_interleave(bs, dim=-1) & (kidx[:, :, :, None, :] <= pos[:, :, t0:t1, :, None]) \
             & (kidx < N)[:, :, :, None, :]
-        m = m | (~m.any(-1, keepdim=True) & first)  # no empty row (padding queries): no NaN, no NaN gradient
+        empty = ~m.any(-1, keepdim=True)  # a padding query: attend to one slot (no NaN), return 0 (the kernel's)
+        m = m | (empty & first)
         fi = (rows[:, :, None, None] + kidx.clamp(max=N - 1)).reshape(-1)
         kg = kf.index_select(0, fi).view(n, 1, U * bs, D)
         vg = vf.index_select(0, fi).view(n, 1, U * bs, D)
         qq = qt[:, :, t0:t1].to(cdt).reshape(n, G, C, D)
         o = F.scaled_dot_product_attention(qq, kg, vg, attn_mask=m.reshape(n, 1, C, U * bs), scale=scale,
                                            enable_gqa=G > 1)
+        o = o.masked_fill(empty.reshape(n, 1, C, 1), 0.0)
         outs.append(o.view(B, Hkv, t1 - t0, G, C, D))
     o = torch.cat(outs, dim=2).permute(0, 1, 3, 2, 4, 5).reshape(B, H, nT * C, D)[:, :, :Tq]
     return o.to(q.dtype)
