@@ -173,7 +173,7 @@ def test_block_scores_triton_fp16_rounds_like_reference():
     assert rel_rmse(got[fin], ref[fin]) < 5e-3
 
 
-def _attn_case(G, bs, dtype, seed=0, B=2, Hkv=2, Tq=13, N=70, D=24, W=4):
+def _attn_case(G, bs, dtype, seed=0, B=1, Hkv=2, Tq=9, N=70, D=24, W=4):
     torch.manual_seed(seed)
     q = torch.randn(B, Hkv * G, Tq, D)
     k, v = torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
@@ -191,7 +191,7 @@ def _fwd_bwd(fn, q, k, v, qpos, idx, do, **kw):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("G,bs", [(1, 16), (2, 8), (3, 32), (16, 16), (5, 64)])
+@pytest.mark.parametrize("G,bs", [(1, 64), (2, 8), (3, 32), (16, 16)])
 def test_sparse_attention_triton_matches_reference_fp32(G, bs):
     from zoo.kernels.infllmv2.triton import sparse_attention_triton
 

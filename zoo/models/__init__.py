@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from zoo.config import ZooConfig
-from zoo.models import llama, mamba2, mistral, tiny
+from zoo.models import llama, mamba2, minicpm4, mistral, tiny
 from zoo.models.family import Family, Preset
 from zoo.models.lm import ZooForCausalLM, create_model, swap_layers
 from zoo.registry import families, register_family
 
-for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY):
+for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, minicpm4.FAMILY):
     register_family(_family.name, _family)
 
 
