@@ -101,7 +101,7 @@ class InfLLMv2(Attention):
                             init_blocks=1, window_size=8, topk=2, dense_len=16)},
         reference="dense_attention",
         description="InfLLM-v2 (MiniCPM4 sparse_config, one GQA group of 16) against dense causal attention"),)
-    query_tile = 16  # queries per tile of the torch sparse path (a tile reads the union of its queries' blocks)
+    query_tile: int | None = None  # torch sparse path schedule for prefill (None: chosen from the union sizes)
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, kernel_size: int = 32, kernel_stride: int = 16,
                  init_blocks: int = 1, block_size: int = 64, window_size: int = 2048, topk: int = 64,
@@ -215,7 +215,11 @@ class InfLLMv2(Attention):
         out = []
         for t0 in range(0, Tq, chunk):
             sl = slice(t0, t0 + chunk)
-            bs = block_scores(qs[:, :, sl], c1, c2, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl],
+            k1, k2 = c1, c2
+            if Tq > 1:  # prefill: only the windows these queries can see (a host sync; decode keeps static shapes)
+                k1 = c1[:, :, : int(e1[:, sl].max())]
+                k2 = None if c2 is None else c2[:, :, : int(v2[:, sl].max())]
+            bs = block_scores(qs[:, :, sl], k1, k2, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl],
                               block_size=self.block_size, kernel_stride=self.kernel_stride, num_blocks=num_blocks,
                               scale=self.scale, score_dtype=qs.dtype)
             out.append(select_blocks(bs, qpos[:, sl], block_size=self.block_size, init_blocks=self.init_blocks,
@@ -347,7 +351,7 @@ class InfLLMv2(Attention):
         cap = state.k.shape[2] - 1
         if need <= cap:
             return
-        new = max(need, 2 * cap)
+        new = self._round(max(need, 2 * cap))
         for name in ("k", "v", "sk"):
             t = getattr(state, name)
             if t.shape[2]:
@@ -359,9 +363,13 @@ class InfLLMv2(Attention):
             if n > t.shape[2]:
                 setattr(state, name, F.pad(t, (0, 0, 0, n - t.shape[2])))
 
+    def _round(self, cap: int) -> int:
+        """Capacity with ``cap + 1`` slots a multiple of the block size (the blocks are then a view)."""
+        return -(-(cap + 1) // self.block_size) * self.block_size - 1
+
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> InfLLMv2Cache:
-        cap = max_length or 256
+        cap = self._round(max_length or 256)
         Hkv, D = self.num_kv_heads, self.head_dim
 
         def z(n: int) -> Tensor:

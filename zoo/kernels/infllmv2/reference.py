@@ -71,21 +71,29 @@ def block_scores_ref(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
     G = H // Hkv
     st = block_size // kernel_stride
     cdt = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(cdt).view(B, Hkv, G, Tq, D)
-    j1 = torch.arange(n1, device=q.device)
-    vis1 = j1 < v1[:, None, None, :, None]  # [B, 1, 1, Tq, n1]
-    logits = torch.einsum("bhgtd,bhjd->bhgtj", qg, c1.to(cdt)) * scale  # [B, Hkv, G, Tq, n1]
+    qg = q.to(cdt).reshape(B * Hkv, G * Tq, D)  # rows (g, t) of one KV head
+
+    def logits(c: Tensor, shift: Tensor | None = None) -> Tensor:  # [B*Hkv, G*Tq, n] = q . c * scale - shift
+        ct = c.to(cdt).reshape(B * Hkv, c.shape[2], D).transpose(1, 2)
+        if shift is None:
+            return torch.bmm(qg, ct).mul_(scale)
+        return torch.baddbmm(shift.expand(-1, -1, c.shape[2]), qg, ct, beta=-1.0, alpha=scale)
+
+    def masked(x: Tensor, count: Tensor) -> Tensor:  # -inf at entries j >= count (per query)
+        j = torch.arange(x.shape[-1], device=q.device)
+        hide = (j >= count[:, None, None, :, None]).expand(B, Hkv, G, Tq, x.shape[-1])
+        return x.view(B, Hkv, G, Tq, -1).masked_fill_(hide, -math.inf).view_as(x)
+
     if c2 is None:
-        lse = torch.logsumexp(logits.masked_fill(~vis1, -math.inf), dim=-1, keepdim=True)
+        lse = torch.logsumexp(masked(logits(c1), v1), dim=-1, keepdim=True)
     else:
         assert v2 is not None
-        j2 = torch.arange(c2.shape[2], device=q.device)
-        l2 = torch.einsum("bhgtd,bhjd->bhgtj", qg, c2.to(cdt)) * scale
-        lse = torch.logsumexp(l2.masked_fill(~(j2 < v2[:, None, None, :, None]), -math.inf), dim=-1, keepdim=True)
+        lse = torch.logsumexp(masked(logits(c2), v2), dim=-1, keepdim=True)
     # exp(x - (-inf)) = +inf for a query that sees no normalising key yet; masked keys are 0 (the kernel's NaN -> 0)
-    p = torch.where(vis1, torch.exp(logits - lse), torch.zeros((), dtype=cdt, device=q.device))
-    S = p.sum(2)  # [B, Hkv, Tq, n1]
-    S = torch.where(j1 < e1[:, None, :, None], S, torch.full((), -math.inf, dtype=cdt, device=q.device))
+    p = masked(logits(c1, lse), v1).exp_()
+    S = p.view(B, Hkv, G, Tq, n1).sum(2)  # [B, Hkv, Tq, n1]
+    j1 = torch.arange(n1, device=q.device)
+    S = S.masked_fill_(j1 >= e1[:, None, :, None], -math.inf)
     if score_dtype is not None and torch.finfo(score_dtype).bits < 32:
         S = S.to(score_dtype)
     S = S.float()
@@ -139,59 +147,126 @@ def _compact(member: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
-                         scale: float | None = None, query_tile: int = 16, max_elems: int = 1 << 24) -> Tensor:
+                         scale: float | None = None, query_tile: int | None = None, max_elems: int = 1 << 24) -> Tensor:
     """Stage 2: attention of ``q [B, H, Tq, D]`` (positions ``qpos [B, Tq]``) over the keys of the selected blocks
     ``idx [B, Hkv, Tq, W]`` of ``k, v [B, Hkv, N, D]`` (causal: keys ``t <= qpos``) -> ``[B, H, Tq, D]`` in q.dtype.
+    Unselected blocks are never read. Two schedules, the same result:
 
-    Queries are taken in tiles of ``query_tile``; a tile gathers the union of its queries' blocks (only those:
-    unselected blocks are never read) and masks per query, one fused SDPA call per group of tiles. With
-    ``query_tile=1`` the union is the query's own list (no host synchronisation: the decode step). Differentiable;
-    fp32 math for half inputs (fp64 stays fp64). A query without any visible key (padding) returns zeros."""
+    * ``query_tile=1``: each query gathers its own blocks (whole blocks, one ``index_select``) and attends with a
+      batched matmul; cost ~ W blocks per query. No host synchronisation (the decode step).
+    * ``query_tile=C > 1``: a tile of C queries gathers the union of its queries' blocks once and masks per query
+      (one fused SDPA call per group of tiles); cost ~ (union size) per query, cheaper when neighbours agree.
+    * ``None``: pick by the measured union sizes (a host synchronisation; prefill only).
+
+    Differentiable; fp32 math for half inputs (fp64 stays fp64). A query without any visible key returns zeros."""
+    B, H, Tq, D = q.shape
+    N = k.shape[2]
+    if query_tile is None:
+        query_tile = _choose_tile(idx, -(-N // block_size))
+    if query_tile <= 1 or Tq == 1:
+        return _per_query(q, k, v, qpos, idx, block_size, scale, max_elems)
+    return _per_tile(q, k, v, qpos, idx, block_size, scale, query_tile, max_elems)
+
+
+# measured on a 2-core CPU: gathering one block costs about as much as attending to it with 8 query rows
+_GATHER_COST = 2.0
+_AUTO_TILE = 16
+
+
+def _choose_tile(idx: Tensor, n_blocks: int) -> int:
+    """1 or ``_AUTO_TILE``: per query a tile reads ``U / C`` gathers and does ``U`` blocks of work, a lone query
+    reads and works ``W`` blocks (U = the tile's union size)."""
+    B, Hkv, Tq, W = idx.shape
+    C = _AUTO_TILE
+    if Tq < 2 * C:
+        return 1
+    nT = Tq // C
+    ids = idx[:, :, : nT * C].long().view(B, Hkv, nT, C, W)
+    sel = torch.zeros(B, Hkv, nT, n_blocks + 1, dtype=torch.bool, device=idx.device)
+    sel.scatter_(-1, torch.where(ids >= 0, ids, n_blocks).flatten(-2), True)
+    union = sel[..., :n_blocks].sum(-1).float().mean().item()
+    own = (idx >= 0).sum(-1).float().mean().item()
+    return C if union * (1 + _GATHER_COST / C) < own * (1 + _GATHER_COST) else 1
+
+
+def _blocks_view(x: Tensor, bs: int) -> Tensor:
+    """``[B, Hkv, N, D]`` -> ``[B * Hkv * ceil(N / bs), bs, D]`` (a view when contiguous and N % bs == 0)."""
+    B, Hkv, N, D = x.shape
+    nb = -(-N // bs)
+    if N % bs:
+        x = F.pad(x, (0, 0, 0, nb * bs - N))
+    return x.reshape(B * Hkv * nb, bs, D)
+
+
+def _per_query(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, bs: int, scale: float | None,
+               max_elems: int) -> Tensor:
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G, W = H // Hkv, idx.shape[-1]
-    bs = block_size
+    nb = -(-N // bs)
+    scale = D**-0.5 if scale is None else scale
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    kb, vb = _blocks_view(k, bs), _blocks_view(v, bs)
+    rows = (torch.arange(B, device=q.device)[:, None] * Hkv + torch.arange(Hkv, device=q.device)) * nb  # [B, Hkv]
+    offs = torch.arange(bs, device=q.device)
+    step = max(1, max_elems // max(1, B * Hkv * W * bs * (2 * D + G)))
+    outs = []
+    for t0 in range(0, Tq, step):
+        t1 = min(Tq, t0 + step)
+        n = B * Hkv * (t1 - t0)
+        blk = idx[:, :, t0:t1].long()  # [B, Hkv, c, W]
+        flat = (rows[:, :, None, None] + blk.clamp(min=0)).reshape(-1)
+        kg = kb.index_select(0, flat).to(cdt).view(n, W * bs, D)
+        vg = vb.index_select(0, flat).to(cdt).view(n, W * bs, D)
+        kpos = blk.clamp(min=0)[..., None] * bs + offs  # [B, Hkv, c, W, bs]; keys >= N are after every query
+        ok = ((blk >= 0)[..., None] & (kpos <= qpos[:, None, t0:t1, None, None])).reshape(n, 1, W * bs)
+        empty = ~ok.any(-1, keepdim=True)
+        qq = q[:, :, t0:t1].to(cdt).view(B, Hkv, G, t1 - t0, D).transpose(2, 3).reshape(n, G, D)
+        s = torch.bmm(qq, kg.transpose(1, 2)).mul_(scale).masked_fill_(~(ok | empty), -math.inf)  # autograd-safe
+        o = torch.bmm(torch.softmax(s, dim=-1), vg).masked_fill(empty, 0.0)  # [n, G, D]
+        outs.append(o.view(B, Hkv, t1 - t0, G, D))
+    o = torch.cat(outs, dim=2).permute(0, 1, 3, 2, 4).reshape(B, H, Tq, D)
+    return o.to(q.dtype)
+
+
+def _per_tile(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, bs: int, scale: float | None, C: int,
+              max_elems: int) -> Tensor:
+    B, H, Tq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G, W = H // Hkv, idx.shape[-1]
     nBk = -(-N // bs)
     scale = D**-0.5 if scale is None else scale
     cdt = torch.promote_types(q.dtype, torch.float32)
-    C = max(1, min(query_tile, Tq))
+    C = min(C, Tq)
     nT = -(-Tq // C)
     pad = nT * C - Tq
     qt = F.pad(q, (0, 0, 0, pad)).view(B, Hkv, G, nT, C, D).permute(0, 1, 3, 2, 4, 5)  # [B, Hkv, nT, G, C, D]
     pos = F.pad(qpos, (0, pad), value=-1).view(B, 1, nT, C)
     ids = F.pad(idx.long(), (0, 0, 0, pad), value=-1).view(B, Hkv, nT, C, W)
-    if C == 1:
-        blocks, ok = ids[:, :, :, 0, :], ids[:, :, :, 0, :] >= 0  # [B, Hkv, nT, W]
-        sel = None
-    else:
-        sel = torch.zeros(B, Hkv, nT, C, nBk + 1, dtype=torch.bool, device=q.device)
-        sel.scatter_(-1, torch.where(ids >= 0, ids, nBk), True)
-        blocks, ok = _compact(sel[..., :nBk].any(3))  # [B, Hkv, nT, U]: the union of the tile's blocks
+    sel = torch.zeros(B, Hkv, nT, C, nBk + 1, dtype=torch.bool, device=q.device)
+    sel.scatter_(-1, torch.where(ids >= 0, ids, nBk), True)
+    blocks, ok = _compact(sel[..., :nBk].any(3))  # [B, Hkv, nT, U]: the union of the tile's blocks
     U = blocks.shape[-1]
     blocks = blocks.clamp(min=0)
+    kb, vb = _blocks_view(k, bs), _blocks_view(v, bs)
+    rows = (torch.arange(B, device=q.device)[:, None] * Hkv + torch.arange(Hkv, device=q.device)) * nBk
     offs = torch.arange(bs, device=q.device)
-    rows = (torch.arange(B, device=q.device)[:, None] * Hkv + torch.arange(Hkv, device=q.device)) * N  # [B, Hkv]
-    kf, vf = k.to(cdt).reshape(B * Hkv * N, D), v.to(cdt).reshape(B * Hkv * N, D)
-    first = torch.arange(U * bs, device=q.device) == 0
-    per_tile = G * C * U * bs + 2 * U * bs * D + C * U * bs
-    step = max(1, max_elems // max(1, B * Hkv * per_tile))
+    step = max(1, max_elems // max(1, B * Hkv * (G * C * U * bs + 2 * U * bs * D + C * U * bs)))
     outs = []
     for t0 in range(0, nT, step):
         t1 = min(nT, t0 + step)
         n = B * Hkv * (t1 - t0)
         blk, okt = blocks[:, :, t0:t1], ok[:, :, t0:t1]
-        if sel is None:
-            member = okt[:, :, :, None, :]  # [B, Hkv, g, 1, U]
-        else:  # did each query of the tile select each gathered block
-            member = sel[:, :, t0:t1].gather(-1, blk[:, :, :, None, :].expand(-1, -1, -1, C, -1)) & okt[:, :, :, None]
-        kidx = (blk[..., None] * bs + offs).flatten(-2)  # [B, Hkv, g, U*bs] key positions
-        m = member.repeat_interleave(bs, dim=-1) & (kidx[:, :, :, None, :] <= pos[:, :, t0:t1, :, None]) \
-            & (kidx < N)[:, :, :, None, :]
-        empty = ~m.any(-1, keepdim=True)  # a padding query: attend to one slot (no NaN), return 0 (the kernel's)
-        m = m | (empty & first)
-        fi = (rows[:, :, None, None] + kidx.clamp(max=N - 1)).reshape(-1)
-        kg = kf.index_select(0, fi).view(n, 1, U * bs, D)
-        vg = vf.index_select(0, fi).view(n, 1, U * bs, D)
+        # did each query of the tile select each gathered block
+        member = sel[:, :, t0:t1].gather(-1, blk[:, :, :, None, :].expand(-1, -1, -1, C, -1)) & okt[:, :, :, None]
+        # a real query always sees itself (its own block is selected); a query with no block is padding
+        empty = ~member.any(-1, keepdim=True)  # [B, Hkv, g, C, 1]
+        member = member | (empty & (torch.arange(U, device=q.device) == 0))  # padding: one block, no NaN; 0 below
+        kidx = (blk[..., None] * bs + offs).flatten(-2)  # [B, Hkv, g, U*bs] key positions (>= N: after every query)
+        m = member.repeat_interleave(bs, dim=-1) & ((kidx[:, :, :, None, :] <= pos[:, :, t0:t1, :, None]) | empty)
+        flat = (rows[:, :, None, None] + blk).reshape(-1)
+        kg = kb.index_select(0, flat).to(cdt).view(n, 1, U * bs, D)
+        vg = vb.index_select(0, flat).to(cdt).view(n, 1, U * bs, D)
         qq = qt[:, :, t0:t1].to(cdt).reshape(n, G, C, D)
         o = F.scaled_dot_product_attention(qq, kg, vg, attn_mask=m.reshape(n, 1, C, U * bs), scale=scale,
                                            enable_gqa=G > 1)
