@@ -48,3 +48,33 @@ def run_sm90_compile(script: str) -> None:
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def make_hf_generator(path: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2, custom_class: bool = True):
+    """A GENERator-shaped checkpoint: transformers LlamaForCausalLM (random weights, small dims, vocab 4128) saved
+    with ``config.json`` naming the newer hub revisions' custom class (``GENERatorForCausalLM`` + ``auto_map``;
+    the remote code itself is not written, nothing runs it), and the tokenizer files next to the weights."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zoo.tokenizers import DNAKmerTokenizer
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=4128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=16384,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                      attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms off 1.0, as make_hf_llama
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    if custom_class:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["architectures"] = ["GENERatorForCausalLM"]
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_generator.GENERatorForCausalLM"}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    DNAKmerTokenizer().save_pretrained(path)
+    return model

@@ -50,3 +50,40 @@ def test_demo_runs_offline(capsys):
     assert result["losses"][-1] < result["losses"][0]
     assert result["reused"] > 0 and len(result["samples"]) == 2
     assert zoo.list_mixers()
+
+
+def test_unknown_model_lists_the_presets(capsys):
+    assert main(["info", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'bogus' is not a checkpoint directory, a preset name or a hub repo id" in err
+    assert "llama-3.2-1b" in err and "zoo-tiny-attention" in err
+
+
+def test_hub_id_offline_names_the_repo(capsys):
+    # conftest sets HF_HUB_OFFLINE=1 with an empty cache
+    assert main(["info", "nobody/not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot get hub repo 'nobody/not-cached'" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_convert_to_mamba2_writes_strict_json(tmp_path):
+    import json
+
+    for limit in ([0.0, float("inf")], [0.01, 0.5]):  # the default (omitted), and finite bounds
+        layer = zoo.LayerSpec("mamba2", {"d_state": 8, "headdim": 16, "dt_limit": limit})
+        cfg = zoo.ZooConfig(vocab_size=64, d_model=32, n_layers=2, layers=[layer, layer], family="mamba2")
+        model = zoo.create_model(cfg)
+        model.save_pretrained(tmp_path / "zoo")
+        assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "ssm"), "--to", "mamba2"]) == 0
+        ref = json.loads((tmp_path / "ssm" / "config.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+        assert all(not isinstance(v, dict) for v in ref["ssm_cfg"].values())  # plain values mamba_ssm can read
+        back = zoo.from_pretrained(tmp_path / "ssm")
+        ids = torch.randint(0, 64, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, model(ids).logits)
+    layer = zoo.LayerSpec("mamba2", {"d_state": 8, "headdim": 16, "dt_limit": [0.01, float("inf")]})
+    zoo.create_model(zoo.ZooConfig(vocab_size=64, d_model=32, n_layers=1, layers=[layer], family="mamba2")
+                     ).save_pretrained(tmp_path / "zoo")
+    assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "inf"), "--to", "mamba2"]) == 2
+    assert not (tmp_path / "inf" / "config.json").exists()

@@ -70,3 +70,23 @@ def test_replace_resizes_uniform_configs_only():
     with pytest.raises(ValueError, match="cannot change n_layers 2 -> 3 of a config whose layers differ"):
         mixed.replace(n_layers=3)
     assert mixed.replace(n_layers=3, mixers="attention").n_layers == 3
+
+
+@pytest.mark.parametrize("defaults,match", [
+    ({"atention": {"num_heads": 4}}, r"mixer_defaults has an unknown group 'atention'; groups of the registered"),
+    ({"attention": {"num_head": 4}}, r"mixer_defaults\['attention'\] has an unknown argument 'num_head'; allowed"),
+    ({"attention": {"num_heads": "four"}}, r"mixer_defaults\['attention'\]: num_heads='four' should be int"),
+    ({"attention": 4}, r"mixer_defaults\['attention'\] must be a dict"),
+    ({"mamba2": {"window": 8}}, r"mixer_defaults\['mamba2'\] has an unknown argument 'window'"),
+])
+def test_bad_mixer_defaults_raise_clear_errors(defaults, match):
+    base = {"d_model": 64, "n_layers": 2, "vocab_size": 50, "mixers": "attention"}
+    with pytest.raises(ValueError, match=match):
+        ZooConfig.from_dict({**base, "mixer_defaults": defaults})
+
+
+def test_mixer_defaults_of_a_group_reach_every_member():
+    cfg = ZooConfig.from_dict({"d_model": 64, "n_layers": 2, "vocab_size": 50,
+                               "mixers": {"0": "attention", "1": "sliding_window(window=8)"},
+                               "mixer_defaults": {"attention": {"num_heads": 2, "num_kv_heads": 1}}})
+    assert cfg.mixer_kwargs(0)["num_heads"] == cfg.mixer_kwargs(1)["num_heads"] == 2

@@ -1,7 +1,5 @@
 """zoo: interchangeable long-context sequence mixers composed into loadable, swappable language models."""
 
-__version__ = "0.1.0"
-
 from zoo.config import LayerSpec, ZooConfig
 from zoo.hub import from_pretrained, push_to_hub, save_pretrained
 from zoo.layers.base import Mixer, State
@@ -9,6 +7,7 @@ from zoo.models import create_model, get_preset, list_presets, swap_layers
 from zoo.models.hybrid import longgen, masformer
 from zoo.models.lm import ZooForCausalLM
 from zoo.registry import get_mixer, list_families, list_mixers, register_family, register_mixer
+from zoo.version import __version__
 
 __all__ = [
     "__version__", "ZooConfig", "LayerSpec", "Mixer", "State", "ZooForCausalLM",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import zoo
+from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
 
 
@@ -43,6 +44,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _tokenizer(model_name: str):
     path = Path(model_name)
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
+        from zoo.tokenizers import DNAKmerTokenizer  # GENERator's 6-mer tokenizer, without its remote code
+
+        return DNAKmerTokenizer.from_pretrained(path)
     if path.is_dir() and any(path.glob("tokenizer*")):
         from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
 
@@ -80,7 +86,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from zoo.demo import run_demo
 
-    result = run_demo(steps=args.steps)
+    result = run_demo(steps=args.steps, threads=args.threads)
     return 0 if result["reload_identical"] else 1
 
 
@@ -115,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="zoo", help="'zoo' or a family name (e.g. llama)")
     s.set_defaults(fn=cmd_convert)
     s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
-    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1: the demo's tensors are tiny; more threads only add stalls)")
     s.set_defaults(fn=cmd_demo)
     s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_bench)
+    add_dna_commands(sub)
     return p
 
 
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

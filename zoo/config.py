@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import types
@@ -27,6 +28,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from zoo.registry import get_mixer, get_preset_entry, list_mixers
+from zoo.version import __version__
 
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -128,8 +132,6 @@ class ZooConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        from zoo.registry import get_mixer
-
         for name in ("vocab_size", "d_model", "n_layers", "max_position_embeddings"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -138,6 +140,7 @@ class ZooConfig:
             raise ValueError(f"ZooConfig.norm={self.norm!r} is not one of {list(NORMS)}")
         if len(self.layers) != self.n_layers:
             raise ValueError(f"ZooConfig.layers has {len(self.layers)} entries but n_layers={self.n_layers}")
+        self._check_mixer_defaults()
         for i, layer in enumerate(self.layers):
             cls = get_mixer(layer.mixer)
             self._check_args(f"layers[{i}].mixer_args", cls, layer.mixer_args)
@@ -146,9 +149,33 @@ class ZooConfig:
                 cls.check_args(self.d_model, self.mixer_kwargs(i))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"layers[{i}] ({layer.spec_string}): {e}") from None
+
+    def _check_mixer_defaults(self) -> None:
+        """Every group names the argument group of some registered mixer, and every argument is accepted (with
+        the right type) by at least one mixer of that group: a misspelt group or argument is an error."""
+        if not isinstance(self.mixer_defaults, dict):
+            raise ValueError(f"ZooConfig.mixer_defaults must be a dict of dicts, got {self.mixer_defaults!r}")
+        members: dict[str, list[type]] = {}
+        for name in list_mixers():
+            cls = get_mixer(name)
+            for group in cls.arg_groups:
+                members.setdefault(group, []).append(cls)
         for group, args in self.mixer_defaults.items():
+            if group not in members:
+                raise ValueError(f"ZooConfig.mixer_defaults has an unknown group {group!r}; "
+                                 f"groups of the registered mixers: {sorted(members)}")
             if not isinstance(args, dict):
                 raise ValueError(f"ZooConfig.mixer_defaults[{group!r}] must be a dict, got {args!r}")
+            params = [mixer_parameters(cls) for cls in members[group]]
+            for key, value in args.items():
+                accepting = [p[key] for p in params if key in p]
+                if not accepting:
+                    allowed = sorted(set().union(*params))
+                    raise ValueError(f"ZooConfig.mixer_defaults[{group!r}] has an unknown argument {key!r}; "
+                                     f"allowed: {allowed}")
+                if not any(_type_ok(value, p.annotation) for p in accepting):
+                    raise ValueError(f"ZooConfig.mixer_defaults[{group!r}]: {key}={value!r} should be "
+                                     f"{_type_name(accepting[0].annotation)}")
 
     @staticmethod
     def _check_args(where: str, cls: type, args: dict[str, Any]) -> None:
@@ -184,8 +211,6 @@ class ZooConfig:
     def mixer_kwargs(self, layer_idx: int) -> dict[str, Any]:
         """The full keyword arguments of layer ``layer_idx``'s mixer: model-wide context, then the mixer's
         group defaults, then the layer's own arguments (later wins); only arguments the mixer accepts."""
-        from zoo.registry import get_mixer
-
         layer = self.layers[layer_idx]
         cls = get_mixer(layer.mixer)
         params = mixer_parameters(cls)
@@ -219,26 +244,26 @@ class ZooConfig:
         return cls(**d)
 
     def to_json(self, **kw: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kw)
+        """Strict JSON: non-finite floats are written as ``{"__float__": "Infinity"}`` (transformers' convention)."""
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False, **kw)
 
     @classmethod
     def from_json(cls, text: str) -> ZooConfig:
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json_restore(json.loads(text)))
 
     def save(self, path: str | os.PathLike) -> None:
-        from zoo import __version__
-
-        Path(path).write_text(json.dumps({"zoo_version": __version__, **self.to_dict()}, indent=2) + "\n")
+        text = json.dumps(json_safe({"zoo_version": __version__, **self.to_dict()}), indent=2, allow_nan=False)
+        Path(path).write_text(text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ZooConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_json(Path(path).read_text())
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ZooConfig:
-        from zoo.models import get_preset
-
-        cfg = get_preset(name)
+        """The config of a registered preset (a family's published checkpoint, or a zoo-native config)."""
+        _, preset = get_preset_entry(name)
+        cfg = cls.from_dict({**preset.config, "name": name})
         return cfg.replace(**overrides) if overrides else cfg
 
     def replace(self, **changes: Any) -> ZooConfig:
@@ -265,6 +290,29 @@ class ZooConfig:
                 new.layers[i] = LayerSpec(name, args, new.layers[i].mlp)
         new.validate()
         return new
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``{"__float__": "Infinity" | "-Infinity" | "NaN"}`` (the form
+    transformers 5 writes), so that ``json.dumps(..., allow_nan=False)`` produces strict JSON; tuples become lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_restore(obj: Any) -> Any:
+    """Inverse of :func:`json_safe`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"}:
+            return float(obj["__float__"])
+        return {k: json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_restore(v) for v in obj]
+    return obj
 
 
 def expand_layers(n_layers: int, mixers: dict[str, Any] | str, mlp: dict[str, Any] | None) -> list[dict]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import zoo
 from zoo.tokenizers import ByteTokenizer
@@ -46,12 +47,14 @@ def demo_config() -> zoo.ZooConfig:
     )
 
 
-def train(model: zoo.ZooForCausalLM, ids: torch.Tensor, steps: int, seq_len: int = 96, lr: float = 3e-3) -> list[float]:
+def train(model: zoo.ZooForCausalLM, ids: torch.Tensor, steps: int, seq_len: int = 96, lr: float = 3e-3,
+          progress: bool = True) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     losses = []
     model.train()
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress, leave=False)
+    for _ in bar:
         starts = torch.randint(0, ids.numel() - seq_len - 1, (8,), generator=g)
         batch = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
         loss = model(batch, labels=batch).loss
@@ -59,10 +62,24 @@ def train(model: zoo.ZooForCausalLM, ids: torch.Tensor, steps: int, seq_len: int
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return losses
 
 
-def run_demo(steps: int = 300, out_dir: str | None = None, print_fn: Callable[[str], None] = print) -> dict:
+def run_demo(steps: int = 150, out_dir: str | None = None, print_fn: Callable[[str], None] = print,
+             threads: int = 1, progress: bool = True) -> dict:
+    """``threads``: intra-op threads while the demo runs. The demo's tensors are tiny, so one thread is the
+    fastest choice and keeps the run time independent of other load on the machine (with two or more threads,
+    OpenMP barriers stall whenever another process holds a core: 25 s idle became 280 s on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(steps, out_dir, print_fn, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(steps: int, out_dir: str | None, print_fn: Callable[[str], None], progress: bool) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     tok = ByteTokenizer()
@@ -74,7 +91,7 @@ def run_demo(steps: int = 300, out_dir: str | None = None, print_fn: Callable[[s
         print_fn(f"  layer {i}: {layer.spec_string}{'' if layer.mlp else '  (no MLP)'}")
 
     ids = torch.tensor(tok.encode(TEXT, add_bos=False))
-    losses = train(model, ids, steps)
+    losses = train(model, ids, steps, progress=progress)
     print_fn(f"trained {steps} steps on the embedded text: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     model.eval()
 

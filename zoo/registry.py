@@ -1,4 +1,10 @@
-"""Registries of mixers and model families (timm-style ``register_*`` / ``get_*`` / ``list_*``)."""
+"""Registries of mixers, model families and presets (timm-style ``register_*`` / ``get_*`` / ``list_*``).
+
+A leaf module: it imports nothing of the zoo. Importing ``zoo`` fills it (the mixer modules register themselves
+with :func:`register_mixer`, the families with :func:`register_family`); a mixer or family written outside the
+package registers the same way and then appears everywhere (config validation, ``zoo list``, the contract
+suite, ``zoo bench``).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ T = TypeVar("T")
 
 _MIXERS: dict[str, type] = {}
 _FAMILIES: dict[str, Any] = {}
+_PRESETS: dict[str, tuple[Any, Any]] = {}  # name -> (family or None, Preset)
 
 
+# ---------------------------------------------------------------------------------------------- mixers
 def register_mixer(name: str) -> Callable[[T], T]:
     """Class decorator: make a :class:`~zoo.layers.base.Mixer` subclass available under ``name``."""
 
@@ -25,8 +33,13 @@ def register_mixer(name: str) -> Callable[[T], T]:
     return wrap
 
 
+def unregister_mixer(name: str) -> None:
+    """Remove a mixer (e.g. one registered by a test or a notebook)."""
+    if _MIXERS.pop(name, None) is None:
+        raise ValueError(f"unknown mixer {name!r}; registered mixers: {sorted(_MIXERS)}")
+
+
 def get_mixer(name: str) -> type:
-    _ensure_loaded()
     try:
         return _MIXERS[name]
     except KeyError:
@@ -34,20 +47,21 @@ def get_mixer(name: str) -> type:
 
 
 def list_mixers(pattern: str = "*") -> list[str]:
-    _ensure_loaded()
     return sorted(n for n in _MIXERS if fnmatch.fnmatch(n, pattern))
 
 
+# ---------------------------------------------------------------------------------------------- families
 def register_family(name: str, family: Any) -> Any:
-    """Register a family module/object: it provides presets, ``detect``, ``config_from_reference`` and converters."""
+    """Register a family (presets, ``detect``, config maps, key table); its presets become known by name."""
     if name in _FAMILIES:
         raise ValueError(f"family {name!r} is already registered")
+    for preset_name, preset in getattr(family, "presets", {}).items():
+        register_preset(preset_name, preset, family)
     _FAMILIES[name] = family
     return family
 
 
 def get_family(name: str) -> Any:
-    _ensure_loaded()
     try:
         return _FAMILIES[name]
     except KeyError:
@@ -55,16 +69,33 @@ def get_family(name: str) -> Any:
 
 
 def list_families() -> list[str]:
-    _ensure_loaded()
     return sorted(_FAMILIES)
 
 
 def families() -> dict[str, Any]:
-    _ensure_loaded()
     return dict(_FAMILIES)
 
 
-def _ensure_loaded() -> None:
-    # Importing the sub-packages runs the @register_* decorators.
-    import zoo.layers  # noqa: F401
-    import zoo.models  # noqa: F401
+# ---------------------------------------------------------------------------------------------- presets
+def register_preset(name: str, preset: Any, family: Any = None) -> Any:
+    """A named config (``zoo.models.family.Preset``), optionally of a family (whose checkpoint it describes)."""
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    _PRESETS[name] = (family, preset)
+    return preset
+
+
+def get_preset_entry(name: str) -> tuple[Any, Any]:
+    """``(family or None, Preset)`` of a registered preset."""
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {list_presets()}") from None
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _PRESETS if fnmatch.fnmatch(n, pattern))
+
+
+def is_preset(name: str) -> bool:
+    return name in _PRESETS

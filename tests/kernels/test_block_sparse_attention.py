@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels import block_sparse_attention as bsa
+import zoo.kernels.block_sparse_attention.triton as bsa
+from tests.helpers import run_sm90_compile
 from zoo.kernels.block_sparse_attention import (
     block_diagonal_block_mask,
     block_sparse_attention,
     block_sparse_attention_ref,
-    block_sparse_attention_triton,
     dense_mask_from_layout,
     local_stride_block_mask,
     sliding_window_block_mask,
 )
+from zoo.kernels.block_sparse_attention.triton import block_sparse_attention_triton
 
 
 def _inputs(B, H, Hkv, T, D, dtype, seed=0, device="cpu"):
@@ -330,3 +331,34 @@ def test_gpu_bench_runs():
     res = bsa.bench_block_sparse(2048, num_heads=8, num_kv_heads=2, backward=True)
     assert all(math.isfinite(x) and x > 0 for x in res.values())
     assert 0 < res["density"] < 1
+
+
+_SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import zoo.kernels.block_sparse_attention.triton as K
+
+ptrs = dict(LSE="*fp32", DELTA="*fp32", ROW_CNT="*i32", ROW_IDX="*i32", COL_CNT="*i32", COL_IDX="*i32",
+            qk_scale="fp32", sm_scale="fp32")
+ints = ("T", "window", "num_sink", "H", "HKV", "GROUP", "T_PAD")  # and the strides s_*; Q, K, V, O and grads: bf16
+kernels = dict(fwd=K._bsa_fwd_kernel, dq=K._bsa_bwd_dq_kernel, dkdv=K._bsa_bwd_dkdv_kernel)
+# bf16, window + sinks: whole tiles (block 64, D 128) and sub-tiled layout blocks (block 128, D 64)
+for bs, D in ((64, 128), (128, 64)):
+    for kind, fn in kernels.items():
+        bm, bn, bd, warps = K._tiles(kind, bs, D)
+        consts = dict(BLOCK_SIZE=bs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=D, HAS_WINDOW=True,
+                      PRECISION="tf32", SUBTILED=min(bm, bn) < bs)
+        sig = {a: "constexpr" if a in consts else ptrs.get(a) or ("i32" if a.startswith("s_") or a in ints else "*bf16")
+               for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        assert k.metadata.shared <= 227 * 1024, (kind, bs, D, k.metadata.shared)
+"""
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_compiles_for_sm90():
+    """Lower the forward, dQ and dK/dV kernels to sm_90 cubins without a GPU (bundled ptxas; bf16, window + sinks,
+    whole and sub-tiled layout blocks): MLIR-lowering errors and shared-memory overruns the interpreter cannot see."""
+    run_sm90_compile(_SM90_COMPILE)

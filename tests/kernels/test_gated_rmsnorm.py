@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.helpers import run_sm90_compile
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_ref
-from zoo.kernels.gated_rmsnorm_triton import gated_rmsnorm_triton
+from zoo.kernels.gated_rmsnorm.triton import gated_rmsnorm_triton
 
 
 def formula_fp64(x, w, z, b, eps, group_size, norm_before_gate):
@@ -116,7 +116,7 @@ _SM90_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import zoo.kernels.gated_rmsnorm_triton as K
+import zoo.kernels.gated_rmsnorm.triton as K
 
 ints = dict(M="i32", D="i32", GS="i32", NG="i32", ROWS_PER_PROG="i32", eps="fp32")
 for dt in ("bf16", "fp32"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import run_sm90_compile
-from zoo.kernels.ssd_triton import SSDChunkScanTritonFn, ssd_chunk_scan_triton
+from zoo.kernels.ssd.triton import SSDChunkScanTritonFn, ssd_chunk_scan_triton
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_states")
 # `triton` tests run interpreted on the CPU; where CUDA exists (no interpreter) the same tests run compiled on it
@@ -254,7 +254,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import zoo.kernels.ssd_triton as K
+import zoo.kernels.ssd.triton as K
 
 P, N, BQ, Q = 64, 128, 32, 256
 ints = dict(T="i32", H="i32", G="i32", P="i32", N="i32", NC="i32")

@@ -93,3 +93,19 @@ def test_longgen_kv_bytes_are_bounded(llama_dir):
         assert sparse_layers == [sizes["hybrid", 64][0]] * 4  # constant: 2 sinks + 8 window slots
         assert [sizes["hybrid", n][i] for i in (2, 3)] == [sizes["full", n][i] for i in (2, 3)]
     assert sizes["full", 192][0] == 3 * sizes["full", 64][0]  # full attention grows with the context
+
+
+@pytest.mark.parametrize("recipe", [zoo.longgen, zoo.masformer])
+def test_recipes_refuse_to_reinitialise_non_attention_layers(recipe):
+    cfg = zoo.ZooConfig.from_dict({"d_model": 32, "n_layers": 6, "vocab_size": 64,
+                                   "mixers": {"default": "attention", "1,4": "mamba2(d_state=8, headdim=16)"},
+                                   "mixer_defaults": {"attention": {"num_heads": 4}}})
+    torch.manual_seed(0)
+    model = zoo.create_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers \['1: mamba2', '4: mamba2'\] are not attention layers"):
+        recipe(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed
+    assert [ls.mixer for ls in model.config.layers].count("mamba2") == 2
+    swapped = recipe(cfg, allow_reinit=True)  # asked for explicitly
+    assert "mamba2" not in [ls.mixer for ls in swapped.layers]

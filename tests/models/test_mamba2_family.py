@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.hub import _load_bin
+from zoo.checkpoint import _load_bin
 from zoo.models.mamba2 import calibrate_state_norm, save_mamba_ssm, save_transformers
 
 pytestmark = pytest.mark.usefixtures("single_thread")

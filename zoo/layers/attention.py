@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.layers.base import Mixer, State, default_positions
+from zoo.layers.base import BenchCase, Mixer, State, default_positions
+from zoo.layers.masks import Rule, attended_pairs
 from zoo.layers.norm import RMSNorm
 from zoo.layers.rope import ROPE_TYPES, RotaryEmbedding, apply_rotary, rope_type
 from zoo.registry import register_mixer
@@ -68,6 +69,16 @@ class KVCache(State):
 @register_mixer("attention")
 class Attention(Mixer):
     arg_groups = ("attention",)
+    example_args = ({}, {"num_kv_heads": 1, "qk_norm": True, "qkv_bias": True, "rotary_dim": 4})
+    demo_args = {}
+    supports_packing = True
+    dtypes = ("float16", "bfloat16")
+    state_growth = "linear"
+    bench_cases = (BenchCase(
+        args={"full": {"d_model": 768, "num_heads": 12, "num_kv_heads": 4, "head_dim": 64},
+              "quick": {"d_model": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}},
+        reference="transformers_llama_attention", gpu_kernels=("sdpa_flash",),
+        description="zoo attention vs transformers LlamaAttention (sdpa), same weights"),)
 
     def __init__(
         self,
@@ -120,6 +131,23 @@ class Attention(Mixer):
         if scaling is not None and rope_type(scaling) not in ROPE_TYPES:
             raise ValueError(f"rope_scaling type {rope_type(scaling)!r} is not supported; "
                              f"supported: {list(ROPE_TYPES)}")
+
+    @classmethod
+    def rule_for(cls, d_model: int, args: dict[str, Any]) -> Rule | None:
+        """The visibility rule of :mod:`zoo.layers.masks` (None: full causal attention)."""
+        return None
+
+    @classmethod
+    def flops(cls, d_model: int, args: dict[str, Any], *, T: int, context: int = 0, batch: int = 1) -> int:
+        """Projections ``2 T d (2 H D + 2 Hkv D)`` + ``QK^T`` and ``PV`` at ``4 D`` per attended (query, key) pair
+        of each query head (pairs from the rule: causal ``T context + T (T + 1) / 2`` per head for full attention)."""
+        a = cls.resolved_args(args)
+        H = a["num_heads"]
+        Hkv = a["num_kv_heads"] or H
+        D = a["head_dim"] or d_model // H
+        rule = cls.rule_for(d_model, a)
+        pairs = Hkv * (T * context + T * (T + 1) // 2) if rule is None else attended_pairs(rule, T, context, Hkv)
+        return batch * (2 * T * d_model * (2 * H * D + 2 * Hkv * D) + 4 * D * (H // Hkv) * pairs)
 
     # ------------------------------------------------------------------ projections
     def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from zoo.config import mixer_parameters
+
 
 class State:
     """Base class of the per-layer inference states (subclasses are dataclasses of tensors)."""
@@ -48,6 +50,15 @@ class State:
     def nbytes(self) -> int:
         """Bytes held by this state's tensors."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def keep_rows(self, keep: Tensor, previous: State) -> None:
+        """Rows where ``keep [B]`` is True take back their values from ``previous`` (a shallow copy taken before
+        the call; the state's tensors must have been replaced, not written in place): a call in which a row was
+        all padding then leaves that row's state as it was, without a host synchronisation."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            new, old = getattr(self, f.name), getattr(previous, f.name)
+            if isinstance(new, Tensor) and new.dim() > 0 and new is not old:
+                setattr(self, f.name, torch.where(keep.view(-1, *[1] * (new.dim() - 1)), old, new))
 
     def reorder(self, batch_indices: Tensor) -> None:
         """Select / reorder batch rows in place (beam search)."""
@@ -98,6 +109,18 @@ class Mixer(nn.Module):
     bench_cases: ClassVar[tuple[BenchCase, ...]] = ()
 
     @classmethod
+    def resolved_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """``args`` completed with the constructor's defaults (what an instance built from ``args`` uses)."""
+        defaults = {k: p.default for k, p in mixer_parameters(cls).items() if p.default is not p.empty}
+        return {**defaults, **args}
+
+    @classmethod
+    def packing_supported(cls, args: dict[str, Any]) -> bool:
+        """Whether these arguments support ``seq_idx`` (default: ``supports_packing``); when False the parallel
+        forward must refuse ``seq_idx`` with ``ValueError``."""
+        return cls.supports_packing
+
+    @classmethod
     def boundaries(cls, args: dict[str, Any]) -> list[int]:
         """Token periods of the mixer's internal structure (chunk, window, block, stride) for these arguments;
         the contract checker picks sequence lengths and prefill chunk sizes that cross them."""
@@ -106,8 +129,8 @@ class Mixer(nn.Module):
 
     @classmethod
     def flops(cls, d_model: int, args: dict[str, Any], *, T: int, context: int = 0, batch: int = 1) -> int:
-        """Analytic forward FLOPs (multiply-add = 2) of ``T`` new tokens after ``context`` absorbed ones
-        (decode: ``T=1``); ``args`` are the mixer's full keyword arguments."""
+        """Analytic forward FLOPs (multiply-add = 2; matmul-like work only, as :mod:`zoo.bench.flops` counts) of
+        ``T`` new tokens after ``context`` absorbed ones (decode: ``T=1``); ``args``: the mixer's arguments."""
         raise NotImplementedError(f"mixer {cls.mixer_name!r} declares no FLOP count")
 
     def __init__(self, d_model: int, layer_idx: int = 0) -> None:
@@ -143,3 +166,13 @@ def default_positions(x: Tensor, offset: int = 0) -> Tensor:
     """``[B, T]`` positions ``offset .. offset+T-1`` for an unpadded batch."""
     B, T = x.shape[:2]
     return torch.arange(offset, offset + T, device=x.device).unsqueeze(0).expand(B, T)
+
+
+def document_positions(seq_idx: Tensor) -> Tensor:
+    """``seq_idx [B, T]`` (document ids of packed rows) -> each token's index inside its document (restarts at
+    every document start)."""
+    T = seq_idx.shape[1]
+    t = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values

@@ -31,6 +31,7 @@ bit-for-bit neutral (the code paths are skipped, not multiplied by 1):
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.kernels.ssd import ssd_chunk_scan
-from zoo.layers.base import Mixer, State
+from zoo.layers.base import BenchCase, Mixer, State
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
 
@@ -62,9 +63,31 @@ class Mamba2State(State):
     win_off: Tensor | None = None
 
 
+_SMALL = {"d_state": 8, "headdim": 8, "chunk_size": 8}
+
+
 @register_mixer("mamba2")
 class Mamba2(Mixer):
     arg_groups = ("mamba2",)
+    example_args = (
+        _SMALL,
+        {**_SMALL, "ngroups": 2, "D_has_hdim": True, "decay_scale": 0.9},
+        {**_SMALL, "state_norm_threshold": 0.5, "dt_scale": 0.5},
+        {**_SMALL, "state_norm_threshold": [0.02, 0.05, 0.1, 0.5, 1.0, 0.03, 0.04, 0.2]},
+        {**_SMALL, "state_window": 5, "input_scale": 0.5, "decay_scale": 0.95},
+        {**_SMALL, "rmsnorm": False, "d_ssm": 32},
+    )
+    demo_args = {"d_state": 16, "headdim": 16, "chunk_size": 32}
+    supports_packing = True
+    dtypes = ("float16", "bfloat16")
+    state_growth = "constant"
+    bench_cases = (BenchCase(
+        args={"full": {"d_model": 768, "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1,
+                       "chunk_size": 256},
+              "quick": {"d_model": 64, "d_state": 16, "d_conv": 4, "expand": 2, "headdim": 16, "ngroups": 1,
+                        "chunk_size": 16}},
+        reference="transformers_mamba2", gpu_kernels=("mamba_ssm",),
+        description="zoo mamba2 vs transformers Mamba2Mixer (torch path off-GPU), same weights"),)
 
     def __init__(
         self,
@@ -171,6 +194,30 @@ class Mamba2(Mixer):
             if thr is not None:
                 raise ValueError("mamba2: state_window and state_norm_threshold cannot be combined; pick one")
 
+    @classmethod
+    def packing_supported(cls, args: dict[str, Any]) -> bool:
+        return args.get("state_norm_threshold") is None
+
+    @classmethod
+    def flops(cls, d_model: int, args: dict[str, Any], *, T: int, context: int = 0, batch: int = 1) -> int:
+        """``in_proj 2 T d (2 d_inner + 2 G N + H)`` + ``conv 2 T (d_ssm + 2 G N) d_conv`` + ``out_proj
+        2 T d_inner d`` + the scan: chunked SSD ``2 T (Q G N + Q H P + 2 H P N)`` (``C B^T`` in a chunk, its
+        masked product with ``X``, ``B^T X`` into chunk states, ``C h`` out of them), or ``4 H P N`` per token
+        for a decode step (state update ``dt x B^T`` and read-out ``C h``)."""
+        a = cls.resolved_args(args)
+        d_inner = a["expand"] * d_model
+        d_ssm = a["d_ssm"] or d_inner
+        P, N, G = a["headdim"], a["d_state"], a["ngroups"]
+        H = d_ssm // P
+        proj = 2 * T * d_model * (2 * d_inner + 2 * G * N + H) + 2 * T * d_inner * d_model
+        conv = 2 * T * (d_ssm + 2 * G * N) * a["d_conv"]
+        if T == 1 and context > 0:
+            scan = 4 * H * P * N
+        else:
+            Q = min(a["chunk_size"], T)
+            scan = 2 * T * (Q * G * N + Q * H * P + 2 * H * P * N)
+        return batch * (proj + conv + scan)
+
     @torch.no_grad()
     def reset_mixer_parameters(self) -> None:
         """mamba_ssm's init: dt ~ logU(dt_min, dt_max) (>= floor), dt_bias = softplus^-1(dt); A ~ U(A_init_range)."""
@@ -210,6 +257,12 @@ class Mamba2(Mixer):
         Bsz, T, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if seq_idx is not None and state is not None and self.state_window:
+            raise ValueError("mamba2: state_window with seq_idx is supported in the parallel forward only")
+        if seq_idx is not None and self.state_norm_threshold is not None:
+            raise ValueError("mamba2: state_norm_threshold with seq_idx (packed documents) is not supported: the "
+                             "renormalisation points would not restart at each document")
+        previous = copy.copy(state) if state is not None and mask is not None else None
         zxbcdt = self.in_proj(x)  # [B, T, d_in_proj]
         z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
         if mask is not None:
@@ -245,6 +298,8 @@ class Mamba2(Mixer):
             y = self._scan(xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
         if state is not None:
             state.seen = state.seen + (T if mask is None else mask.sum(1))
+        if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
+            state.keep_rows(~mask.any(1), previous)
         y = y.reshape(Bsz, T, self.d_ssm)
         if self.rmsnorm:
             y = self.norm(y, z)
@@ -274,15 +329,18 @@ class Mamba2(Mixer):
             out = out + self.conv1d.bias.to(out.dtype)
         return out
 
-    def _thresholds(self, device: torch.device) -> Tensor | None:
+    def _thresholds(self, like: Tensor) -> Tensor | None:
+        """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None
+        when off (an infinite threshold never fires, so its code path is skipped too)."""
         thr = self.state_norm_threshold
-        if thr is None:
+        if thr is None or all(math.isinf(v) for v in (thr if isinstance(thr, (list, tuple)) else [thr])):
             return None
-        return torch.as_tensor(thr, dtype=torch.float32, device=device).expand(self.nheads)
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.as_tensor(thr, dtype=acc, device=like.device).expand(self.nheads)
 
     def _scan(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
               off: Tensor | None, mask: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
-        thr = self._thresholds(xs.device)
+        thr = self._thresholds(xs)
         extra: dict[str, Any] = {}
         if thr is not None:  # align renormalisation boundaries to each row's count of real tokens
             first = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
@@ -332,7 +390,7 @@ class Mamba2(Mixer):
         # y = S C per group as one batched GEMV: [B, G, hg*P, N] @ [B, G, N, 1]
         y = torch.matmul(read.view(Bsz, G, (H // G) * P, N), Cg[..., None]).view(Bsz, H, P)
         y = y.addcmul(xf, D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
-        thr = self._thresholds(x.device)
+        thr = self._thresholds(state.ssm_state)
         if thr is not None:
             seen = state.seen + (1 if mask is None else mask[:, 0].long())
             fire = (seen % self.chunk_size == 0) if mask is None else (seen % self.chunk_size == 0) & mask[:, 0]
@@ -346,8 +404,6 @@ class Mamba2(Mixer):
         """``y_t = C_t (S_t - prod_{t-r<j<=t} alpha_j S_{t-r}) + D x_t`` over [ring of r past tokens | new tokens]."""
         Bsz, T, H, P = xs.shape
         r = self.state_window
-        if state is not None and seq_idx is not None:
-            raise ValueError("mamba2: state_window with seq_idx is supported in the parallel forward only")
         acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
         dt = dt.to(acc)
         off = off.to(acc) if off is not None else torch.zeros_like(dt)

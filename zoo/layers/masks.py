@@ -71,6 +71,13 @@ class SlidingWindowRule:
     def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
         return self.window, self.num_sink_tokens
 
+    # counts of keys per query (FLOPs), closed forms of ``allowed`` (tested against a brute-force enumeration)
+    def local_count(self, i: Tensor) -> Tensor:
+        return (i + 1).clamp(max=self.window)
+
+    def extra_count(self, i: Tensor, h: Tensor | None = None) -> Tensor:
+        return (i - self.window + 1).clamp(min=0, max=self.num_sink_tokens)
+
 
 @dataclass(frozen=True)
 class LocalStrideRule:
@@ -125,6 +132,31 @@ class LocalStrideRule:
             slot = torch.where(dense, p, slot)
         return torch.where(self.vertical(kb, h), slot, torch.full_like(slot, -1))
 
+    def local_count(self, i: Tensor) -> Tensor:
+        first = ((i // self.block_size - self.local_blocks + 1) * self.block_size).clamp(min=0)
+        return i - first + 1
+
+    def extra_count(self, i: Tensor, h: Tensor | None = None) -> Tensor:
+        """Keys of the vertical blocks before the local ones: whole blocks ``kb <= qb - local_blocks``."""
+        assert h is not None
+        last = i // self.block_size - self.local_blocks  # last non-local key block (< 0: none)
+        if self.homo_head:
+            h = torch.zeros_like(h)
+        c = h * self.step + self.head_sliding_offset  # kb is vertical iff (kb + c) % stride == 0
+        s = self.vertical_stride
+        n_vert = torch.div(last + c, s, rounding_mode="floor") - torch.div(c - 1, s, rounding_mode="floor")
+        if self.num_dense_heads:
+            n_vert = torch.where(h >= self.num_kv_heads - self.num_dense_heads, last + 1, n_vert)
+        return torch.where(last >= 0, n_vert * self.block_size, torch.zeros_like(n_vert))
+
+    def vertical_capacity(self, n_tokens: int) -> int:
+        """Slots of the vertical store that positions ``< n_tokens`` can need (a bound computed on the host)."""
+        if n_tokens <= 0:
+            return 0
+        if self.num_dense_heads:
+            return n_tokens
+        return ((n_tokens - 1) // (self.block_size * self.vertical_stride) + 1) * self.block_size
+
     def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
         return None, 0
 
@@ -154,6 +186,12 @@ class BlockDiagonalRule:
     def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
         return None, 0
 
+    def local_count(self, i: Tensor) -> Tensor:
+        return i % self.block_size + 1
+
+    def extra_count(self, i: Tensor, h: Tensor | None = None) -> Tensor:
+        return torch.zeros_like(i)
+
 
 Rule = SlidingWindowRule | LocalStrideRule | BlockDiagonalRule
 
@@ -170,6 +208,18 @@ def allowed(rule: Rule, i: Tensor, j: Tensor, h: Tensor | None = None, part: str
     if part == "extra":
         return causal & ~local & extra if extra is not None else torch.zeros_like(causal)
     return causal & (local | extra) if extra is not None else causal & local
+
+
+def attended_pairs(rule: Rule, T: int, context: int = 0, num_kv_heads: int = 1) -> int:
+    """Number of (query, key, KV head) triples the rule allows for the queries at positions
+    ``context .. context + T - 1`` (keys: every earlier position, from 0), summed over the ``num_kv_heads`` KV
+    heads. The attention FLOPs of those queries are ``4 * head_dim * (num_heads / num_kv_heads) * pairs``."""
+    i = torch.arange(context, context + T, dtype=torch.long)
+    local = int(rule.local_count(i).sum())
+    if not rule.per_head:
+        return num_kv_heads * (local + int(rule.extra_count(i).sum()))
+    h = torch.arange(num_kv_heads, dtype=torch.long)[:, None]
+    return num_kv_heads * local + int(rule.extra_count(i[None, :], h).sum())
 
 
 def extra_candidates(rule: Rule, pos: Tensor, num_kv_heads: int) -> Tensor | None:

@@ -9,7 +9,8 @@ from zoo.kernels.gated_rmsnorm import gated_rmsnorm
 
 
 class RMSNorm(nn.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 and cast back (as transformers' Llama)."""
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 (fp64 stays fp64) and cast back (as
+    transformers' Llama)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -18,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -29,7 +30,8 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """Mamba-2's ``RMSNormGated``: ``rmsnorm_group(x * silu(z)) * weight`` (or gate after the norm).
 
-    The mean square is taken over groups of ``group_size`` channels (``d_inner // ngroups``), in fp32.
+    The mean square is taken over groups of ``group_size`` channels (``d_inner // ngroups``), in fp32 (fp64 stays
+    fp64).
     """
 
     def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False):

@@ -25,14 +25,15 @@ O(T * (chunk + reach + extras)), never a T x T mask). With a state: a bounded
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.kernels.backend import backend
 from zoo.layers.attention import Attention
+from zoo.layers.base import BenchCase, document_positions
 from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
 from zoo.layers.sparse_ops import (
     SparseKVCache,
@@ -53,13 +54,12 @@ def _power_of_two(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a power of two (block-sparse kernel tiles)")
 
 
-def document_positions(seq_idx: Tensor) -> Tensor:
-    """``seq_idx [B, T]`` -> index of each token inside its document (restarts at every document start)."""
-    T = seq_idx.shape[1]
-    t = torch.arange(T, device=seq_idx.device).expand_as(seq_idx)
-    start = torch.ones_like(seq_idx, dtype=torch.bool)
-    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values
+def dense_reference_case(full: dict[str, Any], quick: dict[str, Any], what: str) -> tuple[BenchCase, ...]:
+    """A pattern's benchmark case: against dense causal attention (the ``attention`` mixer) with the same weights,
+    at the head sizes of the attention case."""
+    heads = Attention.bench_cases[0].args
+    return (BenchCase(args={"full": {**heads["full"], **full}, "quick": {**heads["quick"], **quick}},
+                      reference="mixer:attention", description=f"{what} vs dense causal SDPA attention, same weights"),)
 
 
 class SparseAttention(Attention):
@@ -67,10 +67,13 @@ class SparseAttention(Attention):
 
     chunk_size: int = 128  # query chunk of the torch parallel path (T <= chunk_size: one dense mask)
     prefill_chunk: int = 512  # longest piece attended at once with a cache
+    state_growth = "constant"
+    demo_args = None
+    example_args = ()
 
     @property
     def rule(self) -> Rule:
-        raise NotImplementedError
+        return self._rule
 
     def kernel_block(self) -> int | None:
         return None
@@ -91,15 +94,16 @@ class SparseAttention(Attention):
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed sequences) is supported by the parallel forward only, "
                                  "not with a state")
-            if positions is None:
-                positions = state.next_pos[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
-            state.next_pos = state.next_pos + real.sum(1)
+            if positions is None:  # standalone use: rows without padding before this call
+                positions = state.length + (real.long().cumsum(1) - 1).clamp(min=0)
+            # a decode step (one real token per row, no autograd): in-place write, then attend; no host sync
+            decode = T == 1 and attention_mask is None and not torch.is_grad_enabled()
             outs = []
             for t0 in range(0, T, self.prefill_chunk):
                 sl = slice(t0, t0 + self.prefill_chunk)
                 q, k, v = self.project(x[:, sl], positions[:, sl])
-                if q.shape[2] == 1 and bool(real[:, sl].all()) and not (torch.is_grad_enabled() and k.requires_grad):
-                    state.write_step(self.rule, k, v, positions[:, sl])  # decode: in place, then attend
+                if decode:
+                    state.write_step(self.rule, k, v, positions[:, sl])
                     outs.append(state.attend(self.rule, q, None, None, positions[:, sl], real[:, sl], self.scale))
                     continue
                 outs.append(state.attend(self.rule, q, k, v, positions[:, sl], real[:, sl], self.scale))
@@ -119,7 +123,7 @@ class SparseAttention(Attention):
             # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
             by_slot = attention_mask is None and seq_idx is None and (
                 plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
-            if by_slot and q.is_cuda and os.environ.get("ZOO_BACKEND", "") != "torch":
+            if by_slot and q.is_cuda and backend() != "torch":
                 o = self._kernel(q, k, v)
             if by_slot and o is None:
                 o = self._fast(q, k, v)
@@ -151,10 +155,10 @@ class SparseAttention(Attention):
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> SparseKVCache:
-        """Bounded: ``max_length`` is ignored (the ring has ``rule.ring_size`` slots)."""
-        st = SparseKVCache.empty(self.rule, batch_size, self.num_kv_heads, self.head_dim, dtype, device)
-        st.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return st
+        """A ring of ``rule.ring_size`` slots; a vertical store (local-stride) preallocated for ``max_length``
+        tokens, growing beyond it when needed."""
+        return SparseKVCache.empty(self.rule, batch_size, self.num_kv_heads, self.head_dim, dtype, device,
+                                   max_length=max_length or 0)
 
     @staticmethod
     def _base_size_check(kwargs: dict[str, Any]) -> bool:
@@ -167,6 +171,10 @@ class SlidingWindowAttention(SparseAttention):
     """``j <= i & (i - j < window | j < num_sink_tokens)``: transformers/Mistral window + StreamingLLM sinks."""
 
     arg_groups = ("attention",)
+    example_args = ({"window": 8, "num_sink_tokens": 2}, {"window": 5})
+    demo_args = {"window": 32}
+    bench_cases = dense_reference_case({"window": 1024, "num_sink_tokens": 0}, {"window": 16, "num_sink_tokens": 4},
+                                       "sliding window + sinks")
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, window: int, num_sink_tokens: int = 0,
                  num_heads: int = 8, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -180,7 +188,11 @@ class SlidingWindowAttention(SparseAttention):
                          qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
                          max_position_embeddings)
         self.window, self.num_sink_tokens = window, num_sink_tokens
-        self._rule = SlidingWindowRule(window, num_sink_tokens)
+        self._rule = self.rule_for(d_model, dict(window=window, num_sink_tokens=num_sink_tokens))
+
+    @classmethod
+    def rule_for(cls, d_model: int, args: dict[str, Any]) -> SlidingWindowRule:
+        return SlidingWindowRule(args["window"], args.get("num_sink_tokens", 0))
 
     @classmethod
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
@@ -191,10 +203,6 @@ class SlidingWindowAttention(SparseAttention):
             raise ValueError("sliding_window needs window=<tokens, including the current one>")
         _positive_int("window", kwargs["window"])
         _positive_int("num_sink_tokens", kwargs.get("num_sink_tokens", 0), 0)
-
-    @property
-    def rule(self) -> SlidingWindowRule:
-        return self._rule
 
     def kernel_block(self) -> int | None:
         return 64
@@ -214,6 +222,15 @@ class BlockSparseAttention(SparseAttention):
     """dkernel / Phi-3-small local + vertical-stride pattern (LongGen "BlockSparse"), per KV head."""
 
     arg_groups = ("attention",)
+    example_args = ({"block_size": 4, "local_blocks": 2, "vertical_stride": 3},
+                    {"block_size": 2, "local_blocks": 3, "vertical_stride": 4, "homo_head": True,
+                     "head_sliding_offset": 1},
+                    {"block_size": 4, "local_blocks": 1, "vertical_stride": 3, "num_dense_heads": 1})
+    state_growth = "linear"  # the vertical blocks are kept: N / vertical_stride tokens per KV head
+    bench_cases = dense_reference_case(  # LongGen-style strided blocks
+        {"block_size": 64, "local_blocks": 16, "vertical_stride": 8}, {"block_size": 8, "local_blocks": 2,
+                                                                       "vertical_stride": 4},
+        "strided block-sparse (local + vertical)")
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int = 64, local_blocks: int = 16,
                  vertical_stride: int = 8, head_sliding_offset: int = 0, homo_head: bool = False,
@@ -231,8 +248,14 @@ class BlockSparseAttention(SparseAttention):
                          qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
                          max_position_embeddings)
         self.block_size, self.local_blocks, self.vertical_stride = block_size, local_blocks, vertical_stride
-        self._rule = LocalStrideRule(block_size, local_blocks, vertical_stride, self.num_heads, self.num_kv_heads,
-                                     head_sliding_offset, homo_head, num_dense_heads)
+        self._rule = self.rule_for(d_model, args)
+
+    @classmethod
+    def rule_for(cls, d_model: int, args: dict[str, Any]) -> LocalStrideRule:
+        a = cls.resolved_args(args)
+        H = a["num_heads"]
+        return LocalStrideRule(a["block_size"], a["local_blocks"], a["vertical_stride"], H, a["num_kv_heads"] or H,
+                               a["head_sliding_offset"], a["homo_head"], a["num_dense_heads"])
 
     @classmethod
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
@@ -251,10 +274,6 @@ class BlockSparseAttention(SparseAttention):
         if nd and kwargs.get("homo_head", False):
             raise ValueError("num_dense_heads needs homo_head=False (dkernel asserts the same)")
 
-    @property
-    def rule(self) -> LocalStrideRule:
-        return self._rule
-
     def kernel_block(self) -> int | None:
         return self.block_size if self.block_size >= 16 else None
 
@@ -270,6 +289,8 @@ class BlockDiagonalAttention(SparseAttention):
     """MASFormer local attention: each query sees the earlier tokens of its own block of ``block_size``."""
 
     arg_groups = ("attention",)
+    example_args = ({"block_size": 5}, {"block_size": 8})
+    bench_cases = dense_reference_case({"block_size": 1024}, {"block_size": 16}, "block-diagonal causal attention")
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int,
                  num_heads: int = 8, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -283,7 +304,11 @@ class BlockDiagonalAttention(SparseAttention):
                          qk_norm_eps, rope, rope_theta, rope_scaling, rotary_dim, softmax_scale,
                          max_position_embeddings)
         self.block_size = block_size
-        self._rule = BlockDiagonalRule(block_size)
+        self._rule = self.rule_for(d_model, dict(block_size=block_size))
+
+    @classmethod
+    def rule_for(cls, d_model: int, args: dict[str, Any]) -> BlockDiagonalRule:
+        return BlockDiagonalRule(args["block_size"])
 
     @classmethod
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
@@ -293,10 +318,6 @@ class BlockDiagonalAttention(SparseAttention):
         if kwargs.get("block_size") is None:
             raise ValueError("block_diagonal needs block_size=<tokens per block>")
         _positive_int("block_size", kwargs["block_size"])
-
-    @property
-    def rule(self) -> BlockDiagonalRule:
-        return self._rule
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         return block_diagonal_attention(q, k, v, self.block_size, self.scale)

@@ -140,7 +140,9 @@ class SparseKVCache(State):
       ``local_blocks`` most recent blocks (local-stride), the current block (block diagonal).
     * ``vk, vv [B, Hkv, C, D]``, ``vpos [B, Hkv, C]`` (local-stride only): each KV head's vertical blocks,
       compacted (slot ``(kb // stride) * bs + p % bs``); grows like ``N / vertical_stride``, as the pattern
-      reads them. Empty (``C = 0``) for the other rules.
+      reads them. Empty (``C = 0``) for the other rules. ``vlen`` slots are in use: the host-side bound
+      ``rule.vertical_capacity(length)`` (positions never exceed the slots absorbed), so writes need no sync.
+    * ``length``: token slots absorbed (padding included), the cache's one count.
     """
 
     k: Tensor
@@ -149,8 +151,8 @@ class SparseKVCache(State):
     vk: Tensor
     vv: Tensor
     vpos: Tensor
-    next_pos: Tensor | None = None  # [B] position of each row's next real token (when positions are not given)
-    vlen: int = 0  # used slots of the vertical store
+    length: int = 0
+    vlen: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -159,13 +161,23 @@ class SparseKVCache(State):
         return ring + per_slot * self.vlen
 
     @classmethod
-    def empty(cls, rule: Rule, B: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device | str
-              ) -> SparseKVCache:
+    def empty(cls, rule: Rule, B: int, Hkv: int, D: int, dtype: torch.dtype, device: torch.device | str,
+              max_length: int = 0) -> SparseKVCache:
         R = rule.ring_size
+        C = rule.vertical_capacity(max_length) if hasattr(rule, "vertical_capacity") else 0
         z = torch.zeros(B, Hkv, R, D, dtype=dtype, device=device)
-        ve = torch.zeros(B, Hkv, 0, D, dtype=dtype, device=device)
+        ve = torch.zeros(B, Hkv, C, D, dtype=dtype, device=device)
         return cls(z, z.clone(), torch.full((B, 1, R), -1, dtype=torch.long, device=device),
-                   ve, ve.clone(), torch.zeros(B, Hkv, 0, dtype=torch.long, device=device))
+                   ve, ve.clone(), torch.full((B, Hkv, C), -1, dtype=torch.long, device=device))
+
+    def _reserve_vertical(self, rule: Rule) -> None:
+        """Make room in the vertical store for every position below ``length`` (host-side bound, no sync)."""
+        need = rule.vertical_capacity(self.length)
+        if need > self.vk.shape[2]:
+            grow = max(need, 2 * self.vk.shape[2]) - self.vk.shape[2]
+            self.vk, self.vv = F.pad(self.vk, (0, 0, 0, grow)), F.pad(self.vv, (0, 0, 0, grow))
+            self.vpos = F.pad(self.vpos, (0, grow), value=-1)
+        self.vlen = max(self.vlen, need)
 
     def attend(self, rule: Rule, q: Tensor, k: Tensor | None, v: Tensor | None, pos: Tensor, real: Tensor,
                scale: float) -> Tensor:
@@ -203,44 +215,33 @@ class SparseKVCache(State):
         Only for decode without autograd; written *before* :meth:`attend` (safe for a single token: the
         slot it overwrites holds a key no later query can see)."""
         B, Hkv, _, D = k.shape
+        self.length += 1
         slot = rule.ring_slot(pos)[:, None]  # [B, 1, 1]
         self.k.scatter_(2, slot[..., None].expand(B, Hkv, 1, D), k)
         self.v.scatter_(2, slot[..., None].expand(B, Hkv, 1, D), v)
         self.pos.scatter_(2, slot, pos[:, None])
         if hasattr(rule, "vertical_slot"):
+            self._reserve_vertical(rule)
             vs = rule.vertical_slot(pos[:, None, :], torch.arange(Hkv, device=k.device)[None, :, None])
             vs = vs.expand(B, Hkv, 1)
-            need = int(vs.max()) + 1
-            if need == 0:  # no head keeps this token beyond its local window
-                return
-            if need > self.vk.shape[2]:
-                grow = max(need, 2 * self.vk.shape[2]) - self.vk.shape[2]
-                self.vk, self.vv = F.pad(self.vk, (0, 0, 0, grow)), F.pad(self.vv, (0, 0, 0, grow))
-                self.vpos = F.pad(self.vpos, (0, grow), value=-1)
-            w, idx = vs >= 0, vs.clamp(min=0)
+            w, idx = vs >= 0, vs.clamp(min=0)  # heads that keep this token beyond the local window
             gi = idx[..., None].expand(B, Hkv, 1, D)
             self.vk.scatter_(2, gi, torch.where(w[..., None], k, self.vk.gather(2, gi)))
             self.vv.scatter_(2, gi, torch.where(w[..., None], v, self.vv.gather(2, gi)))
             self.vpos.scatter_(2, idx, torch.where(w, pos[:, None].expand(B, Hkv, 1), self.vpos.gather(2, idx)))
-            self.vlen = max(self.vlen, need)
 
     def write(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor, real: Tensor) -> None:
         """Store the chunk's real tokens (after :meth:`attend`)."""
         B, Hkv, T, D = k.shape
+        self.length += T
         self.k, self.v, self.pos = _scatter_latest(self.k, self.v, self.pos, rule.ring_slot(pos)[:, None],
                                                    k, v, pos, real[:, None])
         if hasattr(rule, "vertical_slot"):
+            self._reserve_vertical(rule)
             h = torch.arange(Hkv, device=k.device)[None, :, None]
             slot = rule.vertical_slot(pos[:, None, :], h).expand(B, Hkv, T)  # [B, Hkv, T]
             write = real[:, None] & (slot >= 0)
-            if bool(write.any()):
-                need = int(slot[write].max()) + 1
-                if need > self.vk.shape[2]:
-                    grow = max(need, 2 * self.vk.shape[2]) - self.vk.shape[2]
-                    self.vk, self.vv = F.pad(self.vk, (0, 0, 0, grow)), F.pad(self.vv, (0, 0, 0, grow))
-                    self.vpos = F.pad(self.vpos, (0, grow), value=-1)
-                self.vk, self.vv, self.vpos = _scatter_latest(self.vk, self.vv, self.vpos, slot, k, v, pos, write)
-                self.vlen = max(self.vlen, need)
+            self.vk, self.vv, self.vpos = _scatter_latest(self.vk, self.vv, self.vpos, slot, k, v, pos, write)
 
 
 def _scatter_latest(bk: Tensor, bv: Tensor, bpos: Tensor, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor,

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 from zoo.config import ZooConfig
-from zoo.models import llama, mamba2, minicpm4, mistral, tiny
-from zoo.models.family import Family, Preset
+from zoo.models import generator, llama, mamba2, minicpm4, mistral, tiny
+from zoo.models.family import Family
 from zoo.models.lm import ZooForCausalLM, create_model, swap_layers
-from zoo.registry import families, register_family
+from zoo.registry import families, list_presets, register_family, register_preset
 
-for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, minicpm4.FAMILY):
+for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, generator.FAMILY, minicpm4.FAMILY):
     register_family(_family.name, _family)
-
-
-def presets() -> dict[str, tuple[Family | None, Preset]]:
-    out: dict[str, tuple[Family | None, Preset]] = {name: (None, p) for name, p in tiny.PRESETS.items()}
-    out.update({name: (fam, p) for fam in families().values() for name, p in fam.presets.items()})
-    return out
-
-
-def list_presets() -> list[str]:
-    return sorted(presets())
+for _name, _preset in tiny.PRESETS.items():
+    register_preset(_name, _preset)
 
 
 def get_preset(name: str) -> ZooConfig:
-    try:
-        family, preset = presets()[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; available: {list_presets()}") from None
-    return ZooConfig.from_dict({**preset.config, "name": name})
+    """The config of a registered preset (same as ``ZooConfig.from_preset(name)``)."""
+    return ZooConfig.from_preset(name)
 
 
 def detect_family(reference_config: dict) -> Family:
@@ -38,7 +27,8 @@ def detect_family(reference_config: dict) -> Family:
             f"config.json is in no known format (model_type/keys: {hint!r}); "
             f"known: zoo checkpoints (with 'zoo_version') and the families {sorted(families())}"
         )
-    return matches[0]
+    refined = {f.specializes for f in matches}
+    return [f for f in matches if f.name not in refined][0]
 
 
 __all__ = ["ZooForCausalLM", "create_model", "swap_layers", "list_presets", "get_preset", "detect_family"]

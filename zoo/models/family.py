@@ -21,6 +21,8 @@ class Preset:
     hub_id: str | None = None
     revision: str | None = None
     description: str = ""
+    # Layers to swap (``zoo.swap_layers`` spec) after loading ``hub_id``: a hybrid built from a published checkpoint.
+    swap: dict[str, str] | None = None
 
 
 @dataclass
@@ -36,6 +38,9 @@ class Family:
     to_reference: Callable[[StateDict, ZooConfig], StateDict] | None = None
     reference_weights_name: str = "model.safetensors"
     model_card: str = "default"
+    # The family whose reference format this one refines (same model_type, e.g. GENERator is a Llama): when both
+    # detect a config.json, the refining family wins.
+    specializes: str | None = None
 
     def state_dict_from_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         out = rename_keys(sd, self.key_table, source="reference")

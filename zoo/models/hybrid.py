@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from zoo.config import ZooConfig, parse_layer_selector
 from zoo.models.lm import ZooForCausalLM, swap_layers
+from zoo.registry import get_mixer
 
 M = TypeVar("M", ZooForCausalLM, ZooConfig)
 
@@ -42,10 +43,19 @@ def _full_layers(full_layers: list[int] | str | None, n_layers: int, default: li
     return out
 
 
-def apply_hybrid(model_or_config: M, full_layers: list[int], sparse_spec: str) -> M:
-    """Every layer not in ``full_layers`` gets ``sparse_spec``; the full layers become plain ``attention``."""
+def apply_hybrid(model_or_config: M, full_layers: list[int], sparse_spec: str, *, allow_reinit: bool = False) -> M:
+    """Every layer not in ``full_layers`` gets ``sparse_spec``; the full layers become plain ``attention``.
+
+    Both recipes are parameter-free only on attention layers. A layer of another kind (e.g. Mamba-2 in a hybrid)
+    would be replaced by freshly initialised attention: refused unless ``allow_reinit=True``."""
     config = model_or_config.config if isinstance(model_or_config, ZooForCausalLM) else model_or_config
     n = config.n_layers
+    other = [f"{i}: {ls.mixer}" for i, ls in enumerate(config.layers)
+             if "attention" not in get_mixer(ls.mixer).arg_groups]
+    if other and not allow_reinit:
+        raise ValueError(f"this recipe turns every layer into attention, but layers {other} are not attention "
+                         "layers: their weights would be replaced by a fresh initialisation. Pass "
+                         "allow_reinit=True to do it anyway, or swap only the attention layers with zoo.swap_layers")
     sparse = [i for i in range(n) if i not in set(full_layers)]
     spec: dict[str, str] = {}
     if sparse:
@@ -68,7 +78,7 @@ def longgen_layers(n_layers: int) -> list[int]:
 
 
 def masformer(model_or_config: M, full_layers: list[int] | str | None = None, *, block_size: int = 1024,
-              local: str = "block_diagonal", window: int | None = None) -> M:
+              local: str = "block_diagonal", window: int | None = None, allow_reinit: bool = False) -> M:
     """MASFormer: full attention at ``full_layers`` (default: the bottom sixth), local attention elsewhere.
 
     ``local="block_diagonal"``: each query attends within its block of ``block_size``;
@@ -82,12 +92,13 @@ def masformer(model_or_config: M, full_layers: list[int] | str | None = None, *,
         spec = _spec("sliding_window", window=window or block_size)
     else:
         raise ValueError(f"masformer: local={local!r} is not one of ['block_diagonal', 'sliding_window']")
-    return apply_hybrid(model_or_config, full, spec)
+    return apply_hybrid(model_or_config, full, spec, allow_reinit=allow_reinit)
 
 
 def longgen(model_or_config: M, full_layers: list[int] | str | None = None, *, sparse: str = "sink_window",
             window: int = 1984, num_sink_tokens: int = 64, block_size: int = 64, local_blocks: int = 16,
-            vertical_stride: int = 8, homo_head: bool = False, head_sliding_offset: int = 0) -> M:
+            vertical_stride: int = 8, homo_head: bool = False, head_sliding_offset: int = 0,
+            allow_reinit: bool = False) -> M:
     """LongGen: full attention at ``full_layers`` (default: the middle third), KV-reduced attention elsewhere.
 
     ``sparse="sink_window"``: ``num_sink_tokens`` sinks + a ``window``-token sliding window (AttnSink);
@@ -102,4 +113,4 @@ def longgen(model_or_config: M, full_layers: list[int] | str | None = None, *, s
                      vertical_stride=vertical_stride, homo_head=homo_head, head_sliding_offset=head_sliding_offset)
     else:
         raise ValueError(f"longgen: sparse={sparse!r} is not one of ['sink_window', 'strided']")
-    return apply_hybrid(model_or_config, full, spec)
+    return apply_hybrid(model_or_config, full, spec, allow_reinit=allow_reinit)

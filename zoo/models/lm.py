@@ -13,16 +13,19 @@ Parameter names: ``embedding``, ``layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``norm
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from zoo import checkpoint, generation
 from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_spec
-from zoo.layers.base import State
+from zoo.layers.base import State, document_positions
 from zoo.layers.mlp import MLP
 from zoo.layers.norm import make_norm
 from zoo.registry import get_mixer
@@ -30,11 +33,12 @@ from zoo.registry import get_mixer
 
 @dataclass
 class ModelState:
-    """Per-layer mixer states plus what the model needs to continue: tokens seen and next positions."""
+    """Per-layer mixer states plus the model's time: ``offset`` token slots absorbed (padding included, as
+    mamba_ssm's ``seqlen_offset``) and ``next_position [B]``, the position of each row's next real token."""
 
     layers: list[State]
-    next_position: Tensor  # [B] position of the next real token of each row
-    seen_tokens: int = 0
+    next_position: Tensor
+    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +55,33 @@ class CausalLMOutput:
     logits: Tensor
     loss: Tensor | None = None
     states: ModelState | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """The model's initialisation of one module (use with ``module.apply``): normal(0, std) linear and embedding
+    weights, zero biases, and a mixer's own ``reset_mixer_parameters`` (e.g. Mamba-2's dt and A)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+    if hasattr(module, "reset_mixer_parameters"):
+        module.reset_mixer_parameters()
+
+
+def token_positions(B: int, T: int, attention_mask: Tensor | None = None, *, start: Tensor | None = None,
+                    seq_idx: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+    """The positions ``[B, T]`` the model hands to every mixer: ``start + arange(T)`` for unpadded rows; with a
+    mask, transformers' ``cumsum(mask) - 1`` (padded slots clamp to the row's next position); for packed rows
+    (``seq_idx``), the index inside each document. ``start [B]``: each row's next position (from the states)."""
+    if seq_idx is not None:
+        return document_positions(seq_idx)
+    if start is None:
+        start = torch.zeros(B, dtype=torch.long, device=device)
+    if attention_mask is None:
+        return start[:, None] + torch.arange(T, device=start.device)[None]
+    return start[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 class Block(nn.Module):
@@ -101,15 +131,7 @@ class ZooForCausalLM(nn.Module):
             self.lm_head.weight = self.embedding.weight
 
     def _init_module(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        if hasattr(module, "reset_mixer_parameters"):  # mixers with their own init (e.g. Mamba-2's dt, A)
-            module.reset_mixer_parameters()
+        init_weights(module, self.config.initializer_range)
 
     # ------------------------------------------------------------------ utilities
     @property
@@ -146,37 +168,68 @@ class ZooForCausalLM(nn.Module):
         seq_idx: Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        """``input_ids [B, T]``; ``attention_mask [B, T]`` (or ``[B, seen + T]``, transformers-style) 1 = token.
+        """``input_ids [B, T]``; ``attention_mask [B, T]`` (or ``[B, offset + T]``, transformers-style) 1 = token.
 
         With ``states`` the call continues from them and updates them in place (prefill chunk or decode step).
-        ``logits_to_keep > 0`` computes logits for the last positions only (generation).
+        ``logits_to_keep > 0`` computes logits for the last positions only (generation). The inputs are checked
+        here; :meth:`step` is the unchecked one-token path that ``generate`` uses after the prompt.
         """
-        B, T = input_ids.shape
+        attention_mask = self.check_inputs(input_ids, attention_mask, states=states, seq_idx=seq_idx)
+        logits = self._forward(input_ids, attention_mask, positions, states, seq_idx, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, states=states)
+
+    def step(self, input_ids: Tensor, states: ModelState) -> Tensor:
+        """One decode step: ``input_ids [B, 1]`` (a real token in every row) continuing ``states`` -> logits
+        ``[B, vocab]``. No input checks and no host synchronisation: the caller checked its inputs once."""
+        return self._forward(input_ids, None, None, states, None, 1)[:, -1]
+
+    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, *, states: ModelState | None = None,
+                     seq_idx: Tensor | None = None) -> Tensor | None:
+        """Validate a call's inputs; returns the mask of this call's tokens as bool ``[B, T]``, or None when every
+        token is real (the mixers then take their unmasked paths)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.dtype not in (torch.long, torch.int, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0:
+        B, T = input_ids.shape
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
             raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
                              f"min {int(input_ids.min())}, max {int(input_ids.max())}")
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}], got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask[:, -T:]
-            if bool(attention_mask.all()):
-                attention_mask = None
-        if positions is None:
-            positions = self._positions(B, T, attention_mask, states)
-        if states is not None:
-            n_real = attention_mask.sum(1) if attention_mask is not None else torch.full((B,), T, device=self.device)
-            states.next_position = states.next_position + n_real.to(states.next_position.device)
-            states.seen_tokens += T
+        if seq_idx is not None and (states is not None or tuple(seq_idx.shape) != (B, T)):
+            raise ValueError(f"seq_idx (packed documents) must be [B, T]=[{B}, {T}] and is for the parallel forward "
+                             f"only (no states); got shape {tuple(seq_idx.shape)}"
+                             + (" with states" if states is not None else ""))
+        if attention_mask is None:
+            return None
+        offset = states.offset if states is not None else 0
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in {T, offset + T}:
+            also = f" or [B, offset + T]=[{B}, {offset + T}]" if offset else ""
+            raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}]{also} like input_ids, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask[:, -T:].bool()
+        return None if bool(mask.all()) else mask
 
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor | None,
+                 states: ModelState | None, seq_idx: Tensor | None, logits_to_keep: int) -> Tensor:
+        """The model's time is computed here, once per call, and handed to every mixer: ``positions [B, T]``, the
+        valid-token mask (None = all real), and the state's offset / next positions."""
+        B, T = input_ids.shape
+        if positions is None:
+            start = states.next_position if states is not None else None
+            positions = token_positions(B, T, attention_mask, start=start, seq_idx=seq_idx, device=self.device)
+        if states is not None:
+            states.next_position = states.next_position + (T if attention_mask is None else attention_mask.sum(1))
+            states.offset += T
         h = self.embedding(input_ids)
         if self.config.embedding_scale != 1.0:
             h = h * self.config.embedding_scale
         for i, block in enumerate(self.layers):
             state = states.layers[i] if states is not None else None
             if self.gradient_checkpointing and self.training and states is None:
-                h, _ = checkpoint(block, h, positions, None, attention_mask, seq_idx, use_reentrant=False)
+                h, _ = activation_checkpoint(block, h, positions, None, attention_mask, seq_idx, use_reentrant=False)
             else:
                 h, new_state = block(h, positions, state, attention_mask, seq_idx)
                 if states is not None:
@@ -187,33 +240,17 @@ class ZooForCausalLM(nn.Module):
         logits = self.lm_head(h)
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss, states=states)
-
-    def _positions(self, B: int, T: int, attention_mask: Tensor | None, states: ModelState | None) -> Tensor:
-        start = states.next_position if states is not None else torch.zeros(B, dtype=torch.long, device=self.device)
-        if attention_mask is None:
-            return start[:, None] + torch.arange(T, device=self.device)[None]
-        # transformers' convention: cumsum(mask) - 1 over real tokens; padded slots clamp to the row's start
-        return start[:, None] + (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        return logits
 
     # ------------------------------------------------------------------ API sugar
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
-        from zoo.generation import generate
+        return generation.generate(self, input_ids, **kwargs)
 
-        return generate(self, input_ids, **kwargs)
-
-    def save_pretrained(self, path: str, **kwargs: Any) -> None:
-        from zoo.hub import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
+    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        return checkpoint.save_pretrained(self, path, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from zoo.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return checkpoint.push_to_hub(self, repo_id, **kwargs)
 
 
 def create_model(config: ZooConfig | str | dict, **overrides: Any) -> ZooForCausalLM:

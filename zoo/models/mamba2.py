@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zoo.checkpoint import save_reference
 from zoo.config import ZooConfig
 from zoo.models.family import Family, Preset, StateDict
 
@@ -165,9 +166,6 @@ def _from_transformers(cfg: dict[str, Any]) -> ZooConfig:
 
 def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
     """The (shared) Mamba-2 arguments of every mamba2 layer; refuses per-layer differences and mitigations."""
-    from zoo.config import mixer_parameters
-    from zoo.layers.mamba2 import Mamba2
-
     idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "mamba2"]
     if not idx:
         raise ValueError(f"cannot export to the {fmt} format: the model has no mamba2 layer")
@@ -179,8 +177,7 @@ def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
                              f"which have no field there; turn them off (swap_layers) before exporting")
     if any(a != args[0] for a in args):
         raise ValueError(f"cannot export to the {fmt} format: mamba2 layers have different arguments")
-    defaults = {k: p.default for k, p in mixer_parameters(Mamba2).items()}
-    return {**defaults, **args[0]}
+    return {**_mixer_defaults(), **args[0]}
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
@@ -199,8 +196,8 @@ def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     mlp = config.layers[0].mlp
     if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
         raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
-    ssm = {"layer": "Mamba2", **{k: (list(a[k]) if isinstance(a[k], tuple) else a[k]) for k in MIXER_ARGS
-                                 if a[k] != _MAMBA2_DEFAULTS[k]}}
+    defaults = _mixer_defaults()
+    ssm = {"layer": "Mamba2", **{k: _to_json(a[k]) for k in MIXER_ARGS if _norm(a[k]) != _norm(defaults[k])}}
     attn_cfg: dict[str, Any] = {}
     if attn_idx:
         at = config.mixer_kwargs(attn_idx[0])
@@ -218,10 +215,27 @@ def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     }
 
 
-_MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "conv_init": None, "expand": 2, "headdim": 64, "d_ssm": None,
-                    "ngroups": 1, "A_init_range": (1.0, 16.0), "D_has_hdim": False, "rmsnorm": True,
-                    "norm_before_gate": False, "dt_min": 0.001, "dt_max": 0.1, "dt_init_floor": 1e-4,
-                    "dt_limit": (0.0, float("inf")), "bias": False, "conv_bias": True, "chunk_size": 256}
+def _mixer_defaults() -> dict[str, Any]:
+    """The zoo mixer's constructor defaults, which are mamba_ssm's ``Mamba2`` defaults (the same names and values)."""
+    from zoo.config import mixer_parameters
+    from zoo.layers.mamba2 import Mamba2
+
+    return {k: p.default for k, p in mixer_parameters(Mamba2).items()}
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _to_json(v: Any) -> Any:
+    """A mamba_ssm ``ssm_cfg`` value as strict JSON (mamba_ssm reads plain values only, so there is no way to write
+    a non-finite float that both strict parsers and mamba_ssm accept: refused)."""
+    if isinstance(v, (list, tuple)):
+        return [_to_json(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"cannot export to the mamba_ssm format: the value {v} (e.g. a dt_limit bound other than the "
+                         "default (0.0, inf)) has no strict-JSON form that mamba_ssm reads")
+    return v
 
 
 def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
@@ -230,8 +244,8 @@ def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
     bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "mamba2" or ls.mlp is not None]
     if bad:
         raise ValueError(f"cannot export to the transformers mamba2 format: layers {bad} are not mixer-only mamba2")
-    unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate")
-                   if a[k] != _MAMBA2_DEFAULTS[k]}
+    defaults = _mixer_defaults()
+    unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate") if a[k] != defaults[k]}
     if not a["rmsnorm"] or unsupported or config.norm != "rmsnorm" or a["norm_eps"] != config.norm_eps:
         raise ValueError(f"cannot export to the transformers mamba2 format: it has no field for {unsupported or a}")
     lim = a["dt_limit"]
@@ -251,10 +265,6 @@ def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ tensors
-def _attn_layers(config: ZooConfig) -> list[int]:
-    return [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-
-
 def from_reference(sd: StateDict, config: ZooConfig) -> StateDict:
     """After renaming: split mamba_ssm's packed MLP ``fc1`` and MHA ``in_proj``; drop a tied ``lm_head``."""
     sd = dict(sd)
@@ -349,15 +359,11 @@ TRANSFORMERS_FORMAT = Family(
 
 def save_mamba_ssm(model, path: str | os.PathLike) -> Path:
     """Write a ``state-spaces/mamba2-*`` style directory: ``config.json`` + ``pytorch_model.bin`` (plain tensors)."""
-    from zoo.hub import save_reference
-
     return save_reference(model, path, FAMILY)
 
 
 def save_transformers(model, path: str | os.PathLike) -> Path:
     """Write a transformers ``Mamba2ForCausalLM`` directory: ``config.json`` + ``model.safetensors``."""
-    from zoo.hub import save_reference
-
     return save_reference(model, path, TRANSFORMERS_FORMAT)
 
 

@@ -46,5 +46,5 @@ FAMILY = Family(
     config_to_reference=config_to_reference,
     key_table=llama.KEY_TABLE,
     presets={},
-    model_card="llama",
+    model_card="mistral",
 )

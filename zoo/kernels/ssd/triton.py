@@ -37,6 +37,13 @@ Saved for backward: the inputs, dA_cs [Bt,H,T] fp32, the chunk-entry states S_0.
 with z, the pre-gate output [Bt,T,H,P] (x.dtype). Layouts are contiguous: x/z/y [Bt,T,H,P], dt [Bt,T,H],
 B/C [Bt,T,G,N]. Dot operands are cast to the input dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs
 use exact fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
+
+Shared ``@triton.jit`` helpers hold the pointer arithmetic once: the programs' prologues (``_state_tile_prologue``
+for the (chunk, head, state tile) grids, ``_row_block_prologue`` for the (chunk row block, head) grids,
+``_flat_state_prologue`` for the state-passing grids), ``_row`` (the row of a token/chunk of one head in a
+``[Bt, T, heads, ...]`` tensor) and the tile loads ``_load_rows`` / ``_load_cols`` / ``_load_dt`` / ``_load_dy``.
+The math and the torch reference (with the arguments this kernel does not take) are in
+:mod:`zoo.kernels.ssd.reference`.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# forward kernels
+# shared helpers: the programs' prologues, token-major offsets and tile loads, dots
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -65,6 +72,102 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _head(bh, H, G):
+    """Batch row, head and B/C group of the flattened program index ``bh = b * H + h``."""
+    b = bh // H
+    h = bh % H
+    return b, h, h // (H // G)
+
+
+@triton.jit
+def _chunk_span(c, T, CHUNK: tl.constexpr):
+    """First token of chunk ``c`` and the end of its tokens (the last chunk may be short)."""
+    start = c * CHUNK
+    return start, tl.minimum(start + CHUNK, T)
+
+
+@triton.jit
+def _state_tile_prologue(T, H, G, P, N, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (chunk, batch*head, tile of the [P, N] state; tiles over N fastest): the program's coordinates."""
+    c = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    b, h, g = _head(bh, H, G)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_p = (tile // n_tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start, end = _chunk_span(c, T, CHUNK)
+    return c, bh, b, h, g, tile, offs_p, offs_n, offs_p < P, offs_n < N, start, end
+
+
+@triton.jit
+def _row_block_prologue(T, H, G, P, N, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Grid (chunk * row blocks, batch*head): block ``blk`` of BLOCK_Q rows of chunk ``c``, the whole [P, N]."""
+    NLB: tl.constexpr = CHUNK // BLOCK_Q
+    pid0 = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    c = pid0 // NLB
+    blk = pid0 % NLB
+    b, h, g = _head(bh, H, G)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    start, end = _chunk_span(c, T, CHUNK)
+    return pid0, c, blk, bh, b, h, g, offs_p, offs_n, offs_p < P, offs_n < N, start, end
+
+
+@triton.jit
+def _flat_state_prologue(H, P, N, BLOCK: tl.constexpr):
+    """Grid (batch*head, tile of the flattened P*N state) of the state-passing kernels."""
+    bh = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    return bh, bh // H, bh % H, tile, offs, offs < P * N
+
+
+@triton.jit
+def _row(b, t, head, T, NH):
+    """Row index of (batch b, token or chunk t, head/group ``head``) in a ``[Bt, T, NH, ...]`` tensor; ``t`` may be
+    an index tensor. Times the row length (P, N or P*N) plus the channel offsets gives the element offsets."""
+    return (b * T + t) * NH + head
+
+
+@triton.jit
+def _load_rows(ptr, b, t, head, offs, mask_t, mask_c, T, NH, D):
+    """[tokens t, channels offs] tile of head ``head`` of a ``[Bt, T, NH, D]`` tensor, 0 outside the masks."""
+    return tl.load(ptr + _row(b, t[:, None], head, T, NH) * D + offs[None, :], mask=mask_t[:, None] & mask_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _load_cols(ptr, b, t, head, offs, mask_t, mask_c, T, NH, D):
+    """The transposed tile [channels offs, tokens t] of :func:`_load_rows`."""
+    return tl.load(ptr + _row(b, t[None, :], head, T, NH) * D + offs[:, None], mask=mask_t[None, :] & mask_c[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _load_dt(dt_ptr, b, t, h, mask, T, H):
+    """dt of head h at tokens t in fp32 (0 where masked)."""
+    return tl.load(dt_ptr + _row(b, t, h, T, H), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_dy(dout_ptr, z_ptr, off, mask, HAS_Z: tl.constexpr):
+    """Gradient w.r.t. the pre-gate output: dout * silu(z)."""
+    dy = tl.load(dout_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dy = dy * zz * tl.sigmoid(zz)
+    return dy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
 def _chunk_state_fwd(
     x_ptr, dt_ptr, A_ptr, B_ptr, seq_ptr, dacs_ptr, st_ptr,
     T, H, G, P, N, NC,
@@ -72,26 +175,15 @@ def _chunk_state_fwd(
     HAS_SEQ: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    tile = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    offs_p = (tile // n_tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, T)
+    c, bh, b, h, g, tile, offs_p, offs_n, mp, mn, start, end = _state_tile_prologue(
+        T, H, G, P, N, CHUNK, BLOCK_P, BLOCK_N)
     A_h = tl.load(A_ptr + h).to(tl.float32)
 
     # pass 1: a_Q = sum of dt*A over the chunk
     a_q = 0.0
     for s0 in range(0, CHUNK, BLOCK_S):
         ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_S)
-        dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ts < end, other=0.0).to(tl.float32)
+        dts = _load_dt(dt_ptr, b, ts, h, ts < end, T, H)
         a_q += tl.sum(dts * A_h, axis=0)
     if HAS_SEQ:
         seq_last = tl.load(seq_ptr + b * T + end - 1)
@@ -101,7 +193,7 @@ def _chunk_state_fwd(
     for s0 in range(0, CHUNK, BLOCK_S):
         ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_S)
         ms = ts < end
-        dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
+        dts = _load_dt(dt_ptr, b, ts, h, ms, T, H)
         da = dts * A_h
         cs = tl.cumsum(da, axis=0) + run
         run += tl.sum(da, axis=0)
@@ -111,13 +203,10 @@ def _chunk_state_fwd(
             seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-1)
             scale = tl.where(seq_s == seq_last, scale, 0.0)
         scale = tl.where(ms, scale, 0.0)
-        # x^T: [BLOCK_P, BLOCK_S]
-        xt = tl.load(x_ptr + ((b * T + ts[None, :]) * H + h) * P + offs_p[:, None],
-                     mask=ms[None, :] & mp[:, None], other=0.0)
-        bs = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                     mask=ms[:, None] & mn[None, :], other=0.0)
+        xt = _load_cols(x_ptr, b, ts, h, offs_p, ms, mp, T, H, P)  # x^T: [BLOCK_P, BLOCK_S]
+        bs = _load_rows(B_ptr, b, ts, g, offs_n, ms, mn, T, G, N)
         acc += _mm(xt, bs.to(tl.float32) * scale[:, None], DT, PREC)
-    st_off = ((b * NC + c) * H + h) * P * N
+    st_off = _row(b, c, h, NC, H) * P * N
     tl.store(st_ptr + st_off + offs_p[:, None] * N + offs_n[None, :], acc, mask=mp[:, None] & mn[None, :])
 
 
@@ -127,11 +216,7 @@ def _state_passing_fwd(
     T, H, P, N, NC,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < P * N
-    b = bh // H
-    h = bh % H
+    bh, b, h, tile, offs, m = _flat_state_prologue(H, P, N, BLOCK)
     if HAS_INIT:
         s = tl.load(init_ptr + bh * P * N + offs, mask=m, other=0.0).to(tl.float32)
     else:
@@ -140,16 +225,16 @@ def _state_passing_fwd(
         seq_prev = tl.load(seq_ptr + b * T)
     for ci in range(NC):
         c = tl.cast(ci, tl.int64)
-        tl.store(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs, s, mask=m)
+        tl.store(sall_ptr + _row(b, c, h, NC + 1, H) * P * N + offs, s, mask=m)
         last = tl.minimum((c + 1) * CHUNK, T) - 1
         decay = tl.exp(tl.load(dacs_ptr + bh * T + last))
         if HAS_SEQ:
             seq_c = tl.load(seq_ptr + b * T + last)
             decay = tl.where(seq_c == seq_prev, decay, 0.0)
             seq_prev = seq_c
-        st = tl.load(st_ptr + ((b * NC + c) * H + h) * P * N + offs, mask=m, other=0.0)
+        st = tl.load(st_ptr + _row(b, c, h, NC, H) * P * N + offs, mask=m, other=0.0)
         s = decay * s + st
-    tl.store(sall_ptr + ((b * (NC + 1) + NC) * H + h) * P * N + offs, s, mask=m)
+    tl.store(sall_ptr + _row(b, NC, h, NC + 1, H) * P * N + offs, s, mask=m)
 
 
 @triton.jit
@@ -160,28 +245,15 @@ def _chunk_scan_fwd(
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
-    NLB: tl.constexpr = CHUNK // BLOCK_Q
-    pid0 = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    c = pid0 // NLB
-    lb = pid0 % NLB
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, T)
+    pid0, c, lb, bh, b, h, g, offs_p, offs_n, mp, mn, start, end = _row_block_prologue(
+        T, H, G, P, N, CHUNK, BLOCK_Q, BLOCK_P, BLOCK_N)
     tl_ = start + lb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     ml = tl_ < end
 
     a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
-    c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ml[:, None] & mn[None, :], other=0.0)
+    c_l = _load_rows(C_ptr, b, tl_, g, offs_n, ml, mn, T, G, N)
     # S_c^T: [BLOCK_N, BLOCK_P]
-    s_t = tl.load(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[None, :] * N + offs_n[:, None],
+    s_t = tl.load(sall_ptr + _row(b, c, h, NC + 1, H) * P * N + offs_p[None, :] * N + offs_n[:, None],
                   mask=mp[None, :] & mn[:, None], other=0.0).to(DT)
     off_scale = tl.exp(a_l)
     if HAS_SEQ:
@@ -194,11 +266,9 @@ def _chunk_scan_fwd(
         ts = start + tl.cast(s0, tl.int64) + tl.arange(0, BLOCK_Q)
         ms = ts < end
         a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
-        dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
-        b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0)
-        x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0)
+        dts = _load_dt(dt_ptr, b, ts, h, ms, T, H)
+        b_s = _load_rows(B_ptr, b, ts, g, offs_n, ms, mn, T, G, N)
+        x_s = _load_rows(x_ptr, b, ts, h, offs_p, ms, mp, T, H, P)
         cb = _mm(c_l, tl.trans(b_s), DT, PREC)  # [L, S]
         mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
         if HAS_SEQ:
@@ -208,7 +278,7 @@ def _chunk_scan_fwd(
         acc += _mm(w, x_s, DT, PREC)
 
     io_mask = ml[:, None] & mp[None, :]
-    io_off = ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :]
+    io_off = _row(b, tl_[:, None], h, T, H) * P + offs_p[None, :]
     if HAS_D:
         x_l = tl.load(x_ptr + io_off, mask=io_mask, other=0.0).to(tl.float32)
         if D_HDIM:
@@ -229,16 +299,6 @@ def _chunk_scan_fwd(
 
 
 @triton.jit
-def _load_dy(dout_ptr, z_ptr, off, mask, HAS_Z: tl.constexpr):
-    """Gradient w.r.t. the pre-gate output: dout * silu(z)."""
-    dy = tl.load(dout_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        zz = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dy = dy * zz * tl.sigmoid(zz)
-    return dy
-
-
-@triton.jit
 def _chunk_dstate_bwd(
     dacs_ptr, C_ptr, seq_ptr, z_ptr, dout_ptr, lc_ptr,
     T, H, G, P, N, NC,
@@ -247,19 +307,8 @@ def _chunk_dstate_bwd(
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
     """Lc = sum_l exp(a_l) dy_l ⊗ C_l: the gradient of chunk c's outputs w.r.t. the state entering it."""
-    c = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    tile = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    offs_p = (tile // n_tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (tile % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, T)
+    c, bh, b, h, g, tile, offs_p, offs_n, mp, mn, start, end = _state_tile_prologue(
+        T, H, G, P, N, CHUNK, BLOCK_P, BLOCK_N)
     if HAS_SEQ:
         seq_prev = tl.load(seq_ptr + b * T + tl.maximum(start - 1, 0))
     lc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -271,12 +320,11 @@ def _chunk_dstate_bwd(
             seq_l = tl.load(seq_ptr + b * T + tl_, mask=ml, other=-1)
             scale = tl.where(seq_l == seq_prev, scale, 0.0)
         # dy^T: [BLOCK_P, BLOCK_Q]
-        dyt = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[None, :]) * H + h) * P + offs_p[:, None],
+        dyt = _load_dy(dout_ptr, z_ptr, _row(b, tl_[None, :], h, T, H) * P + offs_p[:, None],
                        ml[None, :] & mp[:, None], HAS_Z)
-        c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ml[:, None] & mn[None, :], other=0.0)
+        c_l = _load_rows(C_ptr, b, tl_, g, offs_n, ml, mn, T, G, N)
         lc += _mm(dyt * scale[None, :], c_l, DT, PREC)
-    tl.store(lc_ptr + ((b * NC + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], lc,
+    tl.store(lc_ptr + _row(b, c, h, NC, H) * P * N + offs_p[:, None] * N + offs_n[None, :], lc,
              mask=mp[:, None] & mn[None, :])
 
 
@@ -290,29 +338,17 @@ def _chunk_scan_bwd_dc(
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
     """dC_l (per head) and the "+" part of d a_l, for one block of BLOCK_Q output rows l."""
-    NLB: tl.constexpr = CHUNK // BLOCK_Q
-    pid0 = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    c = pid0 // NLB
-    l0 = (pid0 % NLB) * BLOCK_Q
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, T)
+    pid0, c, lb, bh, b, h, g, offs_p, offs_n, mp, mn, start, end = _row_block_prologue(
+        T, H, G, P, N, CHUNK, BLOCK_Q, BLOCK_P, BLOCK_N)
+    l0 = lb * BLOCK_Q
     # S_c: [BLOCK_P, BLOCK_N]
-    s_c = tl.load(sall_ptr + ((b * (NC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
+    s_c = tl.load(sall_ptr + _row(b, c, h, NC + 1, H) * P * N + offs_p[:, None] * N + offs_n[None, :],
                   mask=mp[:, None] & mn[None, :], other=0.0)
     tl_ = start + l0 + tl.arange(0, BLOCK_Q)
     ml = tl_ < end
     a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
-    c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ml[:, None] & mn[None, :], other=0.0)
-    dy_d = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
+    c_l = _load_rows(C_ptr, b, tl_, g, offs_n, ml, mn, T, G, N)
+    dy_d = _load_dy(dout_ptr, z_ptr, _row(b, tl_[:, None], h, T, H) * P + offs_p[None, :],
                     ml[:, None] & mp[None, :], HAS_Z).to(DT)
     off_scale = tl.where(ml, tl.exp(a_l), 0.0)
     if HAS_SEQ:
@@ -325,11 +361,9 @@ def _chunk_scan_bwd_dc(
         ts = start + s0 + tl.arange(0, BLOCK_Q)
         ms = ts < end
         a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
-        dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
-        b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ms[:, None] & mn[None, :], other=0.0)
-        x_s = tl.load(x_ptr + ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :],
-                      mask=ms[:, None] & mp[None, :], other=0.0)
+        dts = _load_dt(dt_ptr, b, ts, h, ms, T, H)
+        b_s = _load_rows(B_ptr, b, ts, g, offs_n, ms, mn, T, G, N)
+        x_s = _load_rows(x_ptr, b, ts, h, offs_p, ms, mp, T, H, P)
         mask = (ts[None, :] <= tl_[:, None]) & ms[None, :] & ml[:, None]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b * T + ts, mask=ms, other=-2)
@@ -341,7 +375,7 @@ def _chunk_scan_bwd_dc(
         dc += _mm(t1, b_s, DT, PREC)
         # the diagonal (s == l) adds +v and -v to the same position: leave it out of d a (less cancellation)
         dap += tl.sum(tl.where(ts[None, :] < tl_[:, None], t1 * cb, 0.0), axis=1)
-    tl.store(dC_ptr + ((b * T + tl_[:, None]) * H + h) * N + offs_n[None, :], dc, mask=ml[:, None] & mn[None, :])
+    tl.store(dC_ptr + _row(b, tl_[:, None], h, T, H) * N + offs_n[None, :], dc, mask=ml[:, None] & mn[None, :])
     tl.store(dap_ptr + bh * T + tl_, dap, mask=ml)
 
 
@@ -351,13 +385,8 @@ def _state_passing_bwd(
     T, H, P, N, NC,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    bh, b, h, tile, offs, m = _flat_state_prologue(H, P, N, BLOCK)
     n_tiles = tl.num_programs(1)
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    m = offs < P * N
-    b = bh // H
-    h = bh % H
     if HAS_DFINAL:
         gr = tl.load(dfinal_ptr + bh * P * N + offs, mask=m, other=0.0).to(tl.float32)
     else:
@@ -365,8 +394,8 @@ def _state_passing_bwd(
     for ci in range(NC):
         c = tl.cast(NC - 1 - ci, tl.int64)
         # gr = gradient w.r.t. the state at the end of chunk c
-        tl.store(dst_ptr + ((b * NC + c) * H + h) * P * N + offs, gr, mask=m)
-        s_end = tl.load(sall_ptr + ((b * (NC + 1) + c + 1) * H + h) * P * N + offs, mask=m, other=0.0)
+        tl.store(dst_ptr + _row(b, c, h, NC, H) * P * N + offs, gr, mask=m)
+        s_end = tl.load(sall_ptr + _row(b, c + 1, h, NC + 1, H) * P * N + offs, mask=m, other=0.0)
         tl.store(daq_ptr + (bh * NC + c) * n_tiles + tile, tl.sum(s_end * gr, axis=0))
         last = tl.minimum((c + 1) * CHUNK, T) - 1
         decay = tl.exp(tl.load(dacs_ptr + bh * T + last))
@@ -374,7 +403,7 @@ def _state_passing_bwd(
             seq_c = tl.load(seq_ptr + b * T + last)
             seq_prev = tl.load(seq_ptr + b * T + tl.maximum(c * CHUNK - 1, 0))
             decay = tl.where(seq_c == seq_prev, decay, 0.0)
-        gr = tl.load(lc_ptr + ((b * NC + c) * H + h) * P * N + offs, mask=m, other=0.0) + decay * gr
+        gr = tl.load(lc_ptr + _row(b, c, h, NC, H) * P * N + offs, mask=m, other=0.0) + decay * gr
     tl.store(dinit_ptr + bh * P * N + offs, gr, mask=m)
 
 
@@ -388,32 +417,20 @@ def _chunk_scan_bwd_dx(
     PREC: tl.constexpr, DT: tl.constexpr,
 ):
     NSB: tl.constexpr = CHUNK // BLOCK_Q
-    pid0 = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    c = pid0 // NSB
-    sb = pid0 % NSB
-    b = bh // H
-    h = bh % H
-    g = h // (H // G)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, T)
+    pid0, c, sb, bh, b, h, g, offs_p, offs_n, mp, mn, start, end = _row_block_prologue(
+        T, H, G, P, N, CHUNK, BLOCK_Q, BLOCK_P, BLOCK_N)
     ts = start + sb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     ms = ts < end
 
     a_s = tl.load(dacs_ptr + bh * T + ts, mask=ms, other=0.0)
     a_q = tl.load(dacs_ptr + bh * T + end - 1)
-    dts = tl.load(dt_ptr + (b * T + ts) * H + h, mask=ms, other=0.0).to(tl.float32)
-    b_s = tl.load(B_ptr + ((b * T + ts[:, None]) * G + g) * N + offs_n[None, :],
-                  mask=ms[:, None] & mn[None, :], other=0.0)
-    io_off = ((b * T + ts[:, None]) * H + h) * P + offs_p[None, :]
+    dts = _load_dt(dt_ptr, b, ts, h, ms, T, H)
+    b_s = _load_rows(B_ptr, b, ts, g, offs_n, ms, mn, T, G, N)
+    io_off = _row(b, ts[:, None], h, T, H) * P + offs_p[None, :]
     io_mask = ms[:, None] & mp[None, :]
     x_s = tl.load(x_ptr + io_off, mask=io_mask, other=0.0)
     # gradient w.r.t. the chunk-end state: [BLOCK_P, BLOCK_N]
-    gr = tl.load(dst_ptr + ((b * NC + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
+    gr = tl.load(dst_ptr + _row(b, c, h, NC, H) * P * N + offs_p[:, None] * N + offs_n[None, :],
                  mask=mp[:, None] & mn[None, :], other=0.0).to(DT)
     decay = tl.exp(tl.minimum(a_q - a_s, 0.0))
     if HAS_SEQ:
@@ -432,9 +449,8 @@ def _chunk_scan_bwd_dx(
         tl_ = start + l0 + tl.arange(0, BLOCK_Q)
         ml = tl_ < end
         a_l = tl.load(dacs_ptr + bh * T + tl_, mask=ml, other=0.0)
-        c_l = tl.load(C_ptr + ((b * T + tl_[:, None]) * G + g) * N + offs_n[None, :],
-                      mask=ml[:, None] & mn[None, :], other=0.0)
-        dy_d = _load_dy(dout_ptr, z_ptr, ((b * T + tl_[:, None]) * H + h) * P + offs_p[None, :],
+        c_l = _load_rows(C_ptr, b, tl_, g, offs_n, ml, mn, T, G, N)
+        dy_d = _load_dy(dout_ptr, z_ptr, _row(b, tl_[:, None], h, T, H) * P + offs_p[None, :],
                         ml[:, None] & mp[None, :], HAS_Z).to(DT)
         mask = (tl_[None, :] >= ts[:, None]) & ml[None, :] & ms[:, None]
         if HAS_SEQ:
@@ -469,8 +485,8 @@ def _chunk_scan_bwd_dx(
         tl.store(dD_ptr + ((b * NC * NSB + pid0) * H + h) * P + offs_p, tl.sum(dy_s * x_s.to(tl.float32), axis=0),
                  mask=mp)
     tl.store(dx_ptr + io_off, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
-    tl.store(dB_ptr + ((b * T + ts[:, None]) * H + h) * N + offs_n[None, :], db, mask=ms[:, None] & mn[None, :])
-    tl.store(ddt_ptr + (b * T + ts) * H + h, ddt, mask=ms)
+    tl.store(dB_ptr + _row(b, ts[:, None], h, T, H) * N + offs_n[None, :], db, mask=ms[:, None] & mn[None, :])
+    tl.store(ddt_ptr + _row(b, ts, h, T, H), ddt, mask=ms)
     tl.store(dam_ptr + bh * T + ts, dam, mask=ms)
 
 

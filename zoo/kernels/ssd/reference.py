@@ -1,4 +1,4 @@
-"""SSD (state-space duality) chunked scan of Mamba-2: a plain-torch reference and the backend dispatch.
+"""SSD (state-space duality) chunked scan of Mamba-2, in plain torch: the CPU path and the test oracle.
 
 Per head ``h`` (group ``g = h // (H / G)``), with state ``S_t in R^{P x N}`` and ``S_{-1}`` = ``initial_states``::
 
@@ -31,9 +31,6 @@ Extras used by the Mamba-2 layer's state-collapse mitigations (all off by defaul
 """
 
 from __future__ import annotations
-
-import inspect
-import os
 
 import torch
 import torch.nn.functional as F
@@ -216,42 +213,3 @@ def ssd_chunk_scan_ref(
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(out_dtype), S
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
-_EXTRA_KWARGS = ("dA_offset", "state_norm_threshold", "chunk_offset", "renorm_mask", "block_size")
-
-
-def _backend() -> str:
-    b = os.environ.get("ZOO_BACKEND", "").strip().lower()
-    if b not in ("", "torch", "triton"):
-        raise ValueError(f"ZOO_BACKEND={b!r} is not one of ['torch', 'triton'] (or unset)")
-    return b
-
-
-def _triton_impl():
-    try:
-        from zoo.kernels.ssd_triton import ssd_chunk_scan_triton
-    except ImportError:
-        return None
-    return ssd_chunk_scan_triton
-
-
-def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk_size: int,
-                   **kwargs) -> tuple[Tensor, Tensor]:
-    """Dispatch: the Triton kernel for CUDA tensors (``ZOO_BACKEND=triton`` forces it, e.g. under
-    ``TRITON_INTERPRET=1``), the torch reference otherwise (``ZOO_BACKEND=torch`` forces it). Calls using an
-    extra argument the kernel does not accept (the mitigations) fall back to the reference."""
-    backend = _backend()
-    use_triton = backend == "triton" or (backend == "" and x.is_cuda)
-    if use_triton:
-        fn = _triton_impl()
-        if fn is None:
-            if backend == "triton":
-                raise RuntimeError("ZOO_BACKEND=triton but zoo.kernels.ssd_triton is not available")
-        else:
-            call = {k: v for k, v in kwargs.items() if not (k in _EXTRA_KWARGS and v is None)}
-            params = inspect.signature(fn).parameters
-            if all(k in params for k in call if k in _EXTRA_KWARGS):
-                return fn(x, dt, A, B, C, chunk_size=chunk_size, **call)
-    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=chunk_size, **kwargs)

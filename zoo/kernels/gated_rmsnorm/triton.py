@@ -1,4 +1,9 @@
-"""Triton forward and backward of the fused gated RMSNorm; math and torch reference in ``zoo.kernels.gated_rmsnorm``."""
+"""Triton forward and backward of the fused gated RMSNorm; the math and the torch reference are in
+:mod:`zoo.kernels.gated_rmsnorm.reference`.
+
+Kernels: one program per (block of rows, group); the forward stores 1/rms per (row, group) in fp32; the backward
+recomputes the rest and writes per-program partial sums of d weight / d bias, reduced in torch.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,271 @@
+"""Checkpoint files: the zoo format on disk, reference-format weights, model cards, and the Hub upload.
+
+* Zoo format: ``config.json`` (``ZooConfig`` + ``zoo_version``), ``model.safetensors``, ``README.md`` card.
+* Weights: safetensors (sharded or not) first, else ``pytorch_model.bin`` read with
+  ``torch.load(weights_only=True)`` only.
+* Loading is strict: every checkpoint key used, every parameter filled, or an error listing both sides.
+* Saving writes only the checkpoint's own files into the target directory, each atomically (a temp file in the
+  same directory, then ``os.replace``); other files there are kept, a path that is a file is refused.
+
+This module works on any model with ``config``/``state_dict``; resolving ids and building models is
+:mod:`zoo.hub`'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
+from torch import Tensor, nn
+
+from zoo.config import json_restore, json_safe
+from zoo.registry import get_family, list_families
+from zoo.version import __version__
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+CARD_TEMPLATES = Path(__file__).resolve().parent / "models" / "cards"
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; files there: {sorted(p.name for p in path.iterdir())}")
+    try:
+        cfg = json_restore(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file} (truncated or not a safetensors file?): {e}") from None
+
+
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+        raise ValueError(
+            f"refusing to load {file}: it is not a plain tensor checkpoint, and only torch.load(weights_only=True) "
+            f"is used on .bin files ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"{file} does not hold a flat dict of tensors")
+    return sd
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's tensors: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``."""
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd: dict[str, Tensor] = {}
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise FileNotFoundError(f"{index.name} names shard {shard!r}, which is missing from {path}")
+                sd.update(loader(path / shard))
+            return sd
+        if (path / name).is_file():
+            return loader(path / name)
+    raise FileNotFoundError(
+        f"no weights in {path}: expected model.safetensors or pytorch_model.bin (optionally sharded); "
+        f"found {sorted(p.name for p in path.iterdir())}"
+    )
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, Tensor], *, strict: bool = True) -> None:
+    """Fill every parameter of ``model`` from ``sd``; with ``strict``, any missing, unexpected or mis-shaped key
+    is an error naming them all. A tied head may be absent from ``sd`` or present and equal to the embedding."""
+    expected = model.state_dict()
+    sd = dict(sd)
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        head = sd.pop("lm_head.weight", None)
+        emb = sd.get("embedding.weight")
+        if head is not None and emb is not None and not torch.equal(head, emb):
+            raise ValueError("tie_embeddings is set but the checkpoint's lm_head.weight differs from embedding.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:12]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:12]}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {shapes[:12]}")
+        raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory to save into: created (honouring the umask) if missing, refused if it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"cannot save a checkpoint to {str(path)!r}: it exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def staged_files(path: Path) -> Iterator[Callable[[str], Path]]:
+    """Write a checkpoint's own files atomically, leaving every other file of ``path`` alone.
+
+    Yields ``stage(name) -> temp path`` (a hidden temp file in ``path`` itself, so the final rename cannot cross
+    file systems). When the block succeeds, each staged file is given the umask's permissions and renamed over
+    ``path / name`` (``os.replace``); when it fails, the temp files are removed and the files already in ``path``
+    (a previous checkpoint included) are untouched."""
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+        os.close(fd)
+        staged[name] = Path(tmp)
+        return Path(tmp)
+
+    try:
+        yield stage
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    mode = 0o666 & ~_umask()
+    for name, tmp in staged.items():
+        os.chmod(tmp, mode)
+        os.replace(tmp, path / name)
+
+
+def remove_stale_shards(path: Path, weights_name: str, written: set[str]) -> list[str]:
+    """Delete the weight files of an earlier save of a checkpoint that this save did not write: shards
+    ``<stem>-NNNNN-of-NNNNN<ext>`` and ``<weights_name>.index.json`` (what transformers removes); nothing else."""
+    stem, ext = os.path.splitext(weights_name)
+    pattern = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?{re.escape(ext)}(\.index\.json)?$")
+    removed = []
+    for f in path.iterdir():
+        if f.is_file() and f.name not in written and pattern.match(f.name):
+            f.unlink()
+            removed.append(f.name)
+    return removed
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, card: bool = True,
+                    card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card into the directory
+    ``path`` (created if needed). Each file is written atomically; other files in the directory are kept. With
+    ``tokenizer`` (anything with ``save_pretrained(directory)``, e.g. a ``DNAKmerTokenizer``) its files are written
+    next to the weights the same way."""
+    path = checkpoint_dir(path)
+    with staged_files(path) as stage:
+        model.config.save(stage(CONFIG_NAME))
+        save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": __version__})
+        if tokenizer is not None:
+            with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=path) as tok_dir:
+                tokenizer.save_pretrained(tok_dir)
+                for f in sorted(Path(tok_dir).iterdir()):
+                    if f.is_file():
+                        shutil.copyfile(f, stage(f.name))
+        if card:
+            render_model_card(model, **(card_data or {})).save(str(stage(CARD_NAME)))
+    remove_stale_shards(path, WEIGHTS_NAME, {WEIGHTS_NAME})
+    return path
+
+
+def save_reference(model: nn.Module, path: str | os.PathLike, family: Any = None) -> Path:
+    """Export to a family's reference format (config.json + weights), e.g. a transformers Llama directory.
+    ``family``: a registered family's name or a ``Family`` object (default: the model's own family)."""
+    fam = get_family(family or model.config.family or "") if family is None or isinstance(family, str) else family
+    ref_cfg = fam.config_to_reference(model.config)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight")
+    ref_sd = fam.state_dict_to_reference(sd, model.config)
+    path = checkpoint_dir(path)
+    weights = fam.reference_weights_name
+    with staged_files(path) as stage:
+        stage(CONFIG_NAME).write_text(json.dumps(json_safe(ref_cfg), indent=2, allow_nan=False) + "\n")
+        if weights.endswith(".bin"):
+            torch.save(ref_sd, stage(weights))
+        else:
+            save_file({k: v.clone() for k, v in ref_sd.items()}, str(stage(weights)), metadata={"format": "pt"})
+    remove_stale_shards(path, weights, {weights})
+    return path
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
+                commit_message: str = "Upload zoo model", token: str | None = None,
+                card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> str:
+    """Create the repo if needed and upload ``save_pretrained``'s files in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, Path(tmp) / "model", card_data=card_data, tokenizer=tokenizer)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "model"),
+                                 commit_message=commit_message, repo_type="model")
+    return str(getattr(info, "commit_url", info))
+
+
+# ---------------------------------------------------------------------------------------------- model cards
+def card_template(family: str | None) -> Path:
+    """The family's Markdown card template (``Family.model_card``, package data in ``zoo/models/cards/``), or the
+    default one for zoo-native models and families without their own."""
+    name = "default"
+    if family and family in list_families():
+        name = get_family(family).model_card
+    template = CARD_TEMPLATES / f"{name}.md"
+    if not template.is_file():
+        raise FileNotFoundError(f"model-card template {template} is missing (family {family!r}); it ships with the "
+                                "package as zoo/models/cards/*.md")
+    return template
+
+
+def render_model_card(model: nn.Module, **card_data: Any):
+    """The ``README.md`` card: YAML metadata (``ModelCardData``) + the family's Markdown template."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    family = config.family or "zoo"
+    template = card_template(family)
+    mixers = sorted({ls.mixer for ls in config.layers})
+    data = ModelCardData(
+        library_name="zoo", pipeline_tag="text-generation", license=card_data.pop("license", "apache-2.0"),
+        tags=["zoo", "long-context", *mixers, *card_data.pop("tags", [])],
+        base_model=card_data.pop("base_model", None), **card_data,
+    )
+    layers = [{"index": i, "mixer": ls.spec_string, "mlp": ls.mlp["intermediate_size"] if ls.mlp else "-"}
+              for i, ls in enumerate(config.layers)]
+    return ModelCard.from_template(
+        data, template_str=template.read_text(), model_name=config.name or family, family=family,
+        n_params=f"{model.num_parameters():,}", d_model=config.d_model, n_layers=config.n_layers,
+        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=__version__,
+    )

@@ -1,0 +1,37 @@
+"""Gated RMSNorm (Mamba-2's ``RMSNormGated``): ``gated_rmsnorm`` dispatches between the plain-torch reference
+(:mod:`zoo.kernels.gated_rmsnorm.reference`, the math) and the fused Triton forward/backward
+(:mod:`zoo.kernels.gated_rmsnorm.triton`, imported only when chosen).
+
+Dispatch (:mod:`zoo.kernels.backend`): the Triton kernel for CUDA tensors, the reference otherwise;
+``ZOO_BACKEND=torch`` forces the reference, ``ZOO_BACKEND=triton`` the kernel (CPU tensors under
+``TRITON_INTERPRET=1``). No fallback: every call the reference takes, the kernel takes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from zoo.kernels.backend import triton_module, use_triton
+from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_ref
+
+__all__ = ["gated_rmsnorm", "gated_rmsnorm_ref"]
+
+
+def gated_rmsnorm(
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """The arguments and result of :func:`~zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_ref`, on the backend
+    chosen as the module docstring says."""
+    kw = dict(bias=bias, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
+    if use_triton(x):
+        kernels = triton_module("zoo.kernels.gated_rmsnorm.triton")
+        if kernels is not None:
+            return kernels.gated_rmsnorm_triton(x, weight, z, **kw)
+    return gated_rmsnorm_ref(x, weight, z, **kw)

@@ -1,0 +1,45 @@
+"""Gated RMSNorm (Mamba-2's ``RMSNormGated``) in plain torch: the CPU path and the test oracle.
+
+Per row of ``d`` channels split into groups of ``group_size`` channels (mean of squares per group, in fp32)::
+
+    norm_before_gate=False (Mamba-2 default):  u = x * silu(z);  y = u / sqrt(mean_g(u^2) + eps) * weight (+ bias)
+    norm_before_gate=True:                      y = (x / sqrt(mean_g(x^2) + eps) * weight (+ bias)) * silu(z)
+
+``z=None`` gives a plain group RMSNorm. Output in x.dtype; computed in fp32 (fp64 for fp64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["gated_rmsnorm_ref"]
+
+
+def gated_rmsnorm_ref(
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """Plain-torch reference (mamba_ssm ``rms_norm_ref`` semantics: fp32 compute, weight applied in fp32; fp64
+    inputs are computed in fp64)."""
+    dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    d = x.shape[-1]
+    group_size = group_size or d
+    x = x.to(acc)
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z.to(acc))
+    xg = x.unflatten(-1, (d // group_size, group_size))
+    out = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z.to(acc))
+    return out.to(dtype)
