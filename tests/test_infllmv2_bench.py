@@ -1,6 +1,7 @@
 """The InfLLM-v2 benchmark experiment on tiny sizes: it runs, writes its report files, and its correlated inputs are
 the AR(1) process it claims (no timings asserted)."""
 
+import pytest
 import torch
 
 from zoo.experiments.infllmv2_bench import Setup, make_input, run
@@ -27,3 +28,11 @@ def test_bench_runs_and_writes_reports(tmp_path):
         assert 1 <= r["union_per_tile16"] <= 12
     text = (tmp_path / "results.md").read_text()
     assert "| 96 | iid |" in text and (tmp_path / "results.csv").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_bench_runs():
+    from zoo.experiments.infllmv2_bench import gpu_kernel_bench
+
+    r = gpu_kernel_bench(16384, sparse={"dense_len": -1})
+    assert r["ms_sparse"] > 0 and r["ms_flash"] > 0

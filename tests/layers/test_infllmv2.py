@@ -1,6 +1,7 @@
 """InfLLM-v2: an independent brute-force reference (per query: build the visible key set from the algorithm's
 definition with Python loops, then softmax), equality with full attention when every block is selected, the
-reference prefill's quirks, gradients, and (temporarily, until the contract suite lands) three modes agree."""
+reference prefill's quirks and the gradient. Three modes, padding, reorder, ... are the contract suite's
+(tests/contract, zoo.testing.check_mixer over InfLLMv2.example_args)."""
 
 import math
 
@@ -231,50 +232,3 @@ def test_bad_arguments_are_refused():
         make(**{**BASE, "variant": "v3"})
     with pytest.raises(ValueError, match="packed"):
         make(**BASE)(torch.randn(1, 4, D_MODEL, dtype=torch.float64), seq_idx=torch.zeros(1, 4, dtype=torch.long))
-
-
-# ---------------------------------------------------------------------------------------------- three modes
-# Temporary: the contract suite (zoo.testing.check_mixer) takes this over once it lands on main.
-def run_chunks(m, x, sizes, mask=None):
-    st = m.init_state(x.shape[0], dtype=x.dtype, device=x.device, max_length=8)
-    ys, t = [], 0
-    for n in sizes:
-        y, st = m(x[:, t:t + n], state=st, attention_mask=None if mask is None else mask[:, t:t + n])
-        ys.append(y)
-        t += n
-    return torch.cat(ys, 1), st
-
-
-@pytest.mark.parametrize("args", InfLLMv2.example_args, ids=["v2", "v1_nope"])
-def test_three_modes_agree(args):
-    m = make(dtype=torch.float32, **args)
-    T = 45  # crosses dense_len, several blocks (8), strides (2, 4) and coarse strides (8, 16)
-    x = torch.randn(2, T, D_MODEL, requires_grad=True)
-    y = m(x)[0]
-    with torch.no_grad():
-        y_dec, _ = run_chunks(m, x, [1] * T)
-    y_chunk, st = run_chunks(m, x, [3, 14, 1, 9, 18])
-    torch.testing.assert_close(y_dec, y, atol=1e-5, rtol=0)
-    torch.testing.assert_close(y_chunk, y, atol=1e-5, rtol=0)
-    r = torch.randn_like(y)
-    (gp,) = torch.autograd.grad((y * r).sum(), x)
-    (gc,) = torch.autograd.grad((y_chunk * r).sum(), x)
-    torch.testing.assert_close(gc, gp, atol=1e-5, rtol=0)
-    assert st.nbytes > 0
-
-
-def test_left_padding_is_a_no_op_in_every_mode():
-    m = make(dtype=torch.float32, **BASE)
-    T, pad = 37, 5
-    x = torch.randn(1, T, D_MODEL)
-    xp = torch.cat([torch.randn(1, pad, D_MODEL), x], 1).expand(2, -1, -1).clone()
-    xp[1] = torch.cat([x[0], torch.randn(pad, D_MODEL)], 0)  # row 1 unpadded (its tail is right padding)
-    mask = torch.ones(2, T + pad, dtype=torch.long)
-    mask[0, :pad] = 0
-    mask[1, T:] = 0
-    y = m(x)[0]
-    yp = m(xp, attention_mask=mask)[0]
-    torch.testing.assert_close(yp[0, pad:], y[0], atol=1e-5, rtol=0)
-    with torch.no_grad():
-        yd, _ = run_chunks(m, xp[:1], [pad + 3] + [1] * (T - 3), mask[:1])
-    torch.testing.assert_close(yd[0, pad:], y[0], atol=1e-5, rtol=0)

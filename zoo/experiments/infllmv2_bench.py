@@ -2,8 +2,9 @@
 
 For each sequence length and input kind, one ``infllmv2`` layer and one ``attention`` layer with the same
 ``q/k/v/o_proj`` weights run a no-grad parallel forward (a prefill) over ``[1, T, d_model]``. Timed: the whole
-layer (projections included) for both, plus the sparse layer's split into block selection (stage 1: compressed keys,
-scores, pooling, top-k) and attention over the selected blocks (stage 2). Recorded per case: the torch schedule the
+layer (projections included) for both; the sparse layer step by step (the calls of its forward with
+``dense_len=-1``), so that its split into block selection (stage 1: compressed keys, scores, pooling, top-k) and
+attention over the selected blocks (stage 2) is reported too. Recorded per case: the torch schedule the
 sparse path chose (per query, or per tile of 16 queries over the union of their blocks), the mean union size per
 tile, the load average before and after, and the machine.
 
@@ -83,13 +84,23 @@ def measure(s: Setup, T: int, kind: str) -> dict[str, Any]:
     x = make_input(kind, T, s.d_model, s.rho, s.seed)
     load0 = os.getloadavg()[0]
     t_dense = min(_timed(lambda: dense(x))[1] for _ in range(s.repeats))
-    t_sparse = min(_timed(lambda: sparse(x))[1] for _ in range(s.repeats))
-    # the split of the sparse layer (the same calls its forward makes)
+    # the sparse layer's forward, step by step (the calls it makes, timed separately; dense_len -1: all sparse)
+    best = None
     pos = torch.arange(T)[None]
-    q, k, v, qs, ks = sparse._project(x, pos)
-    (idx, tile), t_select = _timed(lambda: _select(sparse, qs, ks, pos, T))
-    _, t_attend = _timed(lambda: sparse_attention(q, k, v, pos, idx, block_size=sparse.block_size,
-                                                  scale=sparse.scale, query_tile=sparse.query_tile))
+    for _ in range(s.repeats):
+        t0 = time.perf_counter()
+        q, k, v, qs, ks = sparse._project(x, pos)
+        t1 = time.perf_counter()
+        idx, tile = _select(sparse, qs, ks, pos, T)
+        t2 = time.perf_counter()
+        o = sparse_attention(q, k, v, pos, idx, block_size=sparse.block_size, scale=sparse.scale,
+                             query_tile=sparse.query_tile)
+        t3 = time.perf_counter()
+        sparse.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+        t4 = time.perf_counter()
+        if best is None or t4 - t0 < best[0]:
+            best = (t4 - t0, t2 - t1, t3 - t2)
+    t_sparse, t_select, t_attend = best
     nb = -(-T // sparse.block_size)
     C = 16
     ids = idx[:, :, : (T // C) * C].long().reshape(1, -1, T // C, C * idx.shape[-1])
@@ -164,3 +175,45 @@ def run(s: Setup, out: str | Path) -> list[dict[str, Any]]:
         rows.append(measure(s, T, kind))
         write_report(s, rows, Path(out))  # partial results survive an interrupted long run
     return rows
+
+
+def gpu_kernel_bench(T: int, *, num_heads: int = 32, num_kv_heads: int = 2, head_dim: int = 128,
+                     dtype: torch.dtype = torch.bfloat16, sparse: dict[str, Any] | None = None,
+                     backward: bool = False) -> dict[str, float]:
+    """CUDA only (not run in this project's CPU sessions): the attention core of one layer at MiniCPM4-8B's head
+    sizes, InfLLM-v2 (compression + fused block scoring + top-k + sparse attention, Triton) against SDPA's flash
+    backend (causal), both on the same q, k, v; milliseconds by ``triton.testing.do_bench``."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("gpu_kernel_bench needs a CUDA GPU")
+    import torch.nn.functional as F
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sp = {**Setup().sparse, "window_size": 2048, **(sparse or {})}
+    m = InfLLMv2(num_heads * head_dim, 0, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 **sp).to("cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, num_heads, T, head_dim, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, num_kv_heads, T, head_dim, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(1, num_kv_heads, T, head_dim, device="cuda", dtype=dtype, generator=g)
+    do = torch.randn_like(q)
+    pos = torch.arange(T, device="cuda")[None]
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+
+    def sparse_fn():
+        with torch.no_grad():
+            c1, c2 = m._compressed(k)
+            idx = m._select(q, pos, c1, c2, num_blocks=-(-T // m.block_size), width=m.budget)
+        o = sparse_attention(q, k, v, pos, idx, block_size=m.block_size, scale=m.scale)
+        if backward:
+            torch.autograd.grad(o, (q, k, v), do)
+
+    def flash_fn():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if backward:
+            torch.autograd.grad(o, (q, k, v), do)
+
+    ms_sparse, ms_flash = triton.testing.do_bench(sparse_fn), triton.testing.do_bench(flash_fn)
+    return {"T": T, "ms_sparse": ms_sparse, "ms_flash": ms_flash, "speedup": ms_flash / ms_sparse}

@@ -29,8 +29,14 @@ broken, so there is nothing to match there):
 * the stage-1 kernel's causal mask hides the last complete window of every query when ``L % s == s - 1`` (C1) or
   ``L % 4s == 4s - 1`` (C2): visible count ``clamp((p+1)//s - 1 + n(L) - (L - s + 1)//s, 0, n(L))``.
 
+Left in both modes: ties between equal block scores go to the lower block, and forced blocks rank before
+unnormalised (+inf) scores (the reference's CUDA top-k leaves both orders unspecified). ``use_nope`` scores with the
+q, k before RoPE (the attention itself uses them after RoPE).
+
 Decode keeps the compressed keys in the state and appends one as each stride fills (the tail of not yet compressed
-keys is the end of the KV cache). Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
+keys is the end of the KV cache); its cost is bounded by the selected blocks, not the context. Kernels (CUDA: Triton,
+CPU: torch, :mod:`zoo.kernels.infllmv2`): stage 1 fuses scoring, the group sum and pooling; stage 2 attends over
+per-query block lists. Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
 """
 
 from __future__ import annotations
@@ -92,14 +98,14 @@ class InfLLMv2(Attention):
     demo_args = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=4,
                      dense_len=64)
     supports_packing = False
-    dtypes = ("float32", "bfloat16", "float16")
+    dtypes = ("bfloat16", "float16")
     state_growth = "linear"
     bench_cases = (BenchCase(
         args={"full": dict(d_model=1024, num_heads=16, num_kv_heads=1, head_dim=64, kernel_size=32, kernel_stride=16,
                            block_size=64, init_blocks=1, window_size=2048, topk=64, dense_len=8192),
               "quick": dict(d_model=64, num_heads=4, num_kv_heads=1, kernel_size=4, kernel_stride=2, block_size=8,
                             init_blocks=1, window_size=8, topk=2, dense_len=16)},
-        reference="dense_attention",
+        reference="mixer:attention",
         description="InfLLM-v2 (MiniCPM4 sparse_config, one GQA group of 16) against dense causal attention"),)
     query_tile: int | None = None  # torch sparse path schedule for prefill (None: chosen from the union sizes)
 
