@@ -87,3 +87,20 @@ def test_convert_to_mamba2_writes_strict_json(tmp_path):
                      ).save_pretrained(tmp_path / "zoo")
     assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "inf"), "--to", "mamba2"]) == 2
     assert not (tmp_path / "inf" / "config.json").exists()
+
+
+def _subcommands():
+    import argparse
+
+    from zoo.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "-h"])
+    assert exit_info.value.code == 0
+    assert "usage: zoo" in capsys.readouterr().out

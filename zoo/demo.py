@@ -25,26 +25,36 @@ TEXT = (
     "another and measure what changes. "
 ) * 4
 
-# Preferred demo mixers, in order; those not registered in this installation are left out.
-DEMO_MIXERS = ["attention", "mamba2(d_state=16, headdim=16, chunk_size=32)", "sliding_window(window=32)"]
-SWAP_TO = "sliding_window(window=16)"
+
+
+def demo_mixers() -> list[tuple[str, dict]]:
+    """Every registered mixer that declares ``demo_args``, in registry order (a mixer registered from outside the
+    package joins the demo too)."""
+    return [(name, dict(zoo.get_mixer(name).demo_args)) for name in zoo.list_mixers()
+            if zoo.get_mixer(name).demo_args is not None]
 
 
 def demo_config() -> zoo.ZooConfig:
-    available = [m for m in DEMO_MIXERS if m.split("(")[0] in zoo.list_mixers()]
-    n_layers = 2 * len(available)
-    mlp = {"intermediate_size": 192}
-    layers = []
-    for i in range(n_layers):
-        name, args = zoo.config.parse_mixer_spec(available[i % len(available)])
-        layers.append({"mixer": name, "mixer_args": args, "mlp": None if name == "mamba2" else mlp})
+    """Two rounds of the demo mixers, each block with an MLP, d_model 64 (the mixers' own head defaults)."""
+    mixers = demo_mixers()
+    layers = [{"mixer": name, "mixer_args": args, "mlp": {"intermediate_size": 192}} for name, args in mixers * 2]
     tok = ByteTokenizer()
     return zoo.ZooConfig(
-        vocab_size=tok.vocab_size, d_model=64, n_layers=n_layers, layers=layers, tie_embeddings=True,
-        mixer_defaults={"attention": {"num_heads": 4, "num_kv_heads": 2}},
+        vocab_size=tok.vocab_size, d_model=64, n_layers=len(layers), layers=layers, tie_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         max_position_embeddings=1024, name="zoo-demo-hybrid",
     )
+
+
+def demo_swap(config: zoo.ZooConfig) -> dict[str, dict]:
+    """Swap the layers of one demo mixer for another of the same argument group (its weights then carry over
+    unchanged, e.g. full attention -> a sliding window), or else for the next demo mixer."""
+    mixers = demo_mixers()
+    groups = {name: set(zoo.get_mixer(name).arg_groups) for name, _ in mixers}
+    pairs = [(a, b) for a, _ in mixers for b, _ in mixers if a != b and groups[a] & groups[b]]
+    src, dst = pairs[0] if pairs else (mixers[0][0], mixers[1 % len(mixers)][0])
+    layers = [i for i, ls in enumerate(config.layers) if ls.mixer == src]
+    return {",".join(map(str, layers)): {"mixer": dst, "mixer_args": dict(zoo.get_mixer(dst).demo_args)}}
 
 
 def train(model: zoo.ZooForCausalLM, ids: torch.Tensor, steps: int, seq_len: int = 96, lr: float = 3e-3,
@@ -88,14 +98,14 @@ def _run_demo(steps: int, out_dir: str | None, print_fn: Callable[[str], None], 
     print_fn(f"zoo {zoo.__version__} | mixers registered: {', '.join(zoo.list_mixers())}")
     print_fn(f"demo model: {config.n_layers} layers, {model.num_parameters():,} parameters")
     for i, layer in enumerate(config.layers):
-        print_fn(f"  layer {i}: {layer.spec_string}{'' if layer.mlp else '  (no MLP)'}")
+        print_fn(f"  layer {i}: {layer.spec_string}")
 
     ids = torch.tensor(tok.encode(TEXT, add_bos=False))
     losses = train(model, ids, steps, progress=progress)
     print_fn(f"trained {steps} steps on the embedded text: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     model.eval()
 
-    probe = torch.tensor([tok.encode("A hybrid mixes them", add_bos=False)])
+    probe = torch.tensor([tok.encode(TEXT[:160], add_bos=False)])  # longer than the demo windows
     with torch.no_grad():
         ref_logits = model(probe).logits
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,9 +127,7 @@ def _run_demo(steps: int, out_dir: str | None, print_fn: Callable[[str], None], 
     with torch.no_grad():
         reloaded(probe, states=states)
     bytes_before = states.nbytes
-    attn_layers = [i for i, ls in enumerate(reloaded.config.layers) if ls.mixer == "attention"]
-    swap = {",".join(map(str, attn_layers)): SWAP_TO} if "sliding_window" in zoo.list_mixers() else {
-        ",".join(map(str, attn_layers)): "attention(num_heads=4, num_kv_heads=1)"}
+    swap = demo_swap(reloaded.config)
     before = {k: v.clone() for k, v in reloaded.state_dict().items()}
     zoo.swap_layers(reloaded, swap)
     after = reloaded.state_dict()
@@ -128,7 +136,8 @@ def _run_demo(steps: int, out_dir: str | None, print_fn: Callable[[str], None], 
     states = reloaded.init_states(1)
     with torch.no_grad():
         new_logits = reloaded(probe, states=states).logits
-    print_fn(f"swap_layers({swap}): {reused}/{len(after)} tensors reused unchanged; "
+    shown = {sel: zoo.LayerSpec(**spec).spec_string for sel, spec in swap.items()}
+    print_fn(f"swap_layers({shown}): {reused}/{len(after)} tensors reused unchanged; "
              f"max |logit change| {(new_logits - ref_logits).abs().max():.3f}; "
              f"state bytes for {probe.shape[1]} tokens: {bytes_before} -> {states.nbytes}")
     elapsed = time.perf_counter() - t0
