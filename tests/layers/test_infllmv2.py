@@ -24,10 +24,11 @@ def make(dtype=torch.float64, seed=0, heads=HEADS, **args):
 
 # ---------------------------------------------------------------------------------------------- brute force
 def rope(x, pos, theta=10000.0):
+    """Rotate-half RoPE; angles, cos and sin in fp32 (as transformers and the zoo), applied in x's dtype."""
     D = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = pos[:, None].double() * inv
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    ang = pos[:, None].float() * inv
+    cos, sin = (torch.cat([a, a], -1).to(x.dtype) for a in (ang.cos(), ang.sin()))
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 

@@ -45,8 +45,8 @@ def rope_type(scaling: dict[str, Any] | None) -> str:
     return s.get("rope_type", s.get("type", "default"))
 
 
-def _base_inv_freq(dim: int, theta: float | Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+def _base_inv_freq(dim: int, theta: float | Tensor) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def _original_max(scaling: dict[str, Any], max_position_embeddings: int | None) -> int:
@@ -57,8 +57,7 @@ def _original_max(scaling: dict[str, Any], max_position_embeddings: int | None) 
     return int(orig)
 
 
-def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_pos: int | None,
-          dtype: torch.dtype = torch.float32) -> tuple[Tensor, float]:
+def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_pos: int | None) -> tuple[Tensor, float]:
     orig = _original_max(scaling, max_pos)
     factor = scaling.get("factor")
     if factor is None:
@@ -83,8 +82,8 @@ def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_pos: int | None,
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=dtype) - low) / (high - low), 0, 1)
-    pos_freqs = theta ** (torch.arange(0, dim, 2).to(dtype) / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
     extrap, interp = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # share of the extrapolated (unscaled) frequency
     return interp * (1 - keep) + extrap * keep, float(attention_factor)
@@ -100,27 +99,26 @@ def _longrope_attention_factor(scaling: dict[str, Any], max_pos: int | None) -> 
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
-def _longrope_inv_freq(dim: int, theta: float, factors: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
+def _longrope_inv_freq(dim: int, theta: float, factors: list[float]) -> Tensor:
     if len(factors) != dim // 2:
         raise ValueError(f"longrope factors must have rotary_dim/2 = {dim // 2} entries, got {len(factors)}")
-    ext = torch.tensor(factors, dtype=dtype)
-    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+    ext = torch.tensor(factors, dtype=torch.float32)
+    return 1.0 / (ext * theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def rope_parameters(dim: int, theta: float, scaling: dict[str, Any] | None = None,
-                    max_position_embeddings: int | None = None, seq_len: int | None = None,
-                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, float]:
+                    max_position_embeddings: int | None = None, seq_len: int | None = None) -> tuple[Tensor, float]:
     """``(inv_freq [dim/2], attention_factor)`` for a sequence of ``seq_len`` tokens (None: the static value:
     ``longrope`` short factors, ``dynamic`` unscaled), the counterpart of transformers' ``ROPE_INIT_FUNCTIONS``
-    (fp32, as transformers; ``dtype=torch.float64`` evaluates the same formulas in fp64 for fp64 models)."""
+    (fp32, as transformers)."""
     kind = rope_type(scaling)
     if kind == "default":
-        return _base_inv_freq(dim, theta, dtype), 1.0
+        return _base_inv_freq(dim, theta), 1.0
     assert scaling is not None
     if kind == "linear":
-        return _base_inv_freq(dim, theta, dtype) / scaling["factor"], 1.0
+        return _base_inv_freq(dim, theta) / scaling["factor"], 1.0
     if kind == "llama3":
-        inv_freq = _base_inv_freq(dim, theta, dtype)
+        inv_freq = _base_inv_freq(dim, theta)
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -132,20 +130,19 @@ def rope_parameters(dim: int, theta: float, scaling: dict[str, Any] | None = Non
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
-        return _yarn(dim, theta, scaling, max_position_embeddings, dtype)
+        return _yarn(dim, theta, scaling, max_position_embeddings)
     if kind == "longrope":
         orig = _original_max(scaling, max_position_embeddings)
         long = seq_len is not None and seq_len > orig
         factors = scaling["long_factor"] if long else scaling["short_factor"]
-        return (_longrope_inv_freq(dim, theta, factors, dtype),
-                _longrope_attention_factor(scaling, max_position_embeddings))
+        return _longrope_inv_freq(dim, theta, factors), _longrope_attention_factor(scaling, max_position_embeddings)
     if kind == "dynamic":
         if max_position_embeddings is None:
             raise ValueError("rope_scaling 'dynamic' needs the model's max_position_embeddings")
         L = max(seq_len or 0, max_position_embeddings)
         factor = scaling["factor"]
         base = theta * ((factor * L / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-        return _base_inv_freq(dim, base, dtype), 1.0
+        return _base_inv_freq(dim, base), 1.0
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {list(ROPE_TYPES)}")
 
 
@@ -178,34 +175,24 @@ class RotaryEmbedding(nn.Module):
         if self.kind == "longrope":
             self.long_inv_freq = self._long().to(dev)
 
-    def _call_inv_freq(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
-        """``[dim/2]`` frequencies of this call (length-dependent types choose with tensor ops); fp64 requests are
-        evaluated in fp64 (the fp32 buffers would limit an fp64 model to ~1e-7), everything else in fp32."""
-        f64 = dtype == torch.float64
-        wide = torch.float64 if f64 else torch.float32
-        if f64:
-            inv = rope_parameters(self.dim, self.theta, self.scaling, self.max_position_embeddings,
-                                  dtype=wide)[0].to(positions.device)
-        else:
-            inv = self.inv_freq.float()
+    def _call_inv_freq(self, positions: Tensor) -> Tensor:
+        """``[dim/2]`` fp32 frequencies of this call (the length-dependent types choose with tensor ops)."""
+        inv = self.inv_freq.float()
         if self.kind == "longrope":
-            long = (_longrope_inv_freq(self.dim, self.theta, self.scaling["long_factor"], wide).to(positions.device)
-                    if f64 else self.long_inv_freq.float())
-            inv = torch.where(positions.max() + 1 > self.original_max, long, inv)
+            inv = torch.where(positions.max() + 1 > self.original_max, self.long_inv_freq.float(), inv)
         elif self.kind == "dynamic":
             max_pos = self.max_position_embeddings
             factor = self.scaling["factor"]  # type: ignore[index]
             # the same tensor expression (fp32) as transformers' _compute_dynamic_ntk_parameters with a tensor length
-            L = torch.clamp(positions.max() + 1, min=max_pos).to(wide if f64 else torch.int64)
+            L = torch.clamp(positions.max() + 1, min=max_pos)
             base = self.theta * ((factor * L / max_pos) - (factor - 1)) ** (self.dim / (self.dim - 2))
-            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=positions.device).to(wide) / self.dim
+            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=positions.device).float() / self.dim
             inv = 1.0 / (base ** exponent)
         return inv
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``positions: [B, T]`` -> ``cos, sin: [B, 1, T, dim]`` (broadcast over heads), times the attention factor."""
-        inv = self._call_inv_freq(positions, dtype)
-        angles = positions.to(inv.dtype)[..., None] * inv  # [B, T, dim/2]
+        angles = positions.float()[..., None] * self._call_inv_freq(positions)  # [B, T, dim/2], fp32 for every dtype
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
