@@ -31,12 +31,11 @@ broken, so there is nothing to match there):
 
 Left in both modes: ties between equal block scores go to the lower block, and forced blocks rank before
 unnormalised (+inf) scores (the reference's CUDA top-k leaves both orders unspecified). ``use_nope`` scores with the
-q, k before RoPE (the attention itself uses them after RoPE).
-
-Decode keeps the compressed keys in the state and appends one as each stride fills (the tail of not yet compressed
-keys is the end of the KV cache); its cost is bounded by the selected blocks, not the context. Kernels (CUDA: Triton,
-CPU: torch, :mod:`zoo.kernels.infllmv2`): stage 1 fuses scoring, the group sum and pooling; stage 2 attends over
-per-query block lists. Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
+q, k before RoPE (the attention itself uses them after RoPE). Decode keeps the compressed keys in the state and
+appends one as each stride fills (the tail of not yet compressed keys is the end of the KV cache); its cost is
+bounded by the selected blocks, not the context. Kernels (CUDA: Triton, CPU: torch, :mod:`zoo.kernels.infllmv2`):
+stage 1 fuses scoring, the group sum and pooling; stage 2 attends over per-query block lists.
+Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
 """
 
 from __future__ import annotations
@@ -55,6 +54,10 @@ from zoo.layers.rope import apply_rotary
 from zoo.registry import register_mixer
 
 VARIANTS = ("v2", "v1")
+CITATION = r"""@article{zhao2025infllmv2,
+  title={{InfLLM-V2}: Dense-Sparse Switchable Attention for Seamless Short-to-Long Adaptation},
+  author={Zhao, Weilin and others}, journal={arXiv preprint arXiv:2509.24663}, year={2025}
+}"""
 
 
 @dataclass
@@ -107,6 +110,7 @@ class InfLLMv2(Attention):
                             init_blocks=1, window_size=8, topk=2, dense_len=16)},
         reference="mixer:attention",
         description="InfLLM-v2 (MiniCPM4 sparse_config, one GQA group of 16) against dense causal attention"),)
+    citations = Attention.citations + (CITATION,)
     query_tile: int | None = None  # torch sparse path schedule for prefill (None: chosen from the union sizes)
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, kernel_size: int = 32, kernel_stride: int = 16,
@@ -390,6 +394,6 @@ class InfLLMv2(Attention):
         return st
 
     def extra_repr(self) -> str:
-        return (f"layer_idx={self.layer_idx}, kernel_size={self.kernel_size}, kernel_stride={self.kernel_stride}, "
-                f"block_size={self.block_size}, init_blocks={self.init_blocks}, window_size={self.window_size}, "
-                f"topk={self.topk}, dense_len={self.dense_len}, variant={self.variant!r}, use_nope={self.use_nope}")
+        names = ("kernel_size", "kernel_stride", "block_size", "init_blocks", "window_size", "topk", "dense_len",
+                 "variant", "use_nope")
+        return ", ".join([f"layer_idx={self.layer_idx}"] + [f"{n}={getattr(self, n)!r}" for n in names])

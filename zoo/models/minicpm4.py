@@ -35,6 +35,13 @@ from zoo.config import ZooConfig
 from zoo.models import llama
 from zoo.models.family import Family, Preset
 
+CITATION = """@article{minicpm4,
+  title={{MiniCPM4}: Ultra-Efficient {LLMs} on End Devices},
+  author={{MiniCPM Team}},
+  journal={arXiv preprint arXiv:2506.07900},
+  year={2025}
+}"""
+
 # MiniCPMInfLLMv2Attention.__init__: self.config.sparse_config.get(<key>, <default>)
 SPARSE_DEFAULTS = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
                    "topk": 64, "use_nope": False, "dense_len": 8192}
@@ -191,4 +198,5 @@ FAMILY = Family(
     key_table=llama.KEY_TABLE,
     presets=PRESETS,
     model_card="minicpm4",
+    citations=(llama.CITATION, CITATION),
 )
