@@ -41,7 +41,8 @@ def detect(cfg: dict[str, Any]) -> bool:
 
 
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    return llama.config_from_reference(cfg).replace(family="generator")
+    # auto_map names GENERator's remote code, which is never run (the model is a stock Llama); it is read for detection
+    return llama.reference_config(cfg, "generator", "attention", llama.FIELDS | {"auto_map"})
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
@@ -134,4 +135,5 @@ FAMILY = Family(
     presets=PRESETS,
     model_card="generator",
     specializes="llama",
+    positions_past_max="warn",  # trained at 16,384 tokens; RoPE extrapolates, warned once per model
 )
