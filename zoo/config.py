@@ -503,8 +503,16 @@ def _type_ok(value: Any, ann: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if ann is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        return isinstance(value, (tuple, list))
+    if origin is tuple:  # tuple[float, float] (a fixed length), tuple[int, ...]
+        args = typing.get_args(ann)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args)))
+    if origin is list:
+        args = typing.get_args(ann)
+        return isinstance(value, (tuple, list)) and (not args or all(_type_ok(v, args[0]) for v in value))
     if origin is dict:
         return isinstance(value, dict)
     if isinstance(ann, type):
@@ -513,4 +521,6 @@ def _type_ok(value: Any, ann: Any) -> bool:
 
 
 def _type_name(ann: Any) -> str:
+    if typing.get_origin(ann) is not None:  # tuple[float, float], list[int], int | None
+        return str(ann).replace("typing.", "")
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")

@@ -38,14 +38,14 @@ NEUTRAL_FIELDS = frozenset({
 })
 
 
-def check_reference_fields(cfg: dict[str, Any], known: Iterable[str], fmt: str) -> None:
+def check_reference_fields(cfg: dict[str, Any], known: Iterable[str], fmt: str, where: str = "config.json") -> None:
     """Refuse a reference config.json carrying fields the family neither reads nor knows to be neutral: such a field
     may change the model's math (e.g. a flash-linear-attention Mamba-2 config's ``dt_limit``, ``norm_eps``,
     ``D_has_hdim`` under ``model_type: mamba2``), and loading with it ignored would compute something else."""
     unknown = sorted(set(cfg) - set(known) - NEUTRAL_FIELDS)
     if unknown:
         raise ValueError(
-            f"{fmt} config.json has fields the zoo's {fmt} reader does not implement: {unknown}. They may change the "
+            f"{fmt} {where} has fields the zoo's {fmt} reader does not implement: {unknown}. They may change the "
             "model's math, and loading with them ignored would silently compute something else; refusing. (If you "
             "know them to be neutral for this checkpoint, remove them from config.json.)")
 
@@ -57,10 +57,11 @@ class RefConfig:
     """Typed access to a reference ``config.json``: a missing required field, a wrong type or an out-of-range value
     is a ``ValueError`` naming the format and the field (never a ``KeyError`` / ``TypeError`` from deep inside)."""
 
-    def __init__(self, cfg: Any, fmt: str) -> None:
+    def __init__(self, cfg: Any, fmt: str, prefix: str = "") -> None:
         if not isinstance(cfg, dict):
-            raise ValueError(f"{fmt} config must be a JSON object, got {type(cfg).__name__}")
-        self.cfg, self.fmt = cfg, fmt
+            raise ValueError(f"{fmt} config: {prefix.rstrip('.') or 'the config'} must be a JSON object, "
+                             f"got {type(cfg).__name__}")
+        self.cfg, self.fmt, self.prefix = cfg, fmt, prefix  # prefix: where a nested object sits ("attn_cfg.")
 
     def __contains__(self, name: str) -> bool:
         return name in self.cfg
@@ -69,11 +70,11 @@ class RefConfig:
         if name in self.cfg and self.cfg[name] is not None:
             return self.cfg[name], True
         if default is _REQUIRED:
-            raise ValueError(f"{self.fmt} config: required field {name!r} is missing")
+            raise ValueError(f"{self.fmt} config: required field {self.prefix + name!r} is missing")
         return default, False
 
     def fail(self, name: str, value: Any, what: str) -> ValueError:
-        return ValueError(f"{self.fmt} config: {name}={value!r} must be {what}")
+        return ValueError(f"{self.fmt} config: {self.prefix}{name}={value!r} must be {what}")
 
     def int(self, name: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
         v, given = self._get(name, default)

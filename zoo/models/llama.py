@@ -41,7 +41,7 @@ def rope_from_reference(cfg: dict[str, Any], fmt: str = "llama") -> tuple[float,
     """(theta, scaling) from transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x (``rope_parameters``)."""
     ref = RefConfig(cfg, fmt)
     params = dict(ref.dict("rope_parameters", {}))
-    theta = RefConfig(params, f"{fmt} rope_parameters").float("rope_theta", None)
+    theta = RefConfig(params, fmt, "rope_parameters.").float("rope_theta", None)
     params.pop("rope_theta", None)
     if theta is None:
         theta = ref.float("rope_theta", 10000.0)

@@ -118,8 +118,8 @@ class Block(nn.Module):
     def forward(self, h: Tensor, positions: Tensor | None, state: State | None, attention_mask: Tensor | None,
                 seq_idx: Tensor | None) -> tuple[Tensor, State | None]:
         dtype = self.norm.weight.dtype
-        if self.residual_in_fp32:
-            h = h.float()
+        if self.residual_in_fp32:  # at least fp32 (an fp64 model stays fp64)
+            h = h.to(torch.promote_types(h.dtype, torch.float32))
         y, state = self.mixer(self.norm(h).to(dtype), positions=positions, state=state,
                               attention_mask=attention_mask, seq_idx=seq_idx)
         h = h + y * self.residual_scale if self.residual_scale != 1.0 else h + y

@@ -132,7 +132,7 @@ def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
         "norm": "rmsnorm" if ref.bool("rms_norm", True) else "layernorm", "norm_eps": eps,
         "tie_embeddings": ref.bool("tie_embeddings", True),
         "residual_in_fp32": ref.bool("residual_in_fp32", True),
-        "rope_theta": RefConfig(attn_cfg, "mamba_ssm config: attn_cfg").float("rotary_emb_base", 10000.0),
+        "rope_theta": RefConfig(attn_cfg, "mamba_ssm", "attn_cfg.").float("rotary_emb_base", 10000.0),
         "family": "mamba2",
         "extra": {"mamba_ssm_vocab_size": vocab, "pad_vocab_size_multiple": multiple},
     })
@@ -140,8 +140,8 @@ def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
 
 def _attention_args(attn: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """mamba_ssm ``MHA`` kwargs -> zoo ``attention`` args, refusing what the zoo mixer cannot express."""
-    check_reference_fields(attn, ATTN_CFG_FIELDS, "mamba_ssm attn_cfg")
-    ref = RefConfig(attn, "mamba_ssm config: attn_cfg")
+    check_reference_fields(attn, ATTN_CFG_FIELDS, "mamba_ssm", "attn_cfg")
+    ref = RefConfig(attn, "mamba_ssm", "attn_cfg.")
     for key, ok, why in (
         ("d_conv", ref.int("d_conv", 0, minimum=0) == 0, "a depthwise causal conv over q|k|v, which the zoo "
                                                          "attention lacks"),

@@ -1,0 +1,32 @@
+"""The reliability table is computed from the tests' log and the soak's CSV."""
+
+from __future__ import annotations
+
+import json
+
+from zoo.experiments.reliability import read_log, read_soak, render, summarize
+
+
+def test_table_counts_cases_and_outcomes(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [
+        {"category": "hostile checkpoint files", "test": "a[1]", "outcome": "passed", "cases": 1},
+        {"category": "hostile checkpoint files", "test": "a[2]", "outcome": "failed", "cases": 1},
+        {"category": "random compositions", "test": "p", "outcome": "passed", "cases": 16},
+        {"category": "bad runtime inputs", "test": "s", "outcome": "skipped", "cases": 1},
+    ]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    s = summarize(read_log(log))
+    assert s["hostile checkpoint files"] == {"tests": 2, "cases": 2, "held": 1, "broke": 1, "skipped": 0}
+    assert s["random compositions"]["cases"] == 16 and s["bad runtime inputs"]["skipped"] == 1
+    csv = tmp_path / "soak.csv"
+    csv.write_text("mixer,spec,tokens,rss_bytes,state_bytes,finite,seconds\n"
+                   "m,m(a=1),100,1000000,64,1,1.0\nm,m(a=1),500,1000000,64,1,2.0\nm,m(a=1),1000,1003000,64,1,3.0\n"
+                   "w,w(b=2),500,1000000,64,1,1.0\nw,w(b=2),1000,9000000,96,1,2.0\n")
+    soak = read_soak(csv)
+    assert [(r["spec"], r["held"], r["state_constant"]) for r in soak] == [("m(a=1)", True, True),
+                                                                           ("w(b=2)", False, False)]
+    md = render(s, soak, load=(1.0, 2.0, 3.0))
+    assert "| 2 | 2 | 1 | 1 |" in md and "| 1 | 16 | 16 | 0 |" in md
+    assert "| `m(a=1)` | 1,000 | 64 | yes | +0.00 MB | 0.00 MB | yes | yes |" in md
+    assert "| `w(b=2)` | 1,000 | 96 | NO |" in md and "1.0 / 2.0 / 3.0" in md
