@@ -33,3 +33,13 @@ def test_tour_runs(tmp_path, monkeypatch):
     assert torch.isfinite(namespace["out"].loss)
     listed = re.search(r"zoo.list_mixers\(\)\s+# (\[.*?\])", block).group(1)
     assert eval(listed) == zoo.list_mixers()
+
+
+def test_outside_mixer_example_passes_the_contract():
+    block = re.search(r"A mixer written outside the package.*?```python\n(.+?)\n```", README.read_text(), re.S).group(1)
+    try:
+        exec(compile(block, str(README), "exec"), {})  # ends with check_mixer("ema(decay=0.8)")
+        assert "ema" in zoo.list_mixers()
+    finally:
+        if "ema" in zoo.list_mixers():
+            zoo.registry.unregister_mixer("ema")
