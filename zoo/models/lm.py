@@ -72,9 +72,6 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         module.reset_mixer_parameters()
 
 
-POSITION_POLICIES = ("warn", "error", "allow")
-
-
 def positions_policy(config: ZooConfig) -> str:
     """The model's choice for positions past ``max_position_embeddings`` (see :meth:`ZooForCausalLM.check_positions`):
     ``"allow"`` when no layer applies RoPE, else its family's ``positions_past_max`` (``"warn"`` for zoo-native)."""
@@ -258,7 +255,8 @@ class ZooForCausalLM(nn.Module):
             bad_values = ((mask != 0) & (mask != 1)).sum() if mask.dtype != torch.bool else zero
             real = mask.bool()
             bad_layout = self._padding_errors(real, states).sum()
-        last = (states.next_position.max() if states is not None else zero) + (T if real is None else real.sum(1).max())
+        n_row = real.sum(1) if real is not None else torch.full((B,), T, device=input_ids.device)
+        last = (n_row + states.next_position if states is not None else n_row).max()  # the longest row's length
         lo, hi, n_bad_values, n_bad_layout, last, n_real = torch.stack([
             ids_lo.long(), ids_hi.long(), bad_values, bad_layout, last.long(),
             real.sum() if real is not None else zero + B * T]).tolist()
