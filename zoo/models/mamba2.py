@@ -15,8 +15,9 @@ rotate-half). Its optional depthwise causal conv over ``qkv`` (``d_conv > 0``; `
 the fused MLP (``mlp_dim > 0``) have no counterpart in the zoo ``attention`` mixer: such configs are refused with
 a ``ValueError`` naming the field (the preset itself builds, without that conv).
 
-Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``) and :func:`save_transformers`
-(config.json + ``model.safetensors``). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
+Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``; ``zoo convert --to mamba2``) and
+:func:`save_transformers` (config.json + ``model.safetensors``; ``zoo convert --to mamba2-transformers``, the
+family's ``export_formats`` entry). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
 thresholds from a prompt (Stuffed Mamba, method 2).
 """
 
@@ -28,11 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
+from zoo.bench.references import register_reference
 from zoo.checkpoint import save_reference
-from zoo.config import ZooConfig
-from zoo.models.family import Family, Preset, RefConfig, StateDict, check_reference_fields
+from zoo.config import LayerSpec, ZooConfig
+from zoo.layers.attention import Attention
+from zoo.layers.base import BenchCase
+from zoo.layers.mamba2 import CITATION as MAMBA2_CITATION
+from zoo.layers.mamba2 import Mamba2
+from zoo.models.family import Family, Preset, RefConfig, StateDict, check_reference_fields, refuse_layers
 
 MAMBA_SSM_KEYS = [
     ("backbone.embedding.", "embedding."),
@@ -51,6 +58,7 @@ MIXER_ARGS = ("d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "n
               "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
               "conv_bias", "chunk_size")
 IGNORED_SSM_ARGS = ("layer", "use_mem_eff_path", "process_group", "sequence_parallel", "device", "dtype")
+SSM_FMT = "mamba2 (mamba_ssm)"  # the family's own export format, named in errors
 MITIGATIONS = {"decay_scale": 1.0, "input_scale": 1.0, "dt_scale": 1.0, "state_norm_threshold": None,
                "state_window": None}
 
@@ -208,27 +216,28 @@ def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
         if on:
             raise ValueError(f"cannot export to the {fmt} format: layer {i} uses inference-time mitigations {on}, "
                              f"which have no field there; turn them off (swap_layers) before exporting")
-    if any(a != args[0] for a in args):
-        raise ValueError(f"cannot export to the {fmt} format: mamba2 layers have different arguments")
+    first = f"layer {idx[0]}: {config.layers[idx[0]].spec_string}"
+    refuse_layers(fmt, config, [i for i, a in zip(idx, args) if a != args[0]],
+                  f"one set of Mamba-2 arguments for every mamba2 layer ({first})")
     return {**_mixer_defaults(), **args[0]}
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """mamba_ssm ``MambaConfig`` dict (``config.json`` of ``state-spaces/mamba2-*``)."""
-    a = _mixer_args(config, "mamba_ssm")
+    holds = "mamba2 layers (+ mamba_ssm MHA `attention` layers sharing one set of arguments), one MLP shape"
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers)
+                                        if ls.mixer not in ("mamba2", "attention")], holds)
+    a = _mixer_args(config, SSM_FMT)
     if a["norm_eps"] != 1e-5:
-        raise ValueError(f"cannot export to the mamba_ssm format: its gated norm eps is fixed at 1e-5, "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: its gated norm eps is fixed at 1e-5, "
                          f"the model uses norm_eps={a['norm_eps']}")
     attn_idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-    other = sorted({ls.mixer for ls in config.layers} - {"mamba2", "attention"})
-    if other:
-        raise ValueError(f"cannot export to the mamba_ssm format: mixers {other} have no mamba_ssm counterpart")
-    mlps = {str(ls.mlp) for ls in config.layers}
-    if len(mlps) != 1:
-        raise ValueError("cannot export to the mamba_ssm format: blocks differ in their MLP")
+    refuse_layers(SSM_FMT, config, [i for i in attn_idx
+                                        if config.mixer_kwargs(i) != config.mixer_kwargs(attn_idx[0])], holds)
     mlp = config.layers[0].mlp
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp], holds)
     if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
-        raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
+        raise ValueError(f"cannot export to the {SSM_FMT} format: only gated SiLU MLPs without bias, got {mlp}")
     defaults = _mixer_defaults()
     ssm = {"layer": "Mamba2", **{k: _to_json(a[k]) for k in MIXER_ARGS if _norm(a[k]) != _norm(defaults[k])}}
     attn_cfg: dict[str, Any] = {}
@@ -266,17 +275,16 @@ def _to_json(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_to_json(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"cannot export to the mamba_ssm format: the value {v} (e.g. a dt_limit bound other than the "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: the value {v} (e.g. a dt_limit bound other than the "
                          "default (0.0, inf)) has no strict-JSON form that mamba_ssm reads")
     return v
 
 
 def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
     """transformers ``Mamba2Config`` dict."""
-    a = _mixer_args(config, "transformers")
+    a = _mixer_args(config, "mamba2-transformers")
     bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "mamba2" or ls.mlp is not None]
-    if bad:
-        raise ValueError(f"cannot export to the transformers mamba2 format: layers {bad} are not mixer-only mamba2")
+    refuse_layers("mamba2-transformers", config, bad, "mamba2 layers without MLP")
     defaults = _mixer_defaults()
     unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate") if a[k] != defaults[k]}
     if not a["rmsnorm"] or unsupported or config.norm != "rmsnorm" or a["norm_eps"] != config.norm_eps:
@@ -375,19 +383,98 @@ PRESETS = {
         mixers={"default": "mamba2", "9,18,27,36,45,56": {"mixer": "attention", "mixer_args": _ATTN_2P7B}}),
 }
 
-FAMILY = Family(
-    name="mamba2", detect=detect, config_from_reference=config_from_reference,
-    config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
-    from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
-    model_card="mamba2",
-    positions_past_max="allow",  # mamba_ssm has no position limit (attention layers of hybrids included)
-)
-# export-only variant for the transformers layout
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+# References for ``zoo bench``, built from the zoo mixer with the same weights (imports lazy).
+class HFMamba2Adapter(Adapter):
+    """transformers ``Mamba2Mixer`` (its pure-torch path off-GPU) continued through a ``DynamicCache``."""
+
+    def __init__(self, mixer: nn.Module, config: Any) -> None:
+        self.module, self.config = mixer, config
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def new_state(self, max_length: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def step(self, x: Tensor, state: Any) -> Tensor:
+        return self.module(x, cache=state)
+
+
+@register_reference("transformers_mamba2", preload=("transformers", "transformers.modeling_utils",
+                                                     "transformers.cache_utils",
+                                                     "transformers.models.mamba2.modeling_mamba2"))
+def bench_transformers_mamba2(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """transformers Mamba2Mixer (torch path off-GPU) with the zoo mixer's weights."""
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    kwargs = {k: v for k, v in args.items() if k != "d_model"}
+    one = ZooConfig(vocab_size=256, d_model=args["d_model"], n_layers=1, family="mamba2",
+                    norm_eps=kwargs.get("norm_eps", 1e-5), layers=[LayerSpec("mamba2", kwargs, None)])
+    cfg = Mamba2Config(**config_to_transformers(one))
+    ref = Mamba2Mixer(cfg, 0)
+    load_same_weights(ref, zoo_module.state_dict(), what="transformers Mamba2Mixer")
+    return HFMamba2Adapter(ref, cfg)
+
+
+@register_reference("mamba_ssm", scope="kernel", gpu_only=True)
+def bench_mamba_ssm(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """mamba_ssm's mamba_chunk_scan_combined (the SSD scan alone) on the mixer's shapes, CUDA only."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    m = zoo_module
+    H, P, N, G, Q = m.nheads, m.headdim, m.d_state, m.ngroups, m.chunk_size
+
+    def inputs(x: Tensor) -> list[Tensor]:  # x [B, T, H*P]: dt, A, B, C, D of the scan
+        B, T, dev, dt_ = x.shape[0], x.shape[1], x.device, x.dtype
+        return [torch.rand(B, T, H, device=dev, dtype=dt_).requires_grad_(),
+                -torch.rand(H, device=dev, dtype=torch.float32).requires_grad_(),
+                torch.randn(B, T, G, N, device=dev, dtype=dt_).requires_grad_(),
+                torch.randn(B, T, G, N, device=dev, dtype=dt_).requires_grad_(),
+                torch.randn(H, device=dev, dtype=torch.float32).requires_grad_()]
+
+    def fn(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor) -> Tensor:
+        return mamba_chunk_scan_combined(x.view(x.shape[0], x.shape[1], H, P), dt, A, Bm, Cm, Q, D=D)
+
+    # C B^T within a chunk, its masked product with X, B^T X into chunk states, C h out of them (Mamba2.flops)
+    return KernelAdapter(fn, width=H * P, inputs=inputs,
+                         flops=lambda T, B: 2 * B * T * (Q * G * N + Q * H * P + 2 * H * P * N))
+
+
+def _bench_hybrid(size: str, vocab: int, inter: int) -> dict[str, Any]:
+    heads, ssm = Attention.bench_cases[0].args[size], Mamba2.bench_cases[0].args[size]
+    if heads["d_model"] != ssm["d_model"]:
+        raise ValueError("the attention and mamba2 bench cases must share d_model")
+    drop = lambda a: {k: v for k, v in a.items() if k != "d_model"}  # noqa: E731
+    return {"vocab_size": vocab, "d_model": ssm["d_model"], "n_layers": 2,
+            "layers": [{"mixer": "mamba2", "mixer_args": drop(ssm), "mlp": None},
+                       {"mixer": "attention", "mixer_args": drop(heads), "mlp": {"intermediate_size": inter}}]}
+
+
+# export-only variant for the transformers layout (``zoo convert --to mamba2-transformers``)
 TRANSFORMERS_FORMAT = Family(
     name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
     config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
     key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
-    reference_weights_name="model.safetensors", model_card="mamba2", positions_past_max="allow",
+    reference_weights_name="model.safetensors", model_card="mamba2", citations=(MAMBA2_CITATION,),
+    positions_past_max="allow",
+)
+FAMILY = Family(
+    name="mamba2", detect=detect, config_from_reference=config_from_reference,
+    config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
+    from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
+    model_card="mamba2", export_formats={"mamba2-transformers": TRANSFORMERS_FORMAT},
+    shardable=False,  # mamba_ssm's loader reads one pytorch_model.bin
+    citations=(MAMBA2_CITATION,),
+    positions_past_max="allow",  # mamba_ssm has no position limit (attention layers of hybrids included)
+    bench_cases=(BenchCase(
+        kind="model", name="hybrid_model", reference=None,
+        args={"full": _bench_hybrid("full", 4096, 2048), "quick": _bench_hybrid("quick", 256, 128)},
+        description="ZooForCausalLM with [mamba2, attention + MLP] blocks (no reference)"),),
 )
 
 
