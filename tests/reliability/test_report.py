@@ -1,10 +1,11 @@
-"""The reliability table is computed from the tests' log and the soak's CSV."""
+"""The reliability table is computed from the tests' log and the soak's CSV; the soak writes its report."""
 
 from __future__ import annotations
 
 import json
 
 from zoo.experiments.reliability import read_log, read_soak, render, summarize
+from zoo.experiments.soak import bounded_mixers, soak, write_report
 
 
 def test_table_counts_cases_and_outcomes(tmp_path):
@@ -30,3 +31,12 @@ def test_table_counts_cases_and_outcomes(tmp_path):
     assert "| 2 | 2 | 1 | 1 |" in md and "| 1 | 16 | 16 | 0 |" in md
     assert "| `m(a=1)` | 1,000 | 64 | yes | +0.00 MB | 0.00 MB | yes | yes |" in md
     assert "| `w(b=2)` | 1,000 | 96 | NO |" in md and "1.0 / 2.0 / 3.0" in md
+
+
+def test_soak_report_is_written(tmp_path):
+    r = soak(bounded_mixers()[0], 40, sample_every=10, n_layers=1)
+    write_report([r], tmp_path)
+    md = (tmp_path / "soak.md").read_text()
+    assert f"| `{r.spec}` | 40 |" in md and "load avg" in md
+    assert (tmp_path / "soak.csv").read_text().count("\n") == 1 + len(r.samples)
+    assert (tmp_path / "soak.png").stat().st_size > 1000
