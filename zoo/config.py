@@ -38,10 +38,21 @@ MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 MLP_FIELDS = {"intermediate_size": int, "activation": str, "gated": bool, "bias": bool}
 # Model-wide values handed to every mixer whose constructor takes an argument of that name.
 CONTEXT_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
-# RoPE scaling variants (transformers' ``rope_scaling``; the key ``rope_type``, or the older ``type``) and the fields
-# each one needs (all positive numbers; ``original_max_position_embeddings`` a positive int).
-ROPE_SCALING = {"default": (), "linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+# RoPE scaling variants (transformers' ``rope_scaling``; the key ``rope_type``, or the older ``type``; computed in
+# zoo.layers.rope) and their fields: name -> (required, kind) with kind "pos" (a positive finite number), "int" (a
+# positive int), "num" (a finite number), "bool", or "factors" (a non-empty list of positive numbers).
+ROPE_SCALING: dict[str, dict[str, tuple[bool, str]]] = {
+    "default": {},
+    "linear": {"factor": (True, "pos")},
+    "llama3": {"factor": (True, "pos"), "low_freq_factor": (True, "pos"), "high_freq_factor": (True, "pos"),
+               "original_max_position_embeddings": (True, "int")},
+    "yarn": {"factor": (False, "pos"), "original_max_position_embeddings": (False, "int"),
+             "attention_factor": (False, "pos"), "mscale": (False, "num"), "mscale_all_dim": (False, "num"),
+             "beta_fast": (False, "pos"), "beta_slow": (False, "pos"), "truncate": (False, "bool")},
+    "longrope": {"short_factor": (True, "factors"), "long_factor": (True, "factors"), "factor": (False, "pos"),
+                 "original_max_position_embeddings": (False, "int"), "attention_factor": (False, "pos")},
+    "dynamic": {"factor": (True, "pos"), "original_max_position_embeddings": (False, "int")},
+}
 LAYER_FIELDS = ("mixer", "mixer_args", "mlp")
 # A sanity bound checked before a layer list is built (the largest published models have a few hundred layers).
 MAX_LAYERS = 1_000_000
@@ -457,8 +468,8 @@ def _real(v: Any) -> bool:
 
 
 def check_rope_scaling(scaling: Any, where: str) -> None:
-    """``None`` or a dict naming a supported variant (``rope_type`` or ``type``) with every field it needs, each a
-    positive finite number (``original_max_position_embeddings`` a positive int); unknown fields are refused."""
+    """``None`` or a dict naming a supported variant (``rope_type`` or ``type``) with every field it needs and only
+    fields it uses (:data:`ROPE_SCALING`), each of the right kind and range."""
     if scaling is None:
         return
     if not isinstance(scaling, dict):
@@ -467,17 +478,23 @@ def check_rope_scaling(scaling: Any, where: str) -> None:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_SCALING:
         raise ValueError(f"{where}: rope_type {kind!r} is not supported; supported: {sorted(ROPE_SCALING)}")
-    need = ROPE_SCALING[kind]
-    unknown = sorted(set(scaling) - set(need) - {"rope_type", "type"})
+    fields = ROPE_SCALING[kind]
+    unknown = sorted(set(scaling) - set(fields) - {"rope_type", "type"})
     if unknown:
-        raise ValueError(f"{where}: fields {unknown} are not used by rope_type {kind!r} (fields: {list(need)}); "
+        raise ValueError(f"{where}: fields {unknown} are not used by rope_type {kind!r} (fields: {list(fields)}); "
                          "refusing to ignore them")
-    for name in need:
+    checks = {"pos": (lambda v: _real(v) and v > 0, "a positive number"), "int": (_positive_int, "a positive int"),
+              "num": (_real, "a finite number"), "bool": (lambda v: isinstance(v, bool), "true or false"),
+              "factors": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_real(x) and x > 0 for x in v),
+                          "a non-empty list of positive numbers")}
+    for name, (required, what) in fields.items():
         v = scaling.get(name)
-        ok = _positive_int(v) if name == "original_max_position_embeddings" else (_real(v) and v > 0)
-        if not ok:
-            raise ValueError(f"{where}: {name} must be a positive {'int' if name.startswith('orig') else 'number'} "
-                             f"for rope_type {kind!r}, got {'nothing' if name not in scaling else repr(v)}")
+        if v is None and not required:
+            continue
+        ok, text = checks[what]
+        if not ok(v):
+            raise ValueError(f"{where}: {name} must be {text} for rope_type {kind!r}, "
+                             f"got {'nothing' if name not in scaling else repr(v)}")
     if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
         raise ValueError(f"{where}: llama3 needs low_freq_factor != high_freq_factor (it divides by their "
                          f"difference), got {scaling['low_freq_factor']!r} for both")
@@ -498,6 +515,14 @@ def _layer_spec(i: int, ls: Any) -> LayerSpec:
     if not isinstance(ls.mixer_args, dict) or not all(isinstance(k, str) for k in ls.mixer_args):
         raise ValueError(f"ZooConfig.layers[{i}].mixer_args must be a dict of keyword arguments, got {ls.mixer_args!r}")
     return ls
+
+
+def check_argument_type(where: str, shown: str, value: Any, cls: type, name: str) -> None:
+    """``ValueError("{where}: {shown}=<value> should be <type>")`` unless ``value`` fits the type of argument ``name``
+    of mixer class ``cls`` (for readers whose config field ``shown`` feeds that argument)."""
+    ann = mixer_parameters(cls)[name].annotation
+    if not _type_ok(value, ann):
+        raise ValueError(f"{where}: {shown}={value!r} should be {_type_name(ann)}")
 
 
 def _type_ok(value: Any, ann: Any) -> bool:

@@ -236,7 +236,15 @@ def edit_config(path: Path, **changes) -> None:
     ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling: factor must be a positive number for rope_type "
                                                 r"'linear', got nothing"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope_scaling: low_freq_factor must be"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling: rope_type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "su", "factor": 4.0}}, r"rope_scaling: rope_type 'su' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}}, r"rope_scaling: beta_fast must be a "
+                                                                              r"positive number for rope_type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "alpha": 1}}, r"rope_scaling: fields \['alpha'\] are not "
+                                                                         r"used by rope_type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, r"long_factor must be a non-empty list of "
+                                                                         r"positive numbers"),
+    ({"rope_scaling": {"rope_type": "dynamic"}}, r"factor must be a positive number for rope_type 'dynamic', got "
+                                                 r"nothing"),
     ({"bos_token_id": 1.5}, r"ZooConfig.bos_token_id must be null or an int in \[0, vocab_size=64\), got 1.5"),
     ({"eos_token_id": "2"}, r"ZooConfig.eos_token_id must be null or an int or a non-empty list of ints"),
     ({"pad_token_id": 64}, r"ZooConfig.pad_token_id must be null or an int in \[0, vocab_size=64\), got 64"),
@@ -366,8 +374,7 @@ def llama_dir(tmp_path: Path) -> Path:
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_scaling: factor must be a positive "
                                                                       r"number for rope_type 'linear', got nothing"),
     ({"rope_parameters": {"rope_type": "linear", "factor": -2.0, "rope_theta": 1e4}}, r"factor must be a positive"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
-     r"rope_type 'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "ntk", "factor": 2.0, "rope_theta": 1e4}}, r"rope_type 'ntk' is not supported"),
     ({"tie_word_embeddings": "yes"}, r"llama config: tie_word_embeddings='yes' must be true or false"),
     ({"eos_token_id": "2"}, r"llama config: eos_token_id='2' must be a non-negative int or a list of them"),
     ({"bos_token_id": 1.0}, r"llama config: bos_token_id=1.0 must be a non-negative int"),
@@ -473,6 +480,53 @@ def test_flash_linear_attention_mamba2_config_is_refused_naming_its_fields(tmp_p
 def test_reference_transformers_mamba2_config_values_are_validated(tmp_path, changes, match):
     (tmp_path / "config.json").write_text(json.dumps(hf_mamba2_config(**changes)))
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        zoo.from_pretrained(tmp_path)
+
+
+MINICPM = {"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+           "rms_norm_eps": 1e-5, "vocab_size": 64, "max_position_embeddings": 128, "rope_theta": 10000.0,
+           "scale_emb": 12, "dim_model_base": 32, "scale_depth": 1.4, "bos_token_id": 1, "eos_token_id": [2, 3]}
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"num_attention_heads": "4"}, r"minicpm config: num_attention_heads='4' must be an int >= 1"),
+    ({"scale_emb": {"__float__": "NaN"}}, r"minicpm config: scale_emb=nan must be a positive finite number"),
+    ({"scale_depth": -1.4}, r"minicpm config: scale_depth=-1.4 must be a positive finite number"),
+    ({"tie_word_embeddings": "false"}, r"minicpm config: tie_word_embeddings='false' must be true or false"),
+    ({"eos_token_id": [2, 640]}, r"ZooConfig.eos_token_id must be null or an int or a non-empty list"),
+    ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4}},
+     r"minicpm config: required field 'rope_scaling.original_max_position_embeddings' is missing"),
+    ({"sparse_config": []}, r"minicpm config: sparse_config=\[\] must be a JSON object"),
+    ({"qk_layernorm": True}, r"minicpm config.json has fields the zoo's minicpm reader does not implement: "
+                             r"\['qk_layernorm'\]"),
+])
+def test_reference_minicpm_config_values_are_validated(tmp_path, changes, match, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({**MINICPM, **changes}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    no_weight_reads(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        zoo.from_pretrained(tmp_path)
+
+
+LACT = {"model_type": "lact_swiglu", "hidden_size": 32, "num_hidden_layers": 2, "num_attn_heads": 4,
+        "num_lact_heads": 2, "lact_chunk_size": 8, "window_size": 8, "vocab_size": 64, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"hidden_size": "32"}, r"lact_swiglu config: hidden_size='32' must be an int >= 1"),
+    ({"norm_eps": 0}, r"lact_swiglu config: norm_eps=0 must be a positive finite number"),
+    ({"rope_theta": {"__float__": "Infinity"}}, r"lact_swiglu config: rope_theta=inf must be a positive finite"),
+    ({"use_short_conv": True}, r"lact_swiglu config.json has fields the zoo's lact_swiglu reader does not implement: "
+                               r"\['use_short_conv'\]"),
+    ({"lact_chunk_size": "8"}, r"lact_swiglu config: lact_chunk_size='8' should be int"),
+    ({"use_muon": "yes"}, r"lact_swiglu config: use_muon='yes' should be bool"),
+])
+def test_reference_lact_config_values_are_validated(tmp_path, changes, match, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({**LACT, **changes}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    no_weight_reads(monkeypatch)
     with pytest.raises(ValueError, match=match):
         zoo.from_pretrained(tmp_path)
 

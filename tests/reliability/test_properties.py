@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
-from zoo.config import NORMS, mixer_parameters
+from zoo.config import NORMS, ROPE_SCALING, mixer_parameters
 from zoo.registry import get_mixer, list_mixers
 from zoo.testing import GROUP_DEFAULTS, run_chunks
 
@@ -119,8 +119,7 @@ BAD_FIELDS = {
     "rope_scaling": st.one_of(
         st.integers(), st.text(max_size=3), st.lists(st.integers(), max_size=2),
         st.fixed_dictionaries({"rope_type": st.sampled_from(["linear", "llama3"]), "factor": bad_positive_float}),
-        st.fixed_dictionaries({"rope_type": st.text(max_size=5).filter(lambda s: s not in ("default", "linear",
-                                                                                           "llama3"))})),
+        st.fixed_dictionaries({"rope_type": st.text(max_size=5).filter(lambda s: s not in ROPE_SCALING)})),
     "mixer_defaults": st.one_of(st.lists(st.integers(), max_size=2), st.text(max_size=3), st.integers(),
                                 st.dictionaries(st.sampled_from(["attention", "mamba2"]), st.integers(), min_size=1),
                                 st.dictionaries(st.text(min_size=1, max_size=5).filter(lambda s: s not in (
@@ -190,3 +189,9 @@ def test_nan_is_refused_for_float_arguments():
         zoo.ZooConfig.from_dict({**BASE, "layers": [{"mixer": "attention", "mixer_args": {"softmax_scale": NAN}}] * 2})
     with pytest.raises(ValueError, match=r"dt_limit=\[0.5\] of mixer 'mamba2' should be tuple\[float, float\]"):
         zoo.ZooConfig.from_dict({**BASE, "mixers": {"mixer": "mamba2", "mixer_args": {"dt_limit": [0.5]}}})
+
+
+def test_rope_scaling_validation_covers_every_implemented_variant():
+    from zoo.layers.rope import ROPE_TYPES
+
+    assert set(ROPE_SCALING) == set(ROPE_TYPES)

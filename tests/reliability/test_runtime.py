@@ -274,9 +274,11 @@ def test_positions_with_states_count_real_tokens_only():
         m(ids(T=1), states=states)
 
 
-def test_mamba2_family_and_rope_free_models_have_no_position_limit():
+def test_mamba2_family_rope_free_and_dynamic_ntk_models_have_no_position_limit():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        mixer_model("attention", dtype=torch.float32, family="llama", max_position_embeddings=16,
+                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})(ids(T=30))
         llama_like("mamba2", "attention").generate(ids(T=10), max_new_tokens=20, eos_token_id=[])
         llama_like(None, "mamba2").generate(ids(T=10), max_new_tokens=20, eos_token_id=[])
         llama_like("llama", "mamba2")(ids(T=30))

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.config import ZooConfig
+from zoo.config import ZooConfig, check_argument_type
 from zoo.layers.lact import CITATION
 from zoo.models.family import Family, Preset, RefConfig, check_reference_fields, refuse_layers
+from zoo.registry import get_mixer
 
 KEY_TABLE = [
     ("model.embeddings.", "embedding."),
@@ -72,6 +73,9 @@ def zoo_dict(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("elementwise_affine", True) is False:
         raise ValueError("lact_swiglu config: elementwise_affine=False is not supported (RMSNorms have weights)")
     mixer = {zoo: cfg.get(ref, default) for ref, (zoo, default) in MIXER_FIELDS.items()}
+    for name, (arg, _) in MIXER_FIELDS.items():  # types named by the config.json field
+        if name in cfg:
+            check_argument_type("lact_swiglu config", name, cfg[name], get_mixer("lact"), arg)
     ref = RefConfig(cfg, "lact_swiglu")
     mixer["inter_multi"] = ref.float("inter_multi", 1.0)
     d = ref.int("hidden_size", 2048)

@@ -29,6 +29,7 @@ from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_s
 from zoo.layers.base import State, document_positions
 from zoo.layers.mlp import MLP
 from zoo.layers.norm import make_norm
+from zoo.layers.rope import rope_type
 from zoo.limits import check_fits_memory
 from zoo.registry import get_family, get_mixer, list_families
 
@@ -74,10 +75,11 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 def positions_policy(config: ZooConfig) -> str:
     """The model's choice for positions past ``max_position_embeddings`` (see :meth:`ZooForCausalLM.check_positions`):
-    ``"allow"`` when no layer applies RoPE, else its family's ``positions_past_max`` (``"warn"`` for zoo-native)."""
+    ``"allow"`` when no layer applies RoPE or the RoPE scaling is ``dynamic`` (NTK-rescaled for exactly those
+    positions), else its family's ``positions_past_max`` (``"warn"`` for zoo-native)."""
     uses_rope = any(get_mixer(ls.mixer).resolved_args(config.mixer_kwargs(i)).get("rope", False)
                     for i, ls in enumerate(config.layers))
-    if not uses_rope:
+    if not uses_rope or rope_type(config.rope_scaling) == "dynamic":  # dynamic NTK rescales exactly past the limit
         return "allow"
     if config.family and config.family in list_families():
         return get_family(config.family).positions_past_max
