@@ -531,6 +531,55 @@ def test_reference_lact_config_values_are_validated(tmp_path, changes, match, mo
         zoo.from_pretrained(tmp_path)
 
 
+S4_LAYER = {"_name_": "s4", "d_state": 8, "l_max": 32, "n_ssm": 1, "final_act": "glu", "dropout": 0.0}
+S4_FFN = {"_name_": "ffn", "expand": 4, "activation": "gelu", "dropout": 0.0}
+
+
+def s4_config(model=None, layers=None, **top) -> dict:
+    """A state-spaces/s4 backbone config.json (the Hydra config as JSON), with ``model`` / layer fields replaced."""
+    layer = [{**S4_LAYER, **(layers or {}).get(0, {})}, S4_LAYER, {**S4_FFN, **(layers or {}).get(2, {})}]
+    return {"model": {"_name_": "model", "d_model": 16, "n_layers": 2, "prenorm": True, "norm": "layer",
+                      "residual": "R", "layer": layer, **(model or {})}, "vocab_size": 50, **top}
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (s4_config(model={"n_layers": "2"}), r"s4 config: model.n_layers='2' must be an int >= 1"),
+    (s4_config(model={"d_model": 16.0}), r"s4 config: model.d_model=16.0 must be an int >= 1"),
+    (s4_config(model={"n_layers": 10**6}), r"model.n_layers=1000000 x 3 layers is absurd"),
+    (s4_config(vocab_size=None), r"s4 config: required field 'vocab_size' is missing"),
+    (s4_config(tie_embeddings="yes"), r"s4 config: tie_embeddings='yes' must be true or false"),
+    (s4_config(model={"prenorm": "yes"}), r"s4 config: model.prenorm='yes' must be true or false"),
+    (s4_config(layers={2: {"expand": "4"}}), r"s4 config: model.layer\[2\].expand='4' must be a positive finite"),
+    (s4_config(layers={2: {"expand": float("nan")}}), r"model.layer\[2\].expand=nan must be a positive finite"),
+    (s4_config(layers={2: {"expand": 1 / 3}}), r"model.layer\[2\].expand=0.333.* must be a multiple of 1/d_model"),
+    (s4_config(layers={2: {"activation": ["gelu"]}}), r"model.layer\[2\].activation=\['gelu'\] must be a string"),
+    (s4_config(layers={2: {"d_output": 8}}), r"model.layer\[2\].d_output=8 must be null or d_model=16"),
+    (s4_config(layers={2: {"glu": True}}), r"s4 config.json model.layer\[2\] \(ffn\) has fields the zoo's s4 "
+                                           r"reader does not implement: \['glu'\]"),
+    (s4_config(model={"max_position_embeddings": 64}), r"s4 config.json model has fields the zoo's s4 reader does "
+                                                       r"not implement: \['max_position_embeddings'\]"),
+    (s4_config(model={"norm": {"_name_": "layer", "momentum": 0.1}}), r"s4 config.json model.norm has fields .* "
+                                                                      r"\['momentum'\]"),
+    (s4_config(model={"bidirectional": True}), r"model.bidirectional / model.pool have no counterpart"),
+    (s4_config(layers={0: {"d_state": "8"}}), r"argument d_state='8' of mixer 's4' should be int"),
+    (s4_config(layers={0: {"bidirectional": True}}), r"layer 0 sets bidirectional=True, which the causal zoo s4"),
+])
+def test_reference_s4_config_values_are_validated(tmp_path, cfg, match, monkeypatch):
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    no_weight_reads(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        zoo.from_pretrained(tmp_path)
+
+
+def test_s4_layer_norm_eps_is_read_not_ignored():
+    from zoo.models import s4 as fam
+
+    assert fam.config_from_reference(s4_config()).norm_eps == 1e-5
+    assert fam.config_from_reference(s4_config(model={"norm": {"_name_": "layer", "eps": 1e-3}})).norm_eps == 1e-3
+
+
 def test_mistral_sliding_window_must_be_an_int(tmp_path):
     path = llama_dir(tmp_path)
     cfg = json.loads((path / "config.json").read_text())
