@@ -274,7 +274,7 @@ def test_positions_with_states_count_real_tokens_only():
         m(ids(T=1), states=states)
 
 
-def test_mamba2_family_rope_free_and_dynamic_ntk_models_have_no_position_limit():
+def test_ssm_families_rope_free_and_dynamic_ntk_models_have_no_position_limit():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mixer_model("attention", dtype=torch.float32, family="llama", max_position_embeddings=16,
@@ -282,6 +282,8 @@ def test_mamba2_family_rope_free_and_dynamic_ntk_models_have_no_position_limit()
         llama_like("mamba2", "attention").generate(ids(T=10), max_new_tokens=20, eos_token_id=[])
         llama_like(None, "mamba2").generate(ids(T=10), max_new_tokens=20, eos_token_id=[])
         llama_like("llama", "mamba2")(ids(T=30))
+        llama_like("s4", "s4").generate(ids(T=10), max_new_tokens=20, eos_token_id=[])
+    assert zoo.registry.get_family("s4").positions_past_max == "allow"  # the family's documented choice
 
 
 def test_a_family_may_refuse_positions_past_the_limit(monkeypatch):

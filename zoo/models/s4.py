@@ -308,5 +308,8 @@ FAMILY = Family(
     reference_weights_name="pytorch_model.bin",
     model_card="s4",
     shardable=False,  # the reference reads one torch.load file
+    # no position encoding: the SSM is defined at every length (past l_max the reference's convolution mode truncates
+    # its kernel to l_max taps while the zoo keeps the full SSM: see zoo/layers/s4.py), so no position limit
+    positions_past_max="allow",
     citations=CITATIONS,
 )
