@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from zoo.experiments.reliability import read_log, read_soak, render, summarize
-from zoo.experiments.soak import bounded_mixers, soak, write_report
+from zoo.experiments.soak import bounded_mixers, read_results, run, soak, write_report
 
 
 def test_table_counts_cases_and_outcomes(tmp_path):
@@ -40,3 +40,22 @@ def test_soak_report_is_written(tmp_path):
     assert f"| `{r.spec}` | 40 |" in md and "load avg" in md
     assert (tmp_path / "soak.csv").read_text().count("\n") == 1 + len(r.samples)
     assert (tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_soak_report_keeps_other_mixers_runs(tmp_path):
+    """``run(keep=True)`` soaks only the given mixers and keeps the runs recorded for the others (a newly registered
+    mixer is soaked alone); the CSV round-trips every sample and the load average."""
+    first, second = bounded_mixers()[:2]
+    a = soak(first, 30, sample_every=10, n_layers=1)
+    a.load = (1.25, 2.5, 3.75)
+    write_report([a], tmp_path)
+    back = read_results(tmp_path / "soak.csv")
+    assert [(r.mixer, r.spec, r.tokens, r.load, r.samples) for r in back] == \
+        [(a.mixer, a.spec, 30, a.load, [{**s, "seconds": round(s["seconds"], 2)} for s in a.samples])]
+    new = run(20, tmp_path, mixers=[second], sample_every=10, progress=False, keep=True)
+    assert [r.mixer for r in new] == [second]
+    assert {r.mixer: r.tokens for r in read_results(tmp_path / "soak.csv")} == {first: 30, second: 20}
+    md = (tmp_path / "soak.md").read_text()
+    assert f"| `{a.spec}` | 30 |" in md and "1.2 / 2.5 / 3.8" in md and f"| `{new[0].spec}` | 20 |" in md
+    run(20, tmp_path, mixers=[second], sample_every=10, progress=False)  # without keep: only the new run
+    assert [r.mixer for r in read_results(tmp_path / "soak.csv")] == [second]

@@ -10,8 +10,9 @@ model (two layers of that mixer at its ``demo_args`` or first ``example_args``) 
 * whether every logit so far was finite (a forward hook on the head accumulates ``isfinite`` without a host sync).
 
 :func:`run` writes ``soak.md`` (a table per mixer, with the machine's load average), ``soak.csv`` (every sample) and
-``soak.png`` (memory and state bytes over tokens) into a results directory. ``tests/reliability/test_soak.py`` runs
-a 5k-token version in CI; ``scripts/soak.py`` runs the 100k-token one.
+``soak.png`` (memory and state bytes over tokens) into a results directory; with ``keep=True`` the runs already in that
+directory's ``soak.csv`` for other mixers stay in the report (a newly registered mixer is soaked alone).
+``tests/reliability/test_soak.py`` runs a 5k-token version in CI; ``scripts/soak.py`` runs the 100k-token one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from zoo.registry import get_mixer, list_mixers
 
 D_MODEL = 64
 VOCAB = 256
+LOAD_COLUMNS = ("load1", "load5", "load15")  # the machine's load average when the run ended
 GROUP_DEFAULTS = {"attention": {"num_heads": 4, "num_kv_heads": 2}}
 
 
@@ -165,11 +167,11 @@ def write_report(results: list[SoakResult], out: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "soak.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["mixer", "spec", "tokens", "rss_bytes", "state_bytes", "finite", "seconds"])
+        w.writerow(["mixer", "spec", "tokens", "rss_bytes", "state_bytes", "finite", "seconds", *LOAD_COLUMNS])
         for r in results:
             for s in r.samples:
                 w.writerow([r.mixer, r.spec, s["tokens"], s["rss"], s["state_bytes"], int(s["finite"]),
-                            f"{s['seconds']:.2f}"])
+                            f"{s['seconds']:.2f}", *(f"{x:.2f}" for x in r.load)])
     lines = [
         "# Decode soak",
         "",
@@ -200,6 +202,23 @@ def write_report(results: list[SoakResult], out: str | os.PathLike) -> Path:
     return out
 
 
+def read_results(path: str | os.PathLike) -> list[SoakResult]:
+    """The runs recorded in a ``soak.csv`` written by :func:`write_report` (the run's total tokens = its last
+    sample; the load average, when each run ended, from the ``load*`` columns, zeros in CSVs without them)."""
+    results: dict[str, SoakResult] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            r = results.get(row["mixer"])
+            if r is None:
+                load = tuple(float(row.get(c) or 0.0) for c in LOAD_COLUMNS)
+                r = results[row["mixer"]] = SoakResult(row["mixer"], row["spec"], 0, load=load)  # type: ignore[arg-type]
+            r.samples.append({"tokens": int(row["tokens"]), "rss": int(row["rss_bytes"]),
+                              "state_bytes": int(row["state_bytes"]), "finite": row["finite"] == "1",
+                              "seconds": float(row["seconds"])})
+            r.tokens = r.samples[-1]["tokens"]
+    return list(results.values())
+
+
 def _plot(results: list[SoakResult], file: Path) -> None:
     import matplotlib
 
@@ -222,8 +241,12 @@ def _plot(results: list[SoakResult], file: Path) -> None:
 
 
 def run(tokens: int, out: str | os.PathLike, *, mixers: list[str] | None = None, sample_every: int = 1000,
-        seed: int = 0, progress: bool = True) -> list[SoakResult]:
+        seed: int = 0, progress: bool = True, keep: bool = False) -> list[SoakResult]:
+    """Soak ``mixers`` (default: every bounded-state one) and write the report into ``out``; with ``keep``, the runs of
+    other mixers already recorded in ``out/soak.csv`` stay in the report. Returns the new runs."""
     results = [soak(m, tokens, sample_every=sample_every, seed=seed, progress=progress)
                for m in (mixers or bounded_mixers())]
-    write_report(results, out)
+    old = read_results(Path(out) / "soak.csv") if keep and (Path(out) / "soak.csv").is_file() else []
+    new = {r.mixer for r in results}
+    write_report(sorted([r for r in old if r.mixer not in new] + results, key=lambda r: r.mixer), out)
     return results
