@@ -29,7 +29,7 @@ def test_table_counts_cases_and_outcomes(tmp_path):
                                                                            ("w(b=2)", False, False)]
     md = render(s, soak, load=(1.0, 2.0, 3.0))
     assert "| 2 | 2 | 1 | 1 |" in md and "| 1 | 16 | 16 | 0 |" in md
-    assert "| `m(a=1)` | 1,000 | 64 | yes | +0.00 MB | 0.00 MB | yes | yes |" in md
+    assert "| `m(a=1)` | 1,000 | 64 | yes | +0.00 MB | 0.00 MB | yes | not recorded | yes |" in md
     assert "| `w(b=2)` | 1,000 | 96 | NO |" in md and "1.0 / 2.0 / 3.0" in md
 
 
@@ -57,5 +57,7 @@ def test_soak_report_keeps_other_mixers_runs(tmp_path):
     assert {r.mixer: r.tokens for r in read_results(tmp_path / "soak.csv")} == {first: 30, second: 20}
     md = (tmp_path / "soak.md").read_text()
     assert f"| `{a.spec}` | 30 |" in md and "1.2 / 2.5 / 3.8" in md and f"| `{new[0].spec}` | 20 |" in md
+    table = render({}, read_soak(tmp_path / "soak.csv"))  # the README table quotes each run's load
+    assert f"| `{a.spec}` | 30 |" in table and "| 1.2 / 2.5 / 3.8 |" in table
     run(20, tmp_path, mixers=[second], sample_every=10, progress=False)  # without keep: only the new run
     assert [r.mixer for r in read_results(tmp_path / "soak.csv")] == [second]

@@ -60,7 +60,8 @@ def read_soak(path: str | os.PathLike) -> list[dict[str, Any]]:
         ids = 8 * (int(after[-1]["tokens"]) - int(after[0]["tokens"]))
         states = {int(r["state_bytes"]) for r in rs}
         finite = all(r["finite"] == "1" for r in rs)
-        out.append({"spec": spec, "tokens": int(rs[-1]["tokens"]), "state_constant": len(states) == 1,
+        load = tuple(float(rs[-1][c]) for c in ("load1", "load5", "load15")) if "load1" in rs[-1] else None
+        out.append({"spec": spec, "tokens": int(rs[-1]["tokens"]), "state_constant": len(states) == 1, "load": load,
                     "state_bytes": max(states), "rss_growth": growth, "output_bytes": ids, "finite": finite,
                     "held": len(states) == 1 and finite and growth <= ids + (1 << 20)})
     return out
@@ -88,11 +89,13 @@ def render(summary: dict[str, dict[str, int]], soak: list[dict[str, Any]] | None
         lines += ["", "Long decode soak (`generate`, sampling, batch 1, CPU"
                   + (f"; {soak_load}" if soak_load else "") + "):", "",
                   "| mixer | tokens | state bytes | state constant | RSS growth after 20% | output ids | "
-                  "outputs finite | held |", "|---|---:|---:|:---:|---:|---:|:---:|:---:|"]
+                  "outputs finite | load avg at the end (1/5/15 min) | held |",
+                  "|---|---:|---:|:---:|---:|---:|:---:|---|:---:|"]
         for r in soak:
+            ran_at = " / ".join(f"{x:.1f}" for x in r["load"]) if r.get("load") else "not recorded"
             lines.append(f"| `{r['spec']}` | {r['tokens']:,} | {r['state_bytes']:,} | "
                          f"{'yes' if r['state_constant'] else 'NO'} | {r['rss_growth'] / 1e6:+.2f} MB | "
-                         f"{r['output_bytes'] / 1e6:.2f} MB | {'yes' if r['finite'] else 'NO'} | "
+                         f"{r['output_bytes'] / 1e6:.2f} MB | {'yes' if r['finite'] else 'NO'} | {ran_at} | "
                          f"{'yes' if r['held'] else 'NO'} |")
     if load is not None:
         lines += ["", f"Load average while the tests ran (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}."]

@@ -153,7 +153,8 @@ def soak(mixer: str | list[str], tokens: int, *, sample_every: int = 500, seed: 
     if out.shape[1] != prompt.shape[1] + tokens:
         raise RuntimeError(f"soak {mixer}: generate returned {out.shape[1] - prompt.shape[1]} tokens, not {tokens}")
     spec = " + ".join(dict.fromkeys(ls.spec_string for ls in model.config.layers))
-    return SoakResult(mixer, spec, tokens, rec.samples, os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return SoakResult(mixer, spec, tokens, rec.samples, tuple(round(x, 2) for x in load))  # as the CSV keeps it
 
 
 # ---------------------------------------------------------------------------------------------- reports
