@@ -140,13 +140,21 @@ def test_chunked_prefill_of_a_left_padded_batch_with_all_padding_chunks(name, ca
 
 # ------------------------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), r"max_new_tokens must be a positive int, got 0"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be a positive int, got -1"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens must be a positive int, got 2.5"),
     (dict(max_new_tokens=True), r"max_new_tokens must be a positive int, got True"),
     (dict(max_new_tokens=None), r"max_new_tokens must be a positive int, got None"),
     (dict(do_sample="yes"), r"do_sample must be True or False, got 'yes'"),
+    (dict(do_sample=True, temperature=0.0), r"temperature must be a positive finite number when sampling, got 0.0"),
+    (dict(do_sample=True, temperature=float("nan")), r"temperature must be a positive finite number when sampling"),
     (dict(do_sample=True, temperature=float("inf")), r"temperature must be a positive finite number when sampling"),
     (dict(do_sample=True, temperature=-1.0), r"temperature must be a positive finite number when sampling"),
     (dict(do_sample=True, temperature="1"), r"temperature must be a positive finite number when sampling"),
+    (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(do_sample=True, top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+    (dict(do_sample=True, top_k=-1), r"top_k must be a non-negative int \(0 = off\), got -1"),
     (dict(do_sample=True, top_p=True), r"top_p must be in \(0, 1\], got True"),
     (dict(do_sample=True, top_k=2.5), r"top_k must be a non-negative int \(0 = off\), got 2.5"),
     (dict(do_sample=True, top_k=True), r"top_k must be a non-negative int"),
