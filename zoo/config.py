@@ -476,7 +476,7 @@ def check_rope_scaling(scaling: Any, where: str) -> None:
         raise ValueError(f"{where} must be null or a dict like {{'rope_type': 'linear', 'factor': 2.0}}, "
                          f"got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_SCALING:
+    if not isinstance(kind, str) or kind not in ROPE_SCALING:
         raise ValueError(f"{where}: rope_type {kind!r} is not supported; supported: {sorted(ROPE_SCALING)}")
     fields = ROPE_SCALING[kind]
     unknown = sorted(set(scaling) - set(fields) - {"rope_type", "type"})

@@ -4,10 +4,15 @@ Any sequence of registered mixers, each with one of its ``example_args`` (drawn 
 with or without MLPs, tied or untied, composes into a model whose forward and backward are finite, whose save/load
 round trip is exact, whose three modes agree (parallel == chunked prefill with random chunk sizes == token by
 token, through ``zoo.testing.run_chunks``), and whose left-padded batched generation gives each row its unpadded
-tokens. Random invalid configs are refused at construction with a ``ValueError`` naming the field."""
+tokens. Random invalid configs are refused at construction with a ``ValueError`` naming the field; every family's
+reader, given its own reference config.json with one field replaced by a value of the wrong type or range, returns a
+config or raises ``ValueError`` (never another exception, never allocates for absurd sizes)."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import tempfile
 
 import pytest
@@ -17,7 +22,7 @@ from hypothesis import strategies as st
 
 import zoo
 from zoo.config import NORMS, ROPE_SCALING, mixer_parameters
-from zoo.registry import get_mixer, list_mixers
+from zoo.registry import get_family, get_mixer, list_families, list_mixers
 from zoo.testing import GROUP_DEFAULTS, run_chunks
 
 pytestmark = [pytest.mark.usefixtures("single_thread")]
@@ -195,3 +200,54 @@ def test_rope_scaling_validation_covers_every_implemented_variant():
     from zoo.layers.rope import ROPE_TYPES
 
     assert set(ROPE_SCALING) == set(ROPE_TYPES)
+
+
+# ------------------------------------------------------------------------------------------- reference readers
+HOSTILE_VALUES = ("x", "1e3", [], [1, "a"], {}, {"__float__": "NaN"}, -1, 0, 1.5, NAN, INF, True, None, 10**12,
+                  -10**12)
+
+
+def _fields(obj, at=()):
+    """Every path into a JSON-like config (the first 3 entries of lists: layer patterns repeat)."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj[:3]) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield at + (k,)
+        yield from _fields(v, at + (k,))
+
+
+@functools.cache
+def reference_configs() -> tuple[tuple[str, dict, tuple], ...]:
+    """(family, reference config.json written by the family or one of its export formats, its field paths) for the
+    first preset of every registered family (drawn from the registry)."""
+    out = []
+    for name in list_families():
+        fam = get_family(name)
+        if not fam.presets:
+            continue
+        config = zoo.ZooConfig.from_dict(copy.deepcopy(next(iter(fam.presets.values())).config))
+        for fmt in (fam, *fam.export_formats.values()):
+            cfg = json.loads(json.dumps(fmt.config_to_reference(config)))
+            assert fam.detect(cfg) and fam.config_from_reference(cfg).n_layers == config.n_layers, name  # intact
+            out.append((name, cfg, tuple(_fields(cfg))))
+    return tuple(out)
+
+
+@pytest.mark.reliability("random invalid configs")
+@settings(CI, max_examples=200)
+@given(data=st.data())
+def test_reference_readers_refuse_hostile_fields_with_value_errors(data, cases):
+    cases.add()
+    _, cfg, paths = data.draw(st.sampled_from(reference_configs()))
+    path = data.draw(st.sampled_from(paths))
+    value = data.draw(st.sampled_from(HOSTILE_VALUES))
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    for name in list_families():
+        if get_family(name).detect(cfg):  # detectors never raise; every reader that claims the file checks it
+            try:
+                get_family(name).config_from_reference(cfg)
+            except ValueError:
+                pass

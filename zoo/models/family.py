@@ -77,10 +77,11 @@ class RefConfig:
     def fail(self, name: str, value: Any, what: str) -> ValueError:
         return ValueError(f"{self.fmt} config: {self.prefix}{name}={value!r} must be {what}")
 
-    def int(self, name: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
+    def int(self, name: str, default: Any = _REQUIRED, *, minimum: int = 1, maximum: int | None = None) -> Any:
+        """``maximum``: bound sizes that are iterated over before the config is validated (layer counts)."""
         v, given = self._get(name, default)
-        if given and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
-            raise self.fail(name, v, f"an int >= {minimum}")
+        if given and (not isinstance(v, int) or isinstance(v, bool) or v < minimum or (maximum and v > maximum)):
+            raise self.fail(name, v, f"an int >= {minimum}" + (f" and <= {maximum:,}" if maximum else ""))
         return v
 
     def float(self, name: str, default: Any = _REQUIRED, *, positive: bool = True, finite: bool = True) -> Any:

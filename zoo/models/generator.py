@@ -33,7 +33,8 @@ M = TypeVar("M", ZooForCausalLM, ZooConfig)
 def detect(cfg: dict[str, Any]) -> bool:
     if cfg.get("model_type") != "llama":
         return False
-    if CUSTOM_CLASS in (cfg.get("architectures") or []):
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and CUSTOM_CLASS in archs:
         return True
     if "modeling_generator" in str(cfg.get("auto_map") or ""):
         return True

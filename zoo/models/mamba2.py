@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
 from zoo.bench.references import register_reference
 from zoo.checkpoint import save_reference
-from zoo.config import LayerSpec, ZooConfig
+from zoo.config import MAX_LAYERS, LayerSpec, ZooConfig
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase
 from zoo.layers.mamba2 import CITATION as MAMBA2_CITATION
@@ -117,7 +117,7 @@ def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
     mixer = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ssm.items() if k in MIXER_ARGS}
     ZooConfig._check_args("mamba_ssm config: ssm_cfg", Mamba2, mixer)  # types, named as ssm_cfg fields
     mixer["norm_eps"] = 1e-5  # RMSNormGated is built with eps=1e-5 whatever norm_epsilon is
-    n, d = ref.int("n_layer"), ref.int("d_model")
+    n, d = ref.int("n_layer", maximum=MAX_LAYERS), ref.int("d_model")  # n_layer is iterated below
     d_int = ref.int("d_intermediate", 0, minimum=0)
     mlp = {"intermediate_size": -(-d_int // 128) * 128, "activation": "silu", "gated": True} if d_int else None
     attn_idx = cfg.get("attn_layer_idx") or []

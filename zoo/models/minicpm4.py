@@ -49,7 +49,8 @@ ARCH = "MiniCPMForCausalLM"
 
 
 def detect(cfg: dict[str, Any]) -> bool:
-    return cfg.get("model_type") == "minicpm" or (ARCH in (cfg.get("architectures") or [])
+    archs = cfg.get("architectures")
+    return cfg.get("model_type") == "minicpm" or (isinstance(archs, list) and ARCH in archs
                                                    and cfg.get("model_type") in (None, "minicpm"))
 
 
@@ -111,9 +112,7 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
     if sparse is not None:
         args = sparse_args(sparse)
         mixers = "infllmv2(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
-    mup = {k: cfg.get(k, 1) for k in ("scale_emb", "dim_model_base", "scale_depth")}
-    for k in mup:
-        ref.float(k, 1.0)  # positive finite numbers
+    mup = {k: ref.float(k, 1.0) for k in ("scale_emb", "dim_model_base", "scale_depth")}  # positive finite numbers
     try:
         return ZooConfig.from_dict({
             "vocab_size": ref.int("vocab_size"), "d_model": D, "n_layers": L, "mixers": mixers,
