@@ -23,7 +23,9 @@ CATEGORIES = {
                           "past the limit, host syncs in decode)",
     "random compositions": "Random model compositions of registered mixers (forward, backward, save/load, three "
                            "modes, left-padded generation)",
-    "random invalid configs": "Random invalid configs and ill-typed mixer arguments (ValueError naming the field)",
+    "random invalid configs": "Random invalid configs and ill-typed mixer arguments (ValueError naming the field); "
+                              "every field of each family's reference config.json replaced by hostile values "
+                              "(ValueError, never another exception or an allocation)",
     "decode soak tokens": "Decode soak in CI (tokens generated through every bounded-state mixer)",
 }
 
