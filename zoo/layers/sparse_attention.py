@@ -119,19 +119,28 @@ class SparseAttention(Attention):
                 else:
                     positions = torch.arange(T, device=x.device).expand(B, T)
             q, k, v = self.project(x, positions)
-            o = None
-            # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
-            by_slot = attention_mask is None and seq_idx is None and (
-                plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
-            if by_slot and q.is_cuda and backend() != "torch":
-                o = self._kernel(q, k, v)
-            if by_slot and o is None:
-                o = self._fast(q, k, v)
-            if o is None:
-                valid = None if attention_mask is None else real
-                o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
-                                      by_slot=by_slot)
+            o = self.attend_parallel(q, k, v, positions, attention_mask, seq_idx, by_slot=True if plain else None)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
+                        seq_idx: Tensor | None = None, *, by_slot: bool | None = None) -> Tensor:
+        """The stateless sparse attention of projected ``q [B, h, T, D]``, ``k, v [B, h_kv, T, D]`` at
+        ``positions [B, T]``. ``by_slot``: token index == slot (no padding, no packing: the kernel and the
+        pattern-specific paths apply); None = find out."""
+        B, _, T, _ = q.shape
+        if by_slot is None:
+            by_slot = attention_mask is None and seq_idx is None and \
+                torch.equal(positions, torch.arange(T, device=q.device).expand(B, T))
+        o = None
+        if by_slot and q.is_cuda and backend() != "torch":
+            o = self._kernel(q, k, v)
+        if by_slot and o is None:
+            o = self._fast(q, k, v)
+        if o is None:
+            valid = None if attention_mask is None else attention_mask.bool()
+            o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
+                                  by_slot=by_slot)
+        return o
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """A pattern-specific torch path for unpadded, unpacked rows (token index = slot), or None."""
@@ -173,6 +182,7 @@ class SlidingWindowAttention(SparseAttention):
     arg_groups = ("attention",)
     example_args = ({"window": 8, "num_sink_tokens": 2}, {"window": 5})
     demo_args = {"window": 32}
+    sequence_parallel = True  # the rule does not depend on the head: Ulysses head slices are exact
     bench_cases = dense_reference_case({"window": 1024, "num_sink_tokens": 0}, {"window": 16, "num_sink_tokens": 4},
                                        "sliding window + sinks")
 
@@ -290,6 +300,7 @@ class BlockDiagonalAttention(SparseAttention):
 
     arg_groups = ("attention",)
     example_args = ({"block_size": 5}, {"block_size": 8})
+    sequence_parallel = True
     bench_cases = dense_reference_case({"block_size": 1024}, {"block_size": 16}, "block-diagonal causal attention")
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int,
