@@ -4,12 +4,14 @@
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` set) it joins the group (NCCL on CUDA, gloo on the CPU) and
 picks this rank's GPU; without them it is a one-process run and initialises nothing.
 
-``run_local(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in ``world_size`` local processes
-joined by a gloo group (a file store in a temporary directory: no ports), and returns their results by rank.
+``run_local(fn, world_size, *args, **kwargs)`` runs ``fn(rank, world_size, *args, **kwargs)`` in ``world_size``
+local processes joined by a gloo group (a file store in a temporary directory: no ports), and returns their
+results by rank.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import tempfile
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 __all__ = ["DistInfo", "init_distributed", "run_local"]
 
@@ -64,11 +67,14 @@ def init_distributed(backend: str | None = None, *, device: str | None = None) -
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def _worker(rank: int, world_size: int, store_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(rank: int, world_size: int, store_dir: str, timeout: float, fn: Callable, args: tuple,
+            kwargs: dict) -> None:
     torch.set_num_threads(1)  # several processes share the cores
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
     try:
-        result = fn(rank, world_size, *args)
+        result = fn(rank, world_size, *args, **kwargs)
         with open(Path(store_dir) / f"result-{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
     except BaseException:
@@ -78,15 +84,17 @@ def _worker(rank: int, world_size: int, store_dir: str, fn: Callable, args: tupl
         dist.destroy_process_group()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork") -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes on this machine (gloo, CPU); returns the
-    results in rank order. A failing rank's traceback is raised here as ``RuntimeError``. ``fork`` (default)
-    starts in milliseconds and shares what the parent imported; ``fn`` must be picklable with ``spawn``."""
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork",
+              timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` processes on this machine (gloo, CPU);
+    returns the results in rank order. A rank that raises or dies is reported here as ``RuntimeError`` (with its
+    traceback; the other ranks are terminated). ``fork`` (default) starts in milliseconds and shares what the
+    parent imported; ``fn`` must be picklable with ``spawn``. ``timeout``: seconds a collective may wait."""
     with tempfile.TemporaryDirectory(prefix="zoo-dist-") as store_dir:
         try:
-            mp.start_processes(_worker, args=(world_size, store_dir, fn, args), nprocs=world_size, join=True,
-                               start_method=start_method)
-        except mp.ProcessRaisedException as e:
+            mp.start_processes(_worker, args=(world_size, store_dir, timeout, fn, args, kwargs), nprocs=world_size,
+                               join=True, start_method=start_method)
+        except ProcessException as e:
             errors = sorted(Path(store_dir).glob("error-*.txt"))
             detail = "\n".join(f"--- {p.stem}\n{p.read_text()}" for p in errors) or str(e)
             raise RuntimeError(f"a rank failed:\n{detail}") from None

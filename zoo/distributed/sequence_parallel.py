@@ -145,7 +145,7 @@ class _CarryIn(torch.autograd.Function):
             return torch.zeros_like(g), torch.zeros_like(decays[r]), None, None
         total = grads[-1]  # G[R-1], then down to G[r+1]
         for q in range(comm.size - 2, r, -1):
-            total = grads[q] + _expand(keeps[q + 1] * decays[q], g) * total
+            total = grads[q] + _expand(_expand(keeps[q + 1], decays[q]) * decays[q], g) * total
         d_final = _expand(keeps[r + 1], g) * total
         return d_final, (d_final * s_in).sum(tuple(range(decays.dim() - 1, g.dim()))), None, None
 

@@ -189,10 +189,11 @@ class Attention(Mixer):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
-                        seq_idx: Tensor | None = None) -> Tensor:
+                        seq_idx: Tensor | None = None, *, kv_heads: Tensor | None = None) -> Tensor:
         """The stateless attention of projected ``q [B, h, T, D]``, ``k, v [B, h_kv, T, D]`` (any head subset with
         the layer's query/KV head ratio, or ratio 1) at ``positions [B, T]``; ``attention_mask``, ``seq_idx``
-        ``[B, T]``. Returns ``o [B, h, T, D]``."""
+        ``[B, T]``; ``kv_heads [h_kv]``: the layer's KV-head index of each KV head given (None: all of them, in
+        order; only patterns that differ per head read it). Returns ``o [B, h, T, D]``."""
         return self.attend(q, k, v, key_valid=attention_mask, seq_idx=seq_idx)
 
     def check_sequence_parallel(self, size: int) -> None:
@@ -208,12 +209,17 @@ class Attention(Mixer):
         heads first when there are fewer of them than ranks."""
         B, Tl, _ = x.shape
         q, k, v = self.project(x, positions)  # [B, H, T/R, D], [B, Hkv, T/R, D]
+        kv_heads = torch.arange(self.num_kv_heads, device=x.device)  # the KV head of each k/v head
         if self.num_kv_heads % comm.size:
-            k, v = (t.repeat_interleave(self.num_heads // self.num_kv_heads, 1) for t in (k, v))
+            group = self.num_heads // self.num_kv_heads
+            k, v = (t.repeat_interleave(group, 1) for t in (k, v))
+            kv_heads = kv_heads.repeat_interleave(group)
         q, k, v = (comm.seq_to_heads(t) for t in (q, k, v))  # [B, H/R, T, D], [B, Hkv/R, T, D]
+        n = k.shape[1]
         o = self.attend_parallel(q, k, v, comm.gather_seq(positions),
                                  None if attention_mask is None else comm.gather_seq(attention_mask),
-                                 None if seq_idx is None else comm.gather_seq(seq_idx))
+                                 None if seq_idx is None else comm.gather_seq(seq_idx),
+                                 kv_heads=kv_heads[comm.rank * n:(comm.rank + 1) * n])
         o = comm.heads_to_seq(o)  # [B, H, T/R, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, Tl, -1))
 

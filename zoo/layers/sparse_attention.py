@@ -123,23 +123,26 @@ class SparseAttention(Attention):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
-                        seq_idx: Tensor | None = None, *, by_slot: bool | None = None) -> Tensor:
+                        seq_idx: Tensor | None = None, *, kv_heads: Tensor | None = None,
+                        by_slot: bool | None = None) -> Tensor:
         """The stateless sparse attention of projected ``q [B, h, T, D]``, ``k, v [B, h_kv, T, D]`` at
-        ``positions [B, T]``. ``by_slot``: token index == slot (no padding, no packing: the kernel and the
-        pattern-specific paths apply); None = find out."""
+        ``positions [B, T]``; ``kv_heads [h_kv]``: the rule's KV-head index of each KV head given (None: all, in
+        order). ``by_slot``: token index == slot (no padding, no packing: the kernel and the pattern-specific paths
+        apply); None = find out."""
         B, _, T, _ = q.shape
         if by_slot is None:
             by_slot = attention_mask is None and seq_idx is None and \
                 torch.equal(positions, torch.arange(T, device=q.device).expand(B, T))
+        head_slice = kv_heads is not None and self.rule.per_head  # the kernel's layouts start at head 0
         o = None
-        if by_slot and q.is_cuda and backend() != "torch":
+        if by_slot and q.is_cuda and backend() != "torch" and not head_slice:
             o = self._kernel(q, k, v)
         if by_slot and o is None:
             o = self._fast(q, k, v)
         if o is None:
             valid = None if attention_mask is None else attention_mask.bool()
             o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
-                                  by_slot=by_slot)
+                                  by_slot=by_slot, heads=kv_heads if head_slice else None)
         return o
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
@@ -237,6 +240,7 @@ class BlockSparseAttention(SparseAttention):
                      "head_sliding_offset": 1},
                     {"block_size": 4, "local_blocks": 1, "vertical_stride": 3, "num_dense_heads": 1})
     state_growth = "linear"  # the vertical blocks are kept: N / vertical_stride tokens per KV head
+    sequence_parallel = True  # per-head pattern: each rank's head slice is given its KV-head indices
     bench_cases = dense_reference_case(  # LongGen-style strided blocks
         {"block_size": 64, "local_blocks": 16, "vertical_stride": 8}, {"block_size": 8, "local_blocks": 2,
                                                                        "vertical_stride": 4},
