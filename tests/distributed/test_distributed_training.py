@@ -69,13 +69,13 @@ def _clip(model: torch.nn.Module) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def single_process_run() -> tuple[list[tuple[float, float]], dict]:
+def single_process_run(config: dict = CONFIG, steps: int = STEPS) -> tuple[list[tuple[float, float]], dict]:
     """The reference: one process, the model's own loss on the whole global batch; (loss, gradient norm) per step."""
     torch.manual_seed(0)
-    model = zoo.create_model(CONFIG)
+    model = zoo.create_model(config)
     opt, sched = _optimizer(model)
     data, curve = Batches(), []
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids, labels, seq = data()
         loss = model(ids, labels=labels, seq_idx=seq).loss
         loss.backward()
@@ -87,17 +87,20 @@ def single_process_run() -> tuple[list[tuple[float, float]], dict]:
 
 def _train(rank: int, world: int, strategy: str, sp: int, ckpt_dir: str | None = None, *, ac: bool = False,
            save_at: tuple[int, ...] = (), kill_at: int | None = None, resume: bool = False,
-           export: str | None = None) -> list[tuple[float, float]]:
+           export: str | None = None, config: dict = CONFIG, steps: int = STEPS,
+           backend: str | None = None) -> list[tuple[float, float]]:
+    if backend is not None:
+        os.environ["ZOO_BACKEND"] = backend
     par = setup_parallelism(sp)
     torch.manual_seed(0)
-    model = parallelize(zoo.create_model(CONFIG), strategy, par, activation_checkpointing=ac)
+    model = parallelize(zoo.create_model(config), strategy, par, activation_checkpointing=ac)
     opt, sched = _optimizer(model)
     data = Batches()
     state = TrainState(model, opt, sched, extras={"data": data})
     if resume:
         load_checkpoint(latest_checkpoint(ckpt_dir), state)
     curve = []
-    while state.step < STEPS:
+    while state.step < steps:
         if state.step == kill_at:  # a crash: no cleanup, no exception
             os.kill(os.getpid(), signal.SIGKILL)
         ids, labels, seq = data()
@@ -159,3 +162,14 @@ def test_kill_and_resume_continues_the_loss_sequence(reference, tmp_path, strate
     for name, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[name]), name
         torch.testing.assert_close(value, reference[1][name], atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_kernels_under_fsdp_with_sequence_parallel() -> None:
+    """The Mamba-2 SSD and gated-norm Triton kernels (interpreter) inside FSDP2 with the state passed between
+    sequence ranks (the kernel's initial state and its gradient): the torch single-process curve."""
+    config = {**CONFIG, "mixers": {**CONFIG["mixers"], "1": "mamba2(d_state=8, headdim=8, chunk_size=16)"}}
+    ref, _ = single_process_run(config, steps=2)
+    for curve in run_local(_train, 2, "fsdp", 2, config=config, steps=2, backend="triton"):
+        _assert_close(curve, ref)
