@@ -96,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"error: the benchmark harness is not available: {e}", file=sys.stderr)
         return 2
-    return bench_main(args.bench_args)
+    return bench_main(args.bench_args, prog="zoo bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,15 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: the demo's tensors are tiny; more threads only add stalls)")
     s.set_defaults(fn=cmd_demo)
-    s = sub.add_parser("bench", help="benchmarks (see scripts/bench.py --help)", add_help=False)
-    s.add_argument("bench_args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_bench)
+    # Every argument after "bench" (options included, -h too) goes to zoo.bench.cli, imported only when run.
+    s = sub.add_parser("bench", help="benchmarks against the references (zoo bench -h)", add_help=False)
+    s.set_defaults(fn=cmd_bench, bench_args=[])
     add_dna_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.fn(args)
     except (ValueError, OSError, KeyError) as e:

@@ -13,9 +13,9 @@ import torch
 
 from zoo.kernels.backend import BACKENDS, backend, triton_module, use_triton
 from zoo.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_ref
-from zoo.kernels.block_sparse_attention.reference import sliding_window_block_mask
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_ref
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
+from zoo.layers.masks import sliding_window_layout
 
 
 def _ssd_args():
@@ -36,7 +36,7 @@ def _rms_args():
 def _bsa_args():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
-    return (q, k, v), dict(block_mask=sliding_window_block_mask(40, 16, 20), block_size=16, window=20)
+    return (q, k, v), dict(block_mask=sliding_window_layout(3, 3, 16, 20), block_size=16, window=20)
 
 
 # (dispatcher, reference, Triton module, kernel name, inputs)

@@ -11,15 +11,26 @@ import torch.nn.functional as F
 
 import zoo.kernels.block_sparse_attention.triton as bsa
 from tests.helpers import run_sm90_compile
-from zoo.kernels.block_sparse_attention import (
-    block_diagonal_block_mask,
-    block_sparse_attention,
-    block_sparse_attention_ref,
-    dense_mask_from_layout,
-    local_stride_block_mask,
-    sliding_window_block_mask,
-)
+from zoo.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_ref
 from zoo.kernels.block_sparse_attention.triton import block_sparse_attention_triton
+from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, SlidingWindowRule, layout_to_token_mask, rule_layout
+
+
+# Layouts come from the mixers' rules (zoo.layers.masks); these name the shapes the cases below use.
+def sliding_window_layout(T, bs, window, sinks=0):
+    nb = -(-T // bs)
+    return rule_layout(SlidingWindowRule(window, sinks), nb, nb, bs)
+
+
+def local_stride_layout(T, bs, local_blocks, stride, num_kv_heads, *, num_heads=None, homo_head=False):
+    nb = -(-T // bs)
+    rule = LocalStrideRule(bs, local_blocks, stride, num_heads or num_kv_heads, num_kv_heads, homo_head=homo_head)
+    return rule_layout(rule, nb, nb, bs)
+
+
+def block_diagonal_layout(T, bs):
+    nb = -(-T // bs)
+    return rule_layout(BlockDiagonalRule(bs), nb, nb, bs)
 
 
 def _inputs(B, H, Hkv, T, D, dtype, seed=0, device="cpu"):
@@ -47,14 +58,14 @@ def _rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 CASES = {
     "causal_all_ones": (1, 2, 2, 100, 48, 16, lambda T, bs: torch.ones(1, -(-T // bs), -(-T // bs), dtype=torch.bool),
                         None, 0),
-    "window_gqa": (1, 4, 2, 100, 48, 16, lambda T, bs: sliding_window_block_mask(T, bs, 40), 40, 0),
-    "window_sinks_mqa": (1, 2, 1, 200, 80, 32, lambda T, bs: sliding_window_block_mask(T, bs, 50, 5), 50, 5),
+    "window_gqa": (1, 4, 2, 100, 48, 16, lambda T, bs: sliding_window_layout(T, bs, 40), 40, 0),
+    "window_sinks_mqa": (1, 2, 1, 200, 80, 32, lambda T, bs: sliding_window_layout(T, bs, 50, 5), 50, 5),
     "local_stride_gqa_per_head": (1, 4, 2, 150, 48, 16,
-                                  lambda T, bs: local_stride_block_mask(T, bs, 2, 3, 2, num_heads=4), None, 0),
-    "block_diagonal": (1, 2, 2, 100, 80, 32, lambda T, bs: block_diagonal_block_mask(T, bs), None, 0),
-    "bs128_window_sinks": (1, 2, 1, 200, 64, 128, lambda T, bs: sliding_window_block_mask(T, bs, 90, 3), 90, 3),
+                                  lambda T, bs: local_stride_layout(T, bs, 2, 3, 2, num_heads=4), None, 0),
+    "block_diagonal": (1, 2, 2, 100, 80, 32, lambda T, bs: block_diagonal_layout(T, bs), None, 0),
+    "bs128_window_sinks": (1, 2, 1, 200, 64, 128, lambda T, bs: sliding_window_layout(T, bs, 90, 3), 90, 3),
     "bs64_local_stride_homo": (1, 2, 2, 230, 48, 64,
-                               lambda T, bs: local_stride_block_mask(T, bs, 1, 2, 2, homo_head=True), None, 0),
+                               lambda T, bs: local_stride_layout(T, bs, 1, 2, 2, homo_head=True), None, 0),
 }
 FP16_CASES = ["causal_all_ones", "window_gqa", "window_sinks_mqa", "local_stride_gqa_per_head", "block_diagonal"]
 
@@ -100,7 +111,7 @@ def test_triton_strided_inputs_and_custom_scale():
     v = torch.randn(B, T, Hkv, D, generator=g).transpose(1, 2)
     do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)
     assert not q.is_contiguous()
-    layout = local_stride_block_mask(T, bs, 2, 2, Hkv, num_heads=H)
+    layout = local_stride_layout(T, bs, 2, 2, Hkv, num_heads=H)
     kw = dict(block_mask=layout, block_size=bs, window=30, num_sink_tokens=2, scale=0.3)
     got = _fwd_bwd(block_sparse_attention_triton, q, k, v, do, **kw)
     want = _fwd_bwd(block_sparse_attention_ref, q, k, v, do, **kw)
@@ -125,7 +136,7 @@ def test_triton_empty_rows_are_zero():
     want = _fwd_bwd(block_sparse_attention_ref, q, k, v, do, **kw)
     for a in (o, dq, dk, dv):
         assert torch.isfinite(a).all()
-    dense = dense_mask_from_layout(layout, bs, T, window=40, num_heads=H)  # [H, T, T]
+    dense = layout_to_token_mask(layout, bs, T, window=40, num_heads=H)  # [H, T, T]
     empty = ~dense.any(-1)  # [H, T]
     assert empty[0, 55:].all() and not empty[0, 48:55].any() and empty[0, :16].all()
     assert (o[0][empty] == 0).all() and (dq[0][empty] == 0).all()
@@ -139,7 +150,7 @@ def test_layout_tables_and_cache():
     """CSR rows list the active key blocks (causal, window-reachable) ascending; CSC is the transpose; the cache
     returns the same tables for the same unchanged tensor and rebuilds them after an in-place edit."""
     T, bs = 80, 16  # 5 blocks
-    layout = local_stride_block_mask(T, bs, 2, 3, 2, num_heads=2)
+    layout = local_stride_layout(T, bs, 2, 3, 2, num_heads=2)
     layout[0, 4, 4] = False
     tables = bsa._get_layout(layout, bs, T, None, 0, torch.device("cpu"))
     for h in range(2):
@@ -175,7 +186,7 @@ def test_reference_all_ones_is_plain_causal_sdpa():
 def test_reference_matches_loop_built_mask():
     """Per-element mask built with Python loops from the token rule, explicit softmax in float64."""
     B, H, Hkv, T, D, bs, window, sinks = 1, 4, 2, 37, 8, 8, 11, 3
-    layout = local_stride_block_mask(T, bs, 2, 2, Hkv, num_heads=H)
+    layout = local_stride_layout(T, bs, 2, 2, Hkv, num_heads=H)
     layout[1, 4, 0] = False  # make the layout irregular
     q, k, v, _ = _inputs(B, H, Hkv, T, D, torch.float64, seed=2)
     mask = torch.zeros(H, T, T, dtype=torch.bool)
@@ -183,46 +194,13 @@ def test_reference_matches_loop_built_mask():
         for i in range(T):
             for j in range(T):
                 mask[h, i, j] = bool(layout[h // 2, i // bs, j // bs]) and j <= i and (i - j < window or j < sinks)
-    assert torch.equal(dense_mask_from_layout(layout, bs, T, window, sinks, num_heads=H), mask)
+    assert torch.equal(layout_to_token_mask(layout, bs, T, window, sinks, num_heads=H), mask)
     scale = 1 / math.sqrt(D)
     s = torch.einsum("bhid,bhjd->bhij", q, k.repeat_interleave(2, 1)) * scale
     p = torch.softmax(s.masked_fill(~mask[None], float("-inf")), dim=-1)
     want = torch.einsum("bhij,bhjd->bhid", p, v.repeat_interleave(2, 1))
     got = block_sparse_attention_ref(q, k, v, block_mask=layout, block_size=bs, window=window, num_sink_tokens=sinks)
     assert (got - want).abs().max().item() < 1e-10
-
-
-def test_local_stride_layout_matches_hand_written_dkernel_pattern():
-    # 8 blocks, local_blocks=2, vert_stride=3, 2 kv heads, 2 query heads -> step = max(1, int(3 / 2)) = 1.
-    # head 0: vertical blocks kb % 3 == 0 -> {0, 3, 6}; head 1: (kb + 1) % 3 == 0 -> {2, 5}.
-    head0 = ["10000000", "11000000", "11100000", "10110000", "10011000", "10011100", "10010110", "10010011"]
-    head1 = ["10000000", "11000000", "01100000", "00110000", "00111000", "00101100", "00100110", "00100111"]
-    got = local_stride_block_mask(8 * 16, 16, 2, 3, 2, num_heads=2).int()
-    want = torch.tensor([[[int(c) for c in row] for row in head] for head in (head0, head1)])
-    assert torch.equal(got, want)
-    # dkernel's step uses the query-head count: 8 query heads, stride 4 -> step 1 (not 4 // 2 = 2 for 2 kv heads)
-    lay = local_stride_block_mask(8 * 16, 16, 1, 4, 2, num_heads=8)
-    assert lay[1, 7].nonzero().flatten().tolist() == [3, 7]  # (kb + 1) % 4 == 0 -> {3, 7}; local {7}
-    homo = local_stride_block_mask(8 * 16, 16, 1, 4, 2, head_sliding_offset=1, homo_head=True)
-    assert homo.shape == (1, 8, 8) and homo[0, 7].nonzero().flatten().tolist() == [3, 7]
-
-
-def test_sliding_window_layout_is_reduction_of_token_mask():
-    for T, bs, window, sinks in [(100, 16, 40, 0), (97, 32, 50, 5), (64, 16, 1, 17), (64, 16, None, 0)]:
-        layout = sliding_window_block_mask(T, bs, window, sinks)
-        nb = -(-T // bs)
-        full = dense_mask_from_layout(torch.ones(1, nb, nb, dtype=torch.bool), bs, T, window, sinks)[0]
-        pad = nb * bs - T
-        padded = F.pad(full, (0, pad, 0, pad)).view(nb, bs, nb, bs)
-        assert torch.equal(layout[0], padded.any(dim=(1, 3))), (T, bs, window, sinks)
-
-
-def test_block_diagonal_layout():
-    layout = block_diagonal_block_mask(100, 32)
-    assert layout.shape == (1, 4, 4) and torch.equal(layout[0], torch.eye(4, dtype=torch.bool))
-    dense = dense_mask_from_layout(layout, 32, 100)[0]
-    i, j = torch.meshgrid(torch.arange(100), torch.arange(100), indexing="ij")
-    assert torch.equal(dense, (i // 32 == j // 32) & (j <= i))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +210,7 @@ def test_block_diagonal_layout():
 
 def _tiny():
     q, k, v, _ = _inputs(1, 2, 1, 40, 16, torch.float32, seed=4)
-    return q, k, v, dict(block_mask=sliding_window_block_mask(40, 16, 20), block_size=16, window=20)
+    return q, k, v, dict(block_mask=sliding_window_layout(40, 16, 20), block_size=16, window=20)
 
 
 def test_dispatch_cpu_default_uses_reference(monkeypatch):
@@ -282,7 +260,7 @@ def test_triton_refuses_unsupported_configs():
     q, k, v, kw = _tiny()
     with pytest.raises(ValueError, match="block_size in"):
         block_sparse_attention_triton(q, k, v, **{**kw, "block_size": 8,
-                                                  "block_mask": sliding_window_block_mask(40, 8, 20)})
+                                                  "block_mask": sliding_window_layout(40, 8, 20)})
     big = torch.zeros(1, 1, 40, 160)
     with pytest.raises(ValueError, match="head_dim <= 128"):
         block_sparse_attention_triton(big, big, big, **kw)
@@ -303,9 +281,9 @@ def test_gpu_matches_fp32_reference(dtype, tol, pattern):
     B, H, Hkv, T, D, bs = 2, 8, 2, 1000, 128, 64
     window, sinks = (300, 64) if pattern == "window_sinks" else (None, 0)
     layout = {
-        "local_stride": lambda: local_stride_block_mask(T, bs, 4, 4, Hkv, num_heads=H),
-        "window_sinks": lambda: sliding_window_block_mask(T, bs, window, sinks),
-        "block_diagonal": lambda: block_diagonal_block_mask(T, bs),
+        "local_stride": lambda: local_stride_layout(T, bs, 4, 4, Hkv, num_heads=H),
+        "window_sinks": lambda: sliding_window_layout(T, bs, window, sinks),
+        "block_diagonal": lambda: block_diagonal_layout(T, bs),
     }[pattern]()
     q, k, v, do = _inputs(B, H, Hkv, T, D, dtype, device="cuda")
     kw = dict(block_mask=layout.cuda(), block_size=bs, window=window, num_sink_tokens=sinks)
@@ -317,12 +295,13 @@ def test_gpu_matches_fp32_reference(dtype, tol, pattern):
         assert rel < tol, f"{pattern} {dtype} {label}: rmse/rms {rel:.3e}"
 
 
-def test_bench_flop_count_matches_dense_mask():
-    T, bs = 300, 16
-    cases = [(local_stride_block_mask(T, bs, 3, 4, 2, num_heads=4), 4), (block_diagonal_block_mask(T, bs), 2)]
-    for layout, heads in cases:
-        dense = dense_mask_from_layout(layout, bs, T, 50, 7, num_heads=heads).expand(heads, T, T)
-        assert bsa._visible_pairs(layout, bs, T, 50, 7, heads) == int(dense.sum())
+def test_bench_flop_count_matches_loop_count():
+    """The kernel bench's pair count (row chunks of the layout expansion) == pairs counted by Python loops."""
+    T, bs, window, sinks = 70, 16, 30, 7
+    for layout, heads in [(local_stride_layout(T, bs, 3, 4, 2, num_heads=4), 4), (block_diagonal_layout(T, bs), 2)]:
+        want = sum(bool(layout[h // (heads // layout.shape[0]), i // bs, j // bs])
+                   for h in range(heads) for i in range(T) for j in range(i + 1) if i - j < window or j < sinks)
+        assert bsa._visible_pairs(layout, bs, T, window, sinks, heads) == want
 
 
 @pytest.mark.gpu

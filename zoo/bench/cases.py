@@ -1,17 +1,18 @@
-"""The case registry: subject (a mixer or a model) x phase x sequence length x dtype x device.
+"""The cases: subject (a mixer or a model) x phase x sequence length x dtype x device, read from the registries.
 
-A :class:`Case` is plain data (it crosses process boundaries for the memory measurement). Its subject, a
-:class:`Subject` registered in :data:`SUBJECTS`, knows how to build every implementation of the case:
+Subjects are declared by the code that owns them, never listed here:
 
-* ``zoo``: the zoo's own mixer (``zoo.get_mixer(name)``) or model (``zoo.create_model``);
-* a layer-level reference with the *same weights*: ``transformers`` (``LlamaAttention`` with SDPA,
-  ``Mamba2Mixer`` on its pure-torch path off-GPU, ``LlamaForCausalLM``), or ``dense_sdpa`` for the sparse
-  attention patterns (the zoo ``attention`` mixer, i.e. dense causal SDPA, with the pattern's weights);
-* on CUDA only, kernel-level references timed on the case's shapes: ``sdpa_flash`` (SDPA forced to the
-  flash backend) and ``mamba_ssm`` (``mamba_chunk_scan_combined``).
+* every registered mixer's ``bench_cases`` (:class:`zoo.layers.base.BenchCase`, ``kind="mixer"``: ``args`` per
+  size hold ``d_model`` and the mixer's keyword arguments);
+* every registered family's ``bench_cases`` (``kind="model"``: ``args`` per size are a ``ZooConfig`` dict).
 
-Every implementation is wrapped in an :class:`Adapter` with one interface (``forward``, ``new_state``, ``step``),
-so the four phases are written once (:func:`phase_callables`):
+A subject is named ``BenchCase.name``, else after its mixer (or family). Its implementations are ``zoo`` (the
+zoo mixer or ``ZooForCausalLM``), its ``reference`` (a layer-level reference of :mod:`zoo.bench.references`, the
+speedup baseline) and, on CUDA, its ``gpu_kernels`` (kernel-level references). The zoo implementation is built
+first; every reference is built from it with the same weights.
+
+A :class:`Case` is plain data (it crosses process boundaries for the memory measurement). Every implementation
+is an :class:`~zoo.bench.adapters.Adapter`, so the four phases are written once (:func:`phase_callables`):
 
 * ``forward``: parallel forward over ``T`` tokens, no grad;
 * ``forward_backward``: the same with grad, then ``y.sum().backward()``;
@@ -21,15 +22,19 @@ so the four phases are written once (:func:`phase_callables`):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from zoo.bench import flops as F
+from zoo.bench.adapters import Adapter, ZooMixerAdapter, ZooModelAdapter
+from zoo.bench.references import get_reference, required_mixers
+from zoo.layers.base import BenchCase
 
 PHASES = ("forward", "forward_backward", "prefill", "decode")
 UNAVAILABLE = "skipped: mixer not available"
@@ -46,6 +51,7 @@ class Case:
     batch: int = 1
     impls: tuple[str, ...] = ()
     reference: str | None = None  # the implementation the zoo one is compared with (speedup = ref / zoo)
+    modules: tuple[str, ...] = ()  # modules defining the subject's mixers and references (for fresh processes)
 
     @property
     def id(self) -> str:
@@ -57,404 +63,202 @@ class Case:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["impls"] = list(self.impls)
+        d["impls"], d["modules"] = list(self.impls), list(self.modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Case:
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "impls" else v) for k, v in d.items() if k in fields})
-
-
-# ---------------------------------------------------------------------------------------------- adapters
-class Adapter:
-    """One implementation of a case behind one interface. ``scope`` is "layer" or "kernel" (core op only)."""
-
-    scope = "layer"
-    module: nn.Module | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def new_state(self, max_length: int) -> Any:
-        raise NotImplementedError
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        raise NotImplementedError
-
-    def parameters(self) -> list[Tensor]:
-        return list(self.module.parameters()) if self.module is not None else []
-
-    def supports(self, phase: str) -> bool:
-        return True
-
-
-class ZooMixerAdapter(Adapter):
-    def __init__(self, mixer: nn.Module, batch: int) -> None:
-        self.module, self.batch = mixer, batch
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x)[0]
-
-    def new_state(self, max_length: int) -> Any:
-        p = next(self.module.parameters())
-        return self.module.init_state(self.batch, dtype=p.dtype, device=p.device, max_length=max_length)
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, state=state)[0]
-
-
-class ZooModelAdapter(Adapter):
-    def __init__(self, model: nn.Module, batch: int) -> None:
-        self.module, self.batch = model, batch
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x).logits
-
-    def new_state(self, max_length: int) -> Any:
-        return self.module.init_states(self.batch, max_length=max_length)
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, states=state).logits
-
-
-class HFLlamaAttentionAdapter(Adapter):
-    """transformers ``LlamaAttention`` (SDPA) with its rotary embedding computed inside the timed call."""
-
-    def __init__(self, attn: nn.Module, rotary: nn.Module, config: Any) -> None:
-        self.module, self.rotary, self.config = attn, rotary, config
-
-    def _run(self, x: Tensor, start: int, cache: Any) -> Tensor:
-        pos = torch.arange(start, start + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-        kwargs = {"cache": cache} if cache is not None else {}
-        return self.module(x, position_embeddings=self.rotary(x, pos), attention_mask=None, **kwargs)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, 0, None)
-
-    def new_state(self, max_length: int) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self._run(x, state.get_seq_length(), state)
-
-
-class HFMamba2Adapter(Adapter):
-    def __init__(self, mixer: nn.Module, config: Any) -> None:
-        self.module, self.config = mixer, config
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x)
-
-    def new_state(self, max_length: int) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, cache=state)
-
-
-class HFCausalLMAdapter(Adapter):
-    def __init__(self, model: nn.Module, config: Any) -> None:
-        self.module, self.config = model, config
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x, use_cache=False).logits
-
-    def new_state(self, max_length: int) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, cache=state, use_cache=True).logits
-
-
-class KernelAdapter(Adapter):
-    """A core kernel timed on the case's shapes (forward phases only): ``fn(x) -> y``, no weights of the layer."""
-
-    scope = "kernel"
-
-    def __init__(self, fn: Callable[[Tensor], Tensor], params: list[Tensor]) -> None:
-        self.fn, self.params = fn, params
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
-
-    def parameters(self) -> list[Tensor]:
-        return self.params
-
-    def supports(self, phase: str) -> bool:
-        return phase in ("forward", "forward_backward")
+        return cls(**{k: (tuple(v) if k in ("impls", "modules") else v) for k, v in d.items() if k in fields})
 
 
 # ---------------------------------------------------------------------------------------------- subjects
-@dataclass
+@dataclass(frozen=True)
 class Subject:
-    """A mixer or model benchmarked against its references."""
+    """A registered mixer's or family's bench case."""
 
     name: str
     kind: str  # "mixer" | "model"
-    zoo_mixers: tuple[str, ...]  # mixers the zoo implementation needs registered
-    references: tuple[str, ...]  # layer-level references, the first is the speedup baseline
-    gpu_kernels: tuple[str, ...] = ()
-    phases: tuple[str, ...] = PHASES
-    args: Callable[[str], dict[str, Any]] = field(default=lambda size: {})
-    description: str = ""
+    owner: str  # the mixer's registry name, or the family's
+    case: BenchCase
 
-    def requirements(self, impl: str) -> tuple[str, ...]:
-        if impl == "zoo":
-            return self.zoo_mixers
-        if impl == "dense_sdpa":
-            return ("attention",)
-        return ()
+    @property
+    def reference(self) -> str | None:
+        return self.case.reference
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return self.case.phases
+
+    @property
+    def description(self) -> str:
+        return self.case.description
+
+    def args(self, size: str) -> dict[str, Any]:
+        if size not in self.case.args:
+            raise ValueError(f"bench subject {self.name!r} declares no {size!r} arguments")
+        return copy.deepcopy(self.case.args[size])
+
+    def mixers(self, size: str) -> tuple[str, ...]:
+        """Mixers the zoo implementation needs registered."""
+        if self.kind == "mixer":
+            return (self.owner,)
+        from zoo.config import LayerSpec, ZooConfig, expand_layers
+
+        a = self.args(size)  # the layers as ZooConfig.from_dict reads them, without validating (needs the mixers)
+        if a.get("layers"):
+            layers = a["layers"]
+        elif a.get("mixers") is not None or a.get("mlp") is not None:
+            layers = expand_layers(a.get("n_layers", ZooConfig.n_layers), a.get("mixers") or LayerSpec.mixer,
+                                   a.get("mlp"))
+        else:
+            layers = [LayerSpec()]
+        return tuple(sorted({ls["mixer"] if isinstance(ls, dict) else ls.mixer for ls in layers}))
+
+    def requirements(self, impl: str, size: str) -> tuple[str, ...]:
+        """Mixers an implementation needs registered (a reference is built from the zoo implementation)."""
+        zoo_needs = self.mixers(size)
+        return zoo_needs if impl == "zoo" else tuple(sorted({*zoo_needs, *required_mixers(impl)}))
+
+    def config(self, size: str) -> Any:
+        from zoo.config import ZooConfig
+
+        return ZooConfig.from_dict(self.args(size))
+
+    def build_zoo(self, size: str) -> nn.Module:
+        """The zoo implementation at ``size``, in the current default device / dtype."""
+        import zoo
+
+        if self.kind == "model":
+            return zoo.create_model(self.config(size))
+        a = self.args(size)
+        return zoo.get_mixer(self.owner)(a.pop("d_model"), 0, **a)
+
+    def flops(self, size: str, *, T: int, context: int, batch: int) -> int:
+        """Analytic forward FLOPs of the zoo implementation (the mixer's own count, or the model's sum)."""
+        import zoo
+
+        if self.kind == "model":
+            return F.model_flops(self.config(size), T=T, context=context, batch=batch)
+        a = self.args(size)
+        return zoo.get_mixer(self.owner).flops(a.pop("d_model"), a, T=T, context=context, batch=batch)
+
+    def input_width(self, size: str) -> int | None:
+        """Hidden-state width (mixers), ``None`` for a model (token ids)."""
+        return None if self.kind == "model" else self.args(size)["d_model"]
+
+    def vocab_size(self, size: str) -> int:
+        return self.config(size).vocab_size
+
+    def modules(self, size: str, impls: tuple[str, ...]) -> tuple[str, ...]:
+        """Modules a fresh process imports to build these implementations (mixers / references defined outside
+        the package register themselves when their module is imported)."""
+        import zoo
+
+        mods = [zoo.get_mixer(m).__module__ for m in self.mixers(size) if m in zoo.list_mixers()]
+        for impl in impls:
+            if impl != "zoo":
+                try:
+                    mods.append(get_reference(impl).module)
+                except ValueError:
+                    pass
+        return tuple(dict.fromkeys(m for m in mods if m and m != "__main__" and not m.startswith("zoo.")))
 
 
-def _attention_args(size: str) -> dict[str, Any]:
-    if size == "quick":
-        return {"d_model": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
-    return {"d_model": 768, "num_heads": 12, "num_kv_heads": 4, "head_dim": 64}
+def subjects() -> dict[str, Subject]:
+    """Every bench subject declared by the registered mixers and families, by name."""
+    import zoo
+    from zoo.registry import families
 
+    out: dict[str, Subject] = {}
 
-def _mamba2_args(size: str) -> dict[str, Any]:
-    if size == "quick":
-        return {"d_model": 64, "d_state": 16, "d_conv": 4, "expand": 2, "headdim": 16, "ngroups": 1, "chunk_size": 16}
-    return {"d_model": 768, "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "chunk_size": 256}
+    def add(case: BenchCase, kind: str, owner: str, where: str) -> None:
+        if case.kind != kind:
+            raise ValueError(f"{where} declares a bench case of kind {case.kind!r}; expected {kind!r}")
+        name = case.name or owner
+        if name in out:
+            raise ValueError(f"bench subject {name!r} is declared twice ({where} and {out[name].owner}); "
+                             "give the cases distinct BenchCase.name")
+        out[name] = Subject(name, kind, owner, case)
 
-
-def _pattern_args(name: str) -> Callable[[str], dict[str, Any]]:
-    def args(size: str) -> dict[str, Any]:
-        quick = size == "quick"
-        pattern = {
-            # the issue's targets: window 1024; LongGen-style strided blocks; MASFormer-style 1024 blocks
-            "sliding_window": {"window": 16 if quick else 1024, "num_sink_tokens": 4 if quick else 0},
-            "block_sparse": {"block_size": 8 if quick else 64, "local_blocks": 2 if quick else 16,
-                             "vertical_stride": 4 if quick else 8, "homo_head": False},
-            "block_diagonal": {"block_size": 16 if quick else 1024},
-        }[name]
-        return {**_attention_args(size), **pattern}
-
-    return args
-
-
-def _model_args(size: str) -> dict[str, Any]:
-    if size == "quick":
-        return {"vocab_size": 256, "n_layers": 2, "intermediate_size": 128, **_attention_args(size)}
-    return {"vocab_size": 4096, "n_layers": 2, "intermediate_size": 2048, **_attention_args(size)}
-
-
-def _hybrid_args(size: str) -> dict[str, Any]:
-    return {**_model_args(size), "mamba2": _mamba2_args(size)}
-
-
-SUBJECTS: dict[str, Subject] = {s.name: s for s in [
-    Subject("attention", "mixer", ("attention",), ("transformers",), ("sdpa_flash",), args=_attention_args,
-            description="zoo attention vs transformers LlamaAttention (sdpa), same weights"),
-    Subject("mamba2", "mixer", ("mamba2",), ("transformers",), ("mamba_ssm",), args=_mamba2_args,
-            description="zoo mamba2 vs transformers Mamba2Mixer (torch path off-GPU), same weights"),
-    Subject("sliding_window", "mixer", ("sliding_window",), ("dense_sdpa",), args=_pattern_args("sliding_window"),
-            description="sliding window + sinks vs dense causal SDPA attention, same weights"),
-    Subject("block_sparse", "mixer", ("block_sparse",), ("dense_sdpa",), args=_pattern_args("block_sparse"),
-            description="strided block-sparse (local + vertical) vs dense causal SDPA attention, same weights"),
-    Subject("block_diagonal", "mixer", ("block_diagonal",), ("dense_sdpa",), args=_pattern_args("block_diagonal"),
-            description="block-diagonal causal attention vs dense causal SDPA attention, same weights"),
-    Subject("llama_model", "model", ("attention",), ("transformers",), args=_model_args,
-            description="ZooForCausalLM (llama family) vs transformers LlamaForCausalLM, same weights"),
-    Subject("hybrid_model", "model", ("mamba2", "attention"), (), args=_hybrid_args,
-            description="ZooForCausalLM with [mamba2, attention+MLP] blocks (no reference)"),
-]}
+    for mixer in zoo.list_mixers():
+        for case in zoo.get_mixer(mixer).bench_cases:
+            add(case, "mixer", mixer, f"mixer {mixer!r}")
+    for family_name, family in sorted(families().items()):
+        for case in getattr(family, "bench_cases", ()):
+            add(case, "model", family_name, f"family {family_name!r}")
+    return out
 
 
 def gpu_kernels_available(device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available()
 
 
-def make_cases(subjects: list[str], phases: list[str], Ts: list[int], *, dtype: str, device: str, size: str,
+def make_cases(names: list[str], phases: list[str], Ts: list[int], *, dtype: str, device: str, size: str,
                batch: int = 1) -> list[Case]:
     """Every (subject, phase, T) the subject supports, ordered by subject, phase, then increasing T."""
+    registry = subjects()
     cases = []
-    for name in subjects:
-        subject = SUBJECTS[name]
-        impls = ("zoo", *subject.references)
+    for name in names:
+        subject = registry[name]
+        refs = [subject.reference] if subject.reference else []
         if gpu_kernels_available(device):
-            impls = (*impls, *subject.gpu_kernels)
+            refs += list(subject.case.gpu_kernels)
+        else:
+            refs = [r for r in refs if not _gpu_only(r)]
+        impls = ("zoo", *dict.fromkeys(refs))
+        modules = subject.modules(size, impls)
         for phase in (p for p in phases if p in subject.phases):
             for T in sorted(Ts):
                 cases.append(Case(name, phase, T, dtype, device, size, batch, impls,
-                                  subject.references[0] if subject.references else None))
+                                  subject.reference if subject.reference in impls else None, modules))
     return cases
 
 
+def _gpu_only(name: str) -> bool:
+    try:
+        return get_reference(name).gpu_only
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- building
-def _llama_config(a: dict[str, Any], max_len: int, n_layers: int = 1, vocab: int = 256, inter: int = 64) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=a["d_model"], num_attention_heads=a["num_heads"],
-                       num_key_value_heads=a["num_kv_heads"], head_dim=a["head_dim"], intermediate_size=inter,
-                       num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=max(max_len, 2048),
-                       attn_implementation="sdpa")
-
-
-def _attn_kwargs(a: dict[str, Any]) -> dict[str, Any]:
-    return {k: a[k] for k in ("num_heads", "num_kv_heads", "head_dim")}
-
-
-def _load_same_weights(dst: nn.Module, src: nn.Module) -> None:
-    """Copy ``src``'s weights into ``dst`` by name; every ``src`` key must land (``dst`` may have extra ones)."""
-    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
-    if unexpected:
-        raise ValueError(f"weights of {type(src).__name__} do not fit {type(dst).__name__}: {unexpected[:8]}")
-
-
 def build(case: Case, impls: list[str], seed: int = 0) -> dict[str, Adapter]:
     """Adapters for ``impls`` of ``case`` (fp params cast to the case dtype, on its device, in eval mode).
-    References are built first; the zoo implementation then loads their weights, so all compute the same function."""
-    import zoo
 
+    The zoo implementation is built first (seeded); each reference is built from it with the same weights. Alone
+    (the memory probe builds one implementation per process) a reference gets the zoo implementation on the
+    meta device: its own weights are then left as initialised (memory does not depend on their values)."""
+    subject = subjects()[case.subject]
+    args = subject.args(case.size)
     torch.manual_seed(seed)
-    subject = SUBJECTS[case.subject]
-    a = subject.args(case.size)
-    d, B = a.get("d_model"), case.batch
-    max_len = case.T + 64
-    out: dict[str, Adapter] = {}
-    ref_module: nn.Module | None = None  # the module whose weights the zoo implementation takes
-    # Alone (the memory worker builds one implementation per process) the zoo implementation keeps its own init.
-    shared = len(impls) > 1
-
-    if case.subject == "attention":
-        if "transformers" in impls or shared:
-            from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
-            cfg = _llama_config(a, max_len)
-            attn = LlamaAttention(cfg, 0)
-            ref_module = attn
-            if "transformers" in impls:
-                out["transformers"] = HFLlamaAttentionAdapter(attn, LlamaRotaryEmbedding(cfg), cfg)
-        if "zoo" in impls:
-            m = zoo.get_mixer("attention")(d, 0, **_attn_kwargs(a))
-            if ref_module is not None:
-                _load_same_weights(m, ref_module)
-            out["zoo"] = ZooMixerAdapter(m, B)
-        if "sdpa_flash" in impls:
-            out["sdpa_flash"] = _sdpa_flash_kernel(case, a)
-
-    elif case.subject == "mamba2":
-        if "transformers" in impls or shared:
-            from transformers import Mamba2Config
-            from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
-
-            cfg = Mamba2Config(hidden_size=d, num_heads=a["expand"] * d // a["headdim"], head_dim=a["headdim"],
-                               state_size=a["d_state"], n_groups=a["ngroups"], expand=a["expand"],
-                               chunk_size=a["chunk_size"], conv_kernel=a["d_conv"], num_hidden_layers=1,
-                               vocab_size=256)
-            ref = Mamba2Mixer(cfg, 0)
-            ref_module = ref
-            if "transformers" in impls:
-                out["transformers"] = HFMamba2Adapter(ref, cfg)
-        if "zoo" in impls:
-            m = zoo.get_mixer("mamba2")(d, 0, **{k: v for k, v in a.items() if k != "d_model"})
-            if ref_module is not None:
-                _load_same_weights(m, ref_module)
-            out["zoo"] = ZooMixerAdapter(m, B)
-        if "mamba_ssm" in impls:
-            out["mamba_ssm"] = _mamba_ssm_kernel(case, a)
-
-    elif subject.kind == "mixer":  # the sparse attention patterns
-        need_dense = "dense_sdpa" in impls or (shared and "attention" in zoo.list_mixers())
-        dense = zoo.get_mixer("attention")(d, 0, **_attn_kwargs(a)) if need_dense else None
-        if "dense_sdpa" in impls:
-            out["dense_sdpa"] = ZooMixerAdapter(dense, B)
-        if "zoo" in impls:
-            pattern = {k: v for k, v in a.items() if k != "d_model"}
-            m = zoo.get_mixer(case.subject)(d, 0, **pattern)
-            if dense is not None:
-                _load_same_weights(m, dense)
-            out["zoo"] = ZooMixerAdapter(m, B)
-
-    elif case.subject == "llama_model":
-        from transformers import LlamaForCausalLM
-
-        from zoo.models import llama
-        from zoo.models.family import rename_keys
-
-        cfg = _llama_config(a, max_len, a["n_layers"], a["vocab_size"], a["intermediate_size"])
-        ref = LlamaForCausalLM(cfg) if "transformers" in impls or shared else None
-        if "transformers" in impls:
-            out["transformers"] = HFCausalLMAdapter(ref, cfg)
-        if "zoo" in impls:
-            model = zoo.create_model(llama.config_from_reference(cfg.to_dict()))
-            if ref is not None:
-                model.load_state_dict(rename_keys(ref.state_dict(), llama.KEY_TABLE, source="llama"), strict=True)
-            out["zoo"] = ZooModelAdapter(model, B)
-
-    elif case.subject == "hybrid_model":
-        m2 = {k: v for k, v in a["mamba2"].items() if k != "d_model"}
-        config = zoo.ZooConfig.from_dict({
-            "vocab_size": a["vocab_size"], "d_model": d, "n_layers": 2,
-            "layers": [{"mixer": "mamba2", "mixer_args": m2, "mlp": None},
-                       {"mixer": "attention", "mixer_args": _attn_kwargs(a),
-                        "mlp": {"intermediate_size": a["intermediate_size"]}}],
-        })
-        out["zoo"] = ZooModelAdapter(zoo.create_model(config), B)
+    if "zoo" in impls:
+        zoo_module = subject.build_zoo(case.size)
     else:
-        raise ValueError(f"no builder for subject {case.subject!r}")
-
+        with torch.device("meta"):
+            zoo_module = subject.build_zoo(case.size)
+    wrap = ZooModelAdapter if subject.kind == "model" else ZooMixerAdapter
+    out: dict[str, Adapter] = {}
+    for impl in impls:
+        if impl == "zoo":
+            out[impl] = wrap(zoo_module, case.batch)
+        else:
+            out[impl] = get_reference(impl).build(zoo_module, copy.deepcopy(args), case.batch)
     for ad in out.values():
         if ad.module is not None:
             ad.module.to(device=case.device, dtype=case.torch_dtype).eval()
     return out
 
 
-def _sdpa_flash_kernel(case: Case, a: dict[str, Any]) -> KernelAdapter:
-    """SDPA forced to the flash backend on the case's q, k, v shapes (GQA expanded), CUDA only."""
-    import torch.nn.functional as nnf
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    H, Hkv, D, B = a["num_heads"], a["num_kv_heads"], a["head_dim"], case.batch
-    kv = torch.randn(2, B, Hkv, case.T, D, device=case.device, dtype=case.torch_dtype)
-    k, v = (t.repeat_interleave(H // Hkv, dim=1).requires_grad_() for t in kv)
-
-    def fn(x: Tensor) -> Tensor:
-        q = x.view(B, -1, H, D).transpose(1, 2)
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return nnf.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    return KernelAdapter(fn, [k, v])
-
-
-def _mamba_ssm_kernel(case: Case, a: dict[str, Any]) -> KernelAdapter:
-    """mamba_ssm's ``mamba_chunk_scan_combined`` (the SSD scan alone) on the case's shapes, CUDA only."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    d, B, T = a["d_model"], case.batch, case.T
-    H, P, N, G = a["expand"] * d // a["headdim"], a["headdim"], a["d_state"], a["ngroups"]
-    dev, dt_ = case.device, case.torch_dtype
-    dt = torch.rand(B, T, H, device=dev, dtype=dt_).requires_grad_()
-    A = -torch.rand(H, device=dev, dtype=torch.float32).requires_grad_()
-    Bm, Cm = (torch.randn(B, T, G, N, device=dev, dtype=dt_).requires_grad_() for _ in range(2))
-    Dp = torch.randn(H, device=dev, dtype=torch.float32).requires_grad_()
-
-    def fn(x: Tensor) -> Tensor:
-        return mamba_chunk_scan_combined(x.view(B, T, H, P), dt, A, Bm, Cm, a["chunk_size"], D=Dp)
-
-    return KernelAdapter(fn, [dt, A, Bm, Cm, Dp])
-
-
-def make_input(case: Case, impl: str, decode_steps: int, seed: int = 1) -> Tensor:
-    """Hidden states ``[B, T + decode_steps, width]`` (or token ids for models); ``width`` is the input of the impl."""
+def make_input(case: Case, ad: Adapter, decode_steps: int, seed: int = 1) -> Tensor:
+    """Hidden states ``[B, T + decode_steps, width]`` (``width``: the adapter's, else the subject's) or, for a
+    model, token ids ``[B, T + decode_steps]``."""
+    subject = subjects()[case.subject]
     g = torch.Generator().manual_seed(seed)
-    a = SUBJECTS[case.subject].args(case.size)
     n = case.T + decode_steps
-    if SUBJECTS[case.subject].kind == "model":
-        return torch.randint(0, a["vocab_size"], (case.batch, n), generator=g).to(case.device)
-    width = a["d_model"]
-    if impl == "sdpa_flash":
-        width = a["num_heads"] * a["head_dim"]
-    elif impl == "mamba_ssm":
-        width = a["expand"] * a["d_model"]
+    width = ad.width or subject.input_width(case.size)
+    if width is None:
+        return torch.randint(0, subject.vocab_size(case.size), (case.batch, n), generator=g).to(case.device)
     return torch.randn(case.batch, n, width, generator=g).to(device=case.device, dtype=case.torch_dtype)
 
 
@@ -463,6 +267,7 @@ def phase_callables(case: Case, ad: Adapter, x: Tensor, decode_steps: int
                     ) -> tuple[Callable[[Any], Any], Callable[[], Any] | None]:
     """``(step, setup)`` for :func:`zoo.bench.timing.time_calls`; ``decode_steps`` bounds the decode calls."""
     T = case.T
+    ad.prepare(x[:, :T])
     if case.phase == "forward":
         xs = x[:, :T]
 
@@ -515,53 +320,15 @@ def phase_callables(case: Case, ad: Adapter, x: Tensor, decode_steps: int
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def case_flops(case: Case, impl: str) -> int:
-    """Analytic FLOPs of one timed call (see :mod:`zoo.bench.flops`); decode: one token at context ``T``."""
-    subject = SUBJECTS[case.subject]
-    a = subject.args(case.size)
-    B, T = case.batch, case.T
-    decode = case.phase == "decode"
-    tokens = B * (1 if decode else T)
-
-    def attention(pairs: Callable[[int], int], summed_over_heads: bool = False) -> int:
-        p = pairs(T + 1) - pairs(T) if decode else pairs(T)
-        heads = 1 if summed_over_heads else a["num_heads"]
-        core = F.attention_core(B, heads, a["head_dim"], p)
-        if impl in ("sdpa_flash",):
-            return core
-        return F.attention_projections(tokens, a["d_model"], a["num_heads"], a["num_kv_heads"], a["head_dim"]) + core
-
-    def mamba2(m: dict[str, Any]) -> int:
-        kw = {k: v for k, v in m.items() if k != "d_model"}
-        if impl == "mamba_ssm":
-            H, P, N, G, Q = m["expand"] * m["d_model"] // m["headdim"], m["headdim"], m["d_state"], m["ngroups"], \
-                m["chunk_size"]
-            return 2 * tokens * (Q * G * N + Q * H * P + 2 * H * P * N)
-        return F.mamba2_layer(tokens, m["d_model"], decode=decode, **kw)
-
-    if case.subject in ("attention",) or impl == "dense_sdpa":
-        total = attention(F.pairs_causal)
-    elif case.subject == "sliding_window":
-        total = attention(lambda n: F.pairs_sliding_window(n, a["window"], a["num_sink_tokens"]))
-    elif case.subject == "block_sparse":
-        total = attention(lambda n: F.pairs_block_sparse(n, a["num_heads"], a["block_size"], a["local_blocks"],
-                                                         a["vertical_stride"], a["homo_head"]),
-                          summed_over_heads=True)
-    elif case.subject == "block_diagonal":
-        total = attention(lambda n: F.pairs_block_diagonal(n, a["block_size"]))
-    elif case.subject == "mamba2":
-        total = mamba2(a)
-    elif subject.kind == "model":
-        mlp = F.gated_mlp(tokens, a["d_model"], a["intermediate_size"])
-        attn_layer = attention(F.pairs_causal) + mlp
-        if case.subject == "hybrid_model":
-            layers = attn_layer + mamba2(a["mamba2"])
-        else:
-            layers = a["n_layers"] * attn_layer
-        total = layers + F.linear(tokens, a["d_model"], a["vocab_size"])
-    else:
-        raise ValueError(f"no FLOP formula for subject {case.subject!r}")
-    return F.with_backward(total) if case.phase == "forward_backward" else total
+def case_flops(case: Case, ad: Adapter | None = None) -> int:
+    """Analytic FLOPs of one timed call: the adapter's own count (kernel references) or the subject's
+    (:meth:`zoo.layers.base.Mixer.flops`, :func:`zoo.bench.flops.model_flops`); decode: one token at context
+    ``T``; ``forward_backward``: 3 x forward."""
+    T, context = (1, case.T) if case.phase == "decode" else (case.T, 0)
+    own = ad.flops(T, context, case.batch) if ad is not None else None
+    fwd = own if own is not None else subjects()[case.subject].flops(case.size, T=T, context=context,
+                                                                     batch=case.batch)
+    return F.with_backward(fwd) if case.phase == "forward_backward" else fwd
 
 
 def n_decode_steps(warmup: int, repeats: int) -> int:

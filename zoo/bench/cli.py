@@ -1,16 +1,23 @@
 """``zoo bench`` / ``python scripts/bench.py``: run the registered cases and write the reports.
 
+Subjects are the bench cases the registered mixers and families declare (``zoo bench --list``).
+
 Examples::
 
-    python scripts/bench.py --quick --out /tmp/bench            # CI smoke run: every case once, tiny sizes
-    python scripts/bench.py --max-T 4096                         # T = 1k, 2k, 4k; reports in bench/results/
-    python scripts/bench.py --subjects attention,mamba2 --phases forward,decode --device cuda --max-T 65536
+    zoo bench --quick --out /tmp/bench                      # CI smoke run: every case once, tiny sizes
+    zoo bench --max-T 4096                                  # T = 1k, 2k, 4k; reports in bench/results/
+    zoo bench --mixers NAME,NAME --phases forward,decode --device cuda --max-T 65536
+    zoo bench --import my_package.mixers --mixers my_mixer  # a mixer registered outside the package
+
+The JSON report is rewritten after every case; a killed run started again with the same ``--out``/``--stem``
+and options skips the cases already measured (``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import sys
@@ -20,10 +27,13 @@ from typing import Any
 
 import torch
 
-from zoo.bench.cases import PHASES, SUBJECTS, make_cases
+from zoo.bench.cases import PHASES, make_cases, subjects
 from zoo.bench.machine import gpu_peak_flops, machine_info, measure_gemm_flops
-from zoo.bench.report import SCHEMA, write_reports
-from zoo.bench.runner import RunOptions, memory_probe, run_cases, scaling
+from zoo.bench.report import SCHEMA, write_json, write_reports
+from zoo.bench.runner import RunOptions, finished, memory_probe, run_cases, scaling
+
+# options a resumed run must share with the report it continues
+RESUME_KEYS = ("mode", "device", "dtype", "batch", "warmup", "repeats", "Ts", "subjects", "phases")
 
 
 def _csv(value: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
@@ -34,14 +44,18 @@ def _csv(value: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoo bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="every case once at tiny sizes (d_model 64, T 64), no warm-up: keeps the harness "
-                        "working, the numbers mean nothing")
+                   help="every case once at its 'quick' size, T 64, no warm-up: keeps the harness working, the "
+                        "numbers mean nothing")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="report directory (default bench/results)")
     p.add_argument("--stem", help="report file stem (default <device>-<date>, quick-<device>-<date> with --quick)")
-    p.add_argument("--subjects", default="all", help=f"comma list of {sorted(SUBJECTS)} or 'all'")
+    p.add_argument("--subjects", "--mixers", dest="subjects", default="all", metavar="NAME[,NAME]",
+                   help=f"comma list of subjects or 'all' (default); registered: {', '.join(sorted(subjects()))}")
+    p.add_argument("--import", dest="imports", default="", metavar="MODULE[,MODULE]",
+                   help="import these modules first (they register mixers, families or references)")
+    p.add_argument("--list", action="store_true", help="list the subjects (and their references) and exit")
     p.add_argument("--phases", default="all", help=f"comma list of {list(PHASES)} or 'all'")
     p.add_argument("--min-T", type=int, default=1024, help="smallest sequence length / decode context (default 1024)")
     p.add_argument("--max-T", type=int, default=4096, help="largest T; T doubles from --min-T (default 4096)")
@@ -59,20 +73,51 @@ def parser() -> argparse.ArgumentParser:
                         "subject/phase are skipped (default 120)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the roofline matmul (default 2048; 256 quick)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every case again even if <out>/<stem>.json holds results of an earlier run")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: re-render the Markdown and PNG reports of an existing JSON report")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def _list_subjects() -> None:
+    for name, s in sorted(subjects().items()):
+        refs = ", ".join(filter(None, [s.reference, *s.case.gpu_kernels])) or "no reference"
+        print(f"{name:<24} {s.kind:<6} ({s.owner}) vs {refs}: {s.description}")
+
+
+def _resume(path: Path, options: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The earlier report at ``path`` when it can be continued, else ``(None, why not)``."""
+    if not path.is_file():
+        return None, None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"{path} is not a readable JSON report ({e}); pass --fresh or another --stem"
+    if old.get("schema") != SCHEMA:
+        return None, f"{path} has schema {old.get('schema')!r}, not {SCHEMA!r}; pass --fresh or another --stem"
+    differ = {k: (old.get("options", {}).get(k), options[k]) for k in RESUME_KEYS
+              if old.get("options", {}).get(k) != options[k]}
+    if differ:
+        return None, (f"{path} was measured with other options {differ} (stored, now); pass --fresh to replace it "
+                      "or another --stem")
+    return old, None
+
+
+def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
+    args = parser(prog).parse_args(argv)
     if args.render:
         report = json.loads(args.render.read_text())
         paths = write_reports(report, args.render.parent, args.render.stem)
         print(f"zoo bench: rendered {paths['markdown']} and {len(paths['plots'])} plots from {args.render}")
         return 0
+    for module in filter(None, (m.strip() for m in args.imports.split(","))):
+        importlib.import_module(module)
+    if args.list:
+        _list_subjects()
+        return 0
     try:
-        subjects = _csv(args.subjects, sorted(SUBJECTS))
+        names = _csv(args.subjects, sorted(subjects()))
         phases = _csv(args.phases, PHASES)
     except argparse.ArgumentTypeError as e:
         print(f"zoo bench: {e}", file=sys.stderr)
@@ -104,35 +149,64 @@ def main(argv: list[str] | None = None) -> int:
             T *= 2
         Ts = args.Ts or Ts
         opts = RunOptions(args.warmup, args.repeats, not args.no_memory, args.max_case_seconds, not args.no_progress)
-    cases = make_cases(subjects, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch)
+    cases = make_cases(names, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch)
+    now = dt.datetime.now(dt.timezone.utc)
+    stem = args.stem or f"{'quick-' if args.quick else ''}{device.type}-{now.strftime('%Y-%m-%d')}"
+    json_path = args.out / f"{stem}.json"
+    options = {"mode": "quick" if args.quick else "full", "device": device.type, "warmup": opts.warmup,
+               "repeats": opts.repeats, "decode_repeats": opts.repeats_for("decode"), "batch": args.batch,
+               "dtype": dtype, "Ts": Ts, "subjects": names, "phases": phases, "memory": opts.memory,
+               "max_case_seconds": opts.max_case_seconds, "decode_steps": opts.decode_steps,
+               "spread_limit": opts.spread_limit}
+
+    old, why_not = (None, None) if args.fresh else _resume(json_path, options)
+    if why_not:
+        print(f"zoo bench: {why_not}", file=sys.stderr)
+        return 2
+    done = {c["id"]: c for c in old["cases"] if finished(c)} if old else {}
+    if old:
+        left = sum(c.id not in done for c in cases)
+        print(f"zoo bench: resuming {json_path}: {len(cases) - left} of {len(cases)} cases already measured")
 
     started = time.time()
-    probe = memory_probe(cases, opts)  # its server imports torch/transformers while we collect machine info
+    pending = [c for c in cases if c.id not in done]
+    probe = memory_probe(pending, opts)  # its server imports torch/transformers while we collect machine info
     machine = machine_info(device)
     if probe is not None:
         probe.idle_bytes  # noqa: B018 - wait for the server (and the idle baseline): nothing timed runs beside it
     machine["gemm"] = measure_gemm_flops(device, getattr(torch, dtype), n=args.gemm_n or (256 if args.quick else 2048))
     machine["peak_flops"] = gpu_peak_flops(device)
-    results = run_cases(cases, opts, probe)
-    machine["load_average_end"] = list(os.getloadavg())
-    now = dt.datetime.now(dt.timezone.utc)
+    this_run = {"started": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "argv": list(argv) if argv is not None else sys.argv[1:],
+                "load_average_start": machine["load_average_start"], "gemm": machine["gemm"]}
     report: dict[str, Any] = {
         "schema": SCHEMA,
-        "created": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "mode": "quick" if args.quick else "full",
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "options": {"warmup": opts.warmup, "repeats": opts.repeats, "decode_repeats": opts.repeats_for("decode"),
-                    "batch": args.batch, "dtype": dtype,
-                    "Ts": Ts, "subjects": subjects, "phases": phases, "memory": opts.memory,
-                    "max_case_seconds": opts.max_case_seconds, "decode_steps": opts.decode_steps},
-        "machine": machine,
-        "wall_s": time.time() - started,
-        "cases": results,
-        "scaling": scaling(results),
+        "created": old["created"] if old else this_run["started"],
+        "mode": options["mode"],
+        "argv": this_run["argv"],
+        "options": options,
+        "machine": old["machine"] if old else machine,
+        "runs": [*(old.get("runs", []) if old else []), this_run],
+        "complete": False,
+        "wall_s": old.get("wall_s", 0.0) if old else 0.0,
+        "cases": [],
+        "scaling": [],
     }
-    stem = args.stem or f"{'quick-' if args.quick else ''}{device.type}-{now.strftime('%Y-%m-%d')}"
+    wall_before = report["wall_s"]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(results: list[dict[str, Any]]) -> None:
+        report["cases"] = results
+        report["wall_s"] = wall_before + time.time() - started
+        write_json(report, json_path)
+
+    results = run_cases(cases, opts, probe, done=done, on_result=checkpoint)
+    report["machine"]["load_average_end"] = this_run["load_average_end"] = list(os.getloadavg())
+    report.update(cases=results, scaling=scaling(results), complete=True,
+                  wall_s=wall_before + time.time() - started)
     paths = write_reports(report, args.out, stem)
     n_err = sum(r["status"] == "error" for r in results)
-    print(f"zoo bench: {len(results)} cases ({n_err} with errors) in {report['wall_s']:.0f} s -> {paths['json']}, "
-          f"{paths['markdown']}, {len(paths['plots'])} plots")
+    n_flag = sum(bool(r.get("flags")) for r in results)
+    print(f"zoo bench: {len(results)} cases ({n_err} with errors, {n_flag} flagged) in {report['wall_s']:.0f} s -> "
+          f"{paths['json']}, {paths['markdown']}, {len(paths['plots'])} plots")
     return 1 if n_err else 0

@@ -1,10 +1,13 @@
 """Peak memory of one (implementation, case) on the CPU: max RSS of a fresh process that builds and runs it.
 
 Each measurement runs in its own child of a ``multiprocessing`` *forkserver* whose server process has imported
-torch, zoo and the transformers reference modules but run nothing: a child starts clean (no allocator caches,
-no tensors of earlier cases) in milliseconds instead of re-importing for seconds. The child builds the
-implementation alone, runs the phase once and reports ``ru_maxrss``; the report gives the delta against the
-``ru_maxrss`` of an idle child (same imports, nothing built), i.e. weights + inputs + state + activations.
+torch, zoo and the modules the registered references declare (``register_reference(..., preload=...)``) but run
+nothing: a child starts clean (no allocator caches, no tensors of earlier cases) in milliseconds instead of
+re-importing for seconds. The child first imports the modules that define the case's mixers and references when
+they live outside the package (``Case.modules``), so mixers registered by a plugin are measured too. It builds
+the implementation alone (a reference from a zoo module on the meta device: no second set of weights), runs the
+phase once and reports ``ru_maxrss``; the report gives the delta against the ``ru_maxrss`` of an idle child (same
+imports, nothing built), i.e. weights + inputs + state + activations.
 
 On CUDA the memory is measured in the timing process instead (``torch.cuda.max_memory_allocated``).
 """
@@ -18,9 +21,14 @@ import sys
 import traceback
 from typing import Any
 
-PRELOAD = ["torch", "zoo", "zoo.layers", "zoo.models", "zoo.bench.cases", "transformers",
-           "transformers.modeling_utils", "transformers.cache_utils", "transformers.models.llama.modeling_llama",
-           "transformers.models.mamba2.modeling_mamba2"]
+BASE_PRELOAD = ["torch", "zoo", "zoo.layers", "zoo.models", "zoo.bench.cases"]
+
+
+def preload(references: list[str] | None = None) -> list[str]:
+    """What the forkserver imports: the zoo, then the ``preload`` modules of ``references`` (default: all)."""
+    from zoo.bench.references import preload_modules
+
+    return BASE_PRELOAD + [m for m in preload_modules(references) if m not in BASE_PRELOAD]
 
 
 def _maxrss_bytes() -> int:
@@ -35,11 +43,15 @@ def _job(case_dict: dict[str, Any] | None, impl: str | None, threads: int, decod
 
         torch.set_num_threads(threads)
         if case_dict is not None and impl is not None:
+            import importlib
+
             from zoo.bench.cases import Case, build, make_input, phase_callables
 
             case = Case.from_dict(case_dict)
+            for module in case.modules:
+                importlib.import_module(module)
             adapter = build(case, [impl])[impl]
-            x = make_input(case, impl, decode_steps)
+            x = make_input(case, adapter, decode_steps)
             step, setup = phase_callables(case, adapter, x, decode_steps)
             step(setup() if setup else None)
         queue.put(("ok", _maxrss_bytes()))
@@ -50,9 +62,9 @@ def _job(case_dict: dict[str, Any] | None, impl: str | None, threads: int, decod
 class MemoryProbe:
     """Runs memory measurements in fresh forkserver children; ``idle_bytes`` is the baseline subtracted."""
 
-    def __init__(self, threads: int, decode_steps: int) -> None:
+    def __init__(self, threads: int, decode_steps: int, references: list[str] | None = None) -> None:
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(PRELOAD)
+        self.ctx.set_forkserver_preload(preload(references))
         self.threads, self.decode_steps = threads, decode_steps
         self._idle_bytes: int | None = None
 

@@ -1,18 +1,28 @@
-"""Reports of a run: ``<stem>.json`` (every raw number + machine info), ``<stem>.md`` (ratio tables) and PNG plots
-(time vs T on log-log axes per subject; decode ms/token vs context per subject)."""
+"""Reports of a run: ``<stem>.json`` (every raw number + machine info; rewritten after every case, so a killed
+run leaves its finished cases), ``<stem>.md`` (ratio tables, flagged cases) and PNG plots (time vs T on log-log
+axes per subject; decode ms/token vs context per subject)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "zoo-bench/1"
+SCHEMA = "zoo-bench/2"  # 2: per-case load average, spread and flags; "complete"; "runs" (one per resumed run)
 PHASE_COLORS = {"forward": "tab:blue", "forward_backward": "tab:red", "prefill": "tab:green", "decode": "tab:purple"}
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    """Write atomically (a temporary file, then ``os.replace``): a run killed mid-write leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -35,10 +45,18 @@ def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in values) if values else "?"
 
 
+def _case_load(r: dict[str, Any]) -> str:
+    load = r.get("load_average")
+    return f"{load['start'][0]:.1f}→{load['end'][0]:.1f}" if load else "–"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     gemm = m["gemm"]
     roof = gemm["best_flops_per_s"]
+    opts = report["options"]
+    spread_limit = opts.get("spread_limit", 0.2)
+    runs = report.get("runs", [])
     lines = [
         f"# zoo bench — {m['device']} — {report['created']}",
         "",
@@ -49,18 +67,26 @@ def markdown(report: dict[str, Any]) -> str:
         + "".join(f"; vendor peak {k}: {v / 1e12:.0f} TFLOP/s" for k, v in m.get("peak_flops", {}).items()) + ".",
         f"Load average (1/5/15 min) at start {_load(m.get('load_average_start'))}, at end "
         f"{_load(m.get('load_average_end'))} (other processes on the machine).",
-        f"Mode: {report['mode']}; warm-up {report['options']['warmup']}, repeats {report['options']['repeats']} "
-        f"(decode: {report['options']['decode_repeats']} single-token steps); "
-        f"batch {report['options']['batch']}; dtype {report['options']['dtype']}.",
+        f"Mode: {report['mode']}; warm-up {opts['warmup']}, repeats {opts['repeats']} "
+        f"(decode: {opts['decode_repeats']} single-token steps); batch {opts['batch']}; dtype {opts['dtype']}.",
+    ]
+    if len(runs) > 1:
+        lines.append(f"Measured in {len(runs)} runs (resumed after an interruption): started "
+                     + ", ".join(r["started"] for r in runs) + ".")
+    if report.get("complete") is False:
+        lines.append("**Incomplete**: the run was interrupted; rerun the same command to finish it.")
+    lines += [
         "",
         "Times are the median (min–max) in ms of one call (decode: one token at context T). speedup = reference "
         "median / zoo median (> 1: zoo faster). GFLOP/s from the analytic FLOP counts (% of the measured GEMM). "
         "Memory: MB above an idle process (CPU) or CUDA peak above the pre-call allocation (GPU). "
-        "max|Δ|: largest absolute difference of the forward outputs (same weights).",
+        "max|Δ|: largest absolute difference of the forward outputs (same weights). load: the 1-minute load "
+        f"average before→after the case. ⚠: the case is flagged (timing spread (max−min)/median above "
+        f"{100 * spread_limit:.0f}%, or a load above the core count): see the list below the table.",
         "",
         "| subject | phase | T | zoo ms | reference | ref ms | speedup | zoo GFLOP/s | ref GFLOP/s | zoo MB | ref MB "
-        "| max\\|Δ\\| | status |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| max\\|Δ\\| | load | status |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["cases"]:
         z = r["impls"].get("zoo", {})
@@ -69,11 +95,18 @@ def markdown(report: dict[str, Any]) -> str:
         zok, rok = z.get("status") == "ok", ref.get("status") == "ok"
         speed = f"**{r['speedup']:.2f}**" if "speedup" in r else "–"
         diff = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "–"
+        status = r["status"] + (" ⚠" if r.get("flags") else "")
         lines.append(
             f"| {r['subject']} | {r['phase']} | {r['T']} | {_ms(z) if zok else '–'} | {ref_name} | "
             f"{_ms(ref) if rok else '–'} | {speed} | {_gflops(z, roof) if zok else '–'} | "
             f"{_gflops(ref, roof) if rok else '–'} | {_mb(z) if zok else '–'} | {_mb(ref) if rok else '–'} | "
-            f"{diff} | {r['status']} |")
+            f"{diff} | {_case_load(r)} | {status} |")
+    flagged = [r for r in report["cases"] if r.get("flags")]
+    if flagged:
+        lines += ["", f"## Flagged cases ({len(flagged)} of {len(report['cases'])})", "",
+                  "Numbers to trust less: the timing spread exceeded the limit, or other processes loaded the "
+                  "machine beyond its cores while the case ran.", ""]
+        lines += [f"- {r['id']}: {'; '.join(r['flags'])}" for r in flagged]
     kernels = [(r, k, e) for r in report["cases"] for k, e in r["impls"].items()
                if e.get("scope") == "kernel" and e.get("status") == "ok"]
     if kernels:

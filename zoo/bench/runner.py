@@ -1,18 +1,25 @@
 """Run the cases: time every implementation of a case in this process, back to back, then its memory.
 
-Per case: availability (an implementation whose zoo mixer is not registered is "skipped: mixer not available";
-the references that do not need it are still measured), build all implementations with shared weights, time
-each (warm-up + repeats), record FLOPs and achieved FLOP/s, the forward outputs' max abs difference from the
-reference, and memory (a fresh process per implementation on CPU, CUDA peak allocation on GPU).
+Per case: availability (an implementation whose mixers are not registered is "skipped: mixer not available"),
+build all implementations with shared weights, time each (warm-up + repeats), record FLOPs and achieved FLOP/s,
+the forward outputs' max abs difference from the reference, memory (a fresh process per implementation on CPU,
+CUDA peak allocation on GPU), the load average before and after the case, and flags: a timing spread
+``(max - min) / median`` above ``spread_limit`` (20%), or a 1-minute load average above the core count (other
+processes competed for the cores).
 
 Budget: once a (subject, phase) case takes more than ``max_case_seconds`` or does not fit in memory, its larger
 ``T`` are skipped with that reason (a time-vs-T series stops where the machine's limits are).
+
+Resume: :func:`run_cases` takes the results of an earlier (killed) run by case id and runs only the others;
+``on_result`` is called after every case, so the caller can write the report as it goes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 import zoo
-from zoo.bench.cases import SUBJECTS, UNAVAILABLE, Case, build, case_flops, make_input, phase_callables
+from zoo.bench.cases import UNAVAILABLE, Case, build, case_flops, make_input, phase_callables, subjects
 from zoo.bench.memory import MemoryProbe
 from zoo.bench.timing import fit_exponent, time_calls
 
 DECODE_MIN_REPEATS = 10  # single-token steps are cheap: time at least this many (medians of tiny ops are noisy)
+SPREAD_LIMIT = 0.2
 
 
 @dataclass
@@ -34,6 +42,7 @@ class RunOptions:
     memory: bool = True
     max_case_seconds: float = 120.0  # of timing (all implementations of a case), memory probes excluded
     progress: bool = True
+    spread_limit: float = SPREAD_LIMIT
 
     def repeats_for(self, phase: str) -> int:
         return max(self.repeats, DECODE_MIN_REPEATS) if phase == "decode" and self.repeats > 1 else self.repeats
@@ -41,6 +50,13 @@ class RunOptions:
     @property
     def decode_steps(self) -> int:
         return self.warmup + self.repeats_for("decode") + 1
+
+
+def cores() -> int:
+    """Cores this process may run on (the load average is compared with it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -58,14 +74,43 @@ def _max_abs_diff(a: Any, b: Any) -> float | None:
     return float((a.float() - b.float()).abs().max())
 
 
+def spread(timing: dict[str, Any]) -> float | None:
+    """``(max - min) / median`` of the timed repeats (``None`` with fewer than two)."""
+    if timing.get("n", 0) < 2 or not timing.get("median"):
+        return None
+    return (timing["max"] - timing["min"]) / timing["median"]
+
+
+def case_flags(result: dict[str, Any], n_cores: int, spread_limit: float = SPREAD_LIMIT) -> list[str]:
+    """Why a case's numbers deserve less trust: implementations whose timing spread exceeds ``spread_limit``,
+    and a 1-minute load average (before or after the case) above the number of cores."""
+    flags = []
+    for impl, e in result.get("impls", {}).items():
+        s = e.get("spread")
+        if s is not None and s > spread_limit:
+            flags.append(f"spread {100 * s:.0f}% ({impl})")
+    load = result.get("load_average")
+    if load:
+        peak = max(load["start"][0], load["end"][0])
+        if peak > n_cores:
+            flags.append(f"load {peak:.1f} > {n_cores} cores")
+    return flags
+
+
+def _base_result(case: Case) -> dict[str, Any]:
+    subject = subjects()[case.subject]
+    return {"id": case.id, **case.to_dict(), "kind": subject.kind, "mixer_args": subject.args(case.size),
+            "impls": {}}
+
+
 def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[str, Any]:
-    subject = SUBJECTS[case.subject]
+    subject = subjects()[case.subject]
     registered = set(zoo.list_mixers())
-    result: dict[str, Any] = {"id": case.id, **case.to_dict(), "kind": subject.kind,
-                              "mixer_args": subject.args(case.size), "impls": {}}
+    result = _base_result(case)
+    load_start = list(os.getloadavg())
     runnable = []
     for impl in case.impls:
-        missing = [m for m in subject.requirements(impl) if m not in registered]
+        missing = [m for m in subject.requirements(impl, case.size) if m not in registered]
         if missing:
             result["impls"][impl] = {"status": UNAVAILABLE, "missing_mixers": missing}
         else:
@@ -85,7 +130,7 @@ def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[st
             entry["status"] = f"skipped: {impl} is a kernel-only reference (forward phases only)"
             continue
         try:
-            x = make_input(case, impl, opts.decode_steps)
+            x = make_input(case, ad, opts.decode_steps)
             step, setup = phase_callables(case, ad, x, opts.decode_steps)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -97,7 +142,8 @@ def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[st
             entry["wall_s"] = time.perf_counter() - t0
             entry["status"] = "ok"
             entry["time_s"] = timing.to_dict()
-            entry["flops"] = case_flops(case, impl)
+            entry["spread"] = spread(entry["time_s"])
+            entry["flops"] = case_flops(case, ad)
             entry["flops_per_s"] = entry["flops"] / timing.median
             if device.type == "cuda":
                 entry.update(mem_status="ok", mem_bytes=torch.cuda.max_memory_allocated(device) - before,
@@ -128,33 +174,54 @@ def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[st
         result["status"] = "ok"
     else:
         result["status"] = next(s for s in statuses if s != "ok")
+    result["load_average"] = {"start": load_start, "end": list(os.getloadavg())}
+    result["cores"] = cores()
+    result["flags"] = case_flags(result, result["cores"], opts.spread_limit)
     return result
 
 
 def memory_probe(cases: list[Case], opts: RunOptions) -> MemoryProbe | None:
     """The CPU memory probe, started (call early: its server's imports overlap the caller's work)."""
     if opts.memory and any(c.device == "cpu" for c in cases):
-        return MemoryProbe(torch.get_num_threads(), opts.decode_steps).start()
+        refs = sorted({impl for c in cases for impl in c.impls if impl != "zoo"})
+        return MemoryProbe(torch.get_num_threads(), opts.decode_steps, refs).start()
     return None
 
 
-def run_cases(cases: list[Case], opts: RunOptions, probe: MemoryProbe | None = None) -> list[dict[str, Any]]:
+def finished(result: dict[str, Any]) -> bool:
+    """A result a resumed run keeps (errors are run again)."""
+    return result.get("status") not in (None, "error")
+
+
+def run_cases(cases: list[Case], opts: RunOptions, probe: MemoryProbe | None = None, *,
+              done: dict[str, dict[str, Any]] | None = None,
+              on_result: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``cases`` in order; a case whose id is in ``done`` (a finished result of an earlier run) is not run
+    again. ``on_result(results so far)`` is called after each case that ran."""
+    done = done or {}
     stopped: dict[tuple[str, str, str], str] = {}
     results = []
     bar = tqdm(cases, desc="bench", unit="case", disable=not opts.progress)
     for case in bar:
         bar.set_postfix_str(case.id)
         key = (case.subject, case.phase, case.device)
-        if key in stopped:
-            results.append({"id": case.id, **case.to_dict(), "kind": SUBJECTS[case.subject].kind,
-                            "mixer_args": SUBJECTS[case.subject].args(case.size), "impls": {},
-                            "status": stopped[key]})
-            continue
-        t0 = time.perf_counter()
-        res = run_case(case, opts, probe)
-        res["case_wall_s"] = time.perf_counter() - t0
+        if case.id in done and finished(done[case.id]):
+            res = done[case.id]
+        elif key in stopped:
+            res = {**_base_result(case), "status": stopped[key]}
+        else:
+            t0 = time.perf_counter()
+            res = run_case(case, opts, probe)
+            res["case_wall_s"] = time.perf_counter() - t0
         results.append(res)
-        if any(v.get("status") == "skipped: does not fit" for v in res["impls"].values()):
+        if res is not done.get(case.id) and on_result is not None:
+            seen = {r["id"] for r in results}
+            on_result(results + [r for k, r in done.items() if k not in seen and finished(r)])
+        if key in stopped:
+            continue
+        if res["status"].startswith(("skipped: over the time budget", "skipped: does not fit at")):
+            stopped[key] = res["status"]  # a resumed run's series stops where the earlier one stopped
+        elif any(v.get("status") == "skipped: does not fit" for v in res["impls"].values()):
             stopped[key] = f"skipped: does not fit at T={case.T}"
         elif sum(e.get("wall_s", 0.0) for e in res["impls"].values()) > opts.max_case_seconds:
             stopped[key] = (f"skipped: over the time budget ({opts.max_case_seconds:g} s of timing per case) "

@@ -75,20 +75,30 @@ class State:
 
 @dataclass(frozen=True)
 class BenchCase:
-    """How a mixer is benchmarked: constructor arguments per size, and the reference it is timed against.
+    """What ``zoo bench`` times: arguments per size, and the reference the zoo implementation is compared with.
 
-    ``args``: ``{"full": {...}, "quick": {...}}``, each holding ``d_model`` and the mixer's keyword arguments.
-    ``reference``: the name of a reference registered in :mod:`zoo.bench.references` (built with the *same
-    weights* as the zoo mixer), or ``None``. ``gpu_kernels``: kernel-level references timed on CUDA only.
+    ``kind="mixer"`` (declared in a mixer's ``bench_cases``): ``args`` = ``{"full": {...}, "quick": {...}}``, each
+    holding ``d_model`` and the mixer's keyword arguments. ``kind="model"`` (declared in a family's
+    ``bench_cases``): each size is a ``ZooConfig`` dict. ``reference``: the name of a reference registered in
+    :mod:`zoo.bench.references` (built from the zoo implementation with the *same weights*; ``"mixer:<name>"`` is
+    any registered mixer), or ``None``. ``gpu_kernels``: kernel-level references timed on CUDA only. ``name``:
+    the subject's name (default: the mixer's registry name, or the family's).
     """
 
     args: dict[str, dict[str, Any]]
     reference: str | None = None
     gpu_kernels: tuple[str, ...] = ()
     phases: tuple[str, ...] = ("forward", "forward_backward", "prefill", "decode")
-    name: str = ""  # the case's subject name; default the mixer's registry name
+    name: str = ""
     description: str = ""
     lengths: tuple[int, ...] = field(default=())  # default: the harness's sequence lengths
+    kind: str = "mixer"  # "mixer" | "model"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mixer", "model"):
+            raise ValueError(f"BenchCase.kind={self.kind!r} must be 'mixer' or 'model'")
+        if set(self.args) != {"full", "quick"}:
+            raise ValueError(f"BenchCase.args must have the sizes 'full' and 'quick', got {sorted(self.args)}")
 
 
 class Mixer(nn.Module):

@@ -30,8 +30,9 @@ only on the key, so the keys it admits can be gathered once per sequence ("extra
 
 Block layouts (``[Hm, nQB, nKB]`` bool, ``Hm`` = 1 or the number of KV heads) tell a block-sparse kernel which
 key blocks each query block visits; inside a visited block the kernel applies
-``(j <= i) & (window is None or i - j < window or j < num_sink_tokens)``. ``layout_to_token_mask`` expands a
-layout with that rule so tests can check ``layout (x) in-block rule == allowed``.
+``(j <= i) & (window is None or i - j < window or j < num_sink_tokens)``. The layouts live here only
+(``rule_layout`` and the three builders; the kernel, its tests and benchmarks use them), and so does their
+expansion to tokens (``layout_to_token_mask``), so tests can check ``layout (x) in-block rule == allowed``.
 """
 
 from __future__ import annotations
@@ -279,12 +280,29 @@ def rule_layout(rule: Rule, n_q_blocks: int, n_k_blocks: int, kernel_block: int,
 
 
 def layout_to_token_mask(layout: Tensor, block_size: int, T: int, window: int | None = None,
-                         num_sink_tokens: int = 0) -> Tensor:
-    """Expand ``[Hm, nQB, nKB]`` to ``[Hm, T, T]`` with the kernel's in-block rule."""
-    tok = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)[:, :T, :T]
-    i = torch.arange(T, device=layout.device)[:, None]
+                         num_sink_tokens: int = 0, *, num_heads: int | None = None,
+                         rows: tuple[int, int] | None = None) -> Tensor:
+    """Expand a block layout ``[Hm, nQB, nKB]`` to the token mask ``[Hm, T, T]`` with the kernel's in-block rule::
+
+        mask[h, i, j] = layout[h, i // bs, j // bs] & (j <= i) & (window is None | i - j < window | j < sinks)
+
+    The one expansion of a layout (the block-sparse kernel's reference, its FLOP count and the tests use it).
+    ``num_heads``: expand a per-KV-head layout (``Hm > 1``) to that many query heads (head ``h`` reads layout head
+    ``h // (num_heads / Hm)``); a shared layout stays ``[1, ...]``. ``rows=(start, stop)``: only those queries
+    (``[Hm, stop - start, T]``), to count a long sequence in pieces."""
+    nb = -(-T // block_size)
+    if layout.dim() != 3 or tuple(layout.shape[1:]) != (nb, nb):
+        raise ValueError(f"layout must have shape [Hm, {nb}, {nb}] for T={T}, block_size={block_size}; "
+                         f"got {tuple(layout.shape)}")
+    start, stop = rows if rows is not None else (0, T)
+    i = torch.arange(start, stop, device=layout.device)[:, None]
     j = torch.arange(T, device=layout.device)[None, :]
-    inner = j <= i
+    mask = layout.bool()[:, i // block_size, j // block_size] & (j <= i)  # [Hm, rows, T]
     if window is not None:
-        inner = inner & (((i - j) < window) | (j < num_sink_tokens))
-    return tok & inner
+        mask = mask & (((i - j) < window) | (j < num_sink_tokens))
+    hm = mask.shape[0]
+    if num_heads is not None and hm > 1:
+        if num_heads % hm:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of the layout's {hm} heads")
+        mask = mask.repeat_interleave(num_heads // hm, dim=0)
+    return mask

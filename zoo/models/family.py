@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from zoo.config import ZooConfig
+from zoo.layers.base import BenchCase
 
 StateDict = dict[str, Tensor]
 
@@ -41,6 +42,8 @@ class Family:
     # The family whose reference format this one refines (same model_type, e.g. GENERator is a Llama): when both
     # detect a config.json, the refining family wins.
     specializes: str | None = None
+    # Model-level benchmark cases (``BenchCase(kind="model")``, args per size = a ZooConfig dict): ``zoo bench``.
+    bench_cases: tuple[BenchCase, ...] = ()
 
     def state_dict_from_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         out = rename_keys(sd, self.key_table, source="reference")

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
+from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
+from zoo.bench.references import register_reference
 from zoo.config import ZooConfig
+from zoo.layers.attention import Attention
+from zoo.layers.base import BenchCase
 from zoo.models.family import Family, Preset
 
 KEY_TABLE = [
@@ -127,6 +134,126 @@ PRESETS = {
         hub_id="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", description="TinyLlama 1.1B (GQA 32:4)"),
 }
 
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+# References for ``zoo bench``, built from the zoo module with the same weights (transformers imported lazily).
+_TRANSFORMERS_LLAMA = ("transformers", "transformers.modeling_utils", "transformers.cache_utils",
+                       "transformers.models.llama.modeling_llama")
+
+
+class _HFCacheAdapter(Adapter):
+    """A transformers module continued through a ``DynamicCache``."""
+
+    config: Any
+
+    def new_state(self, max_length: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+
+class HFLlamaAttentionAdapter(_HFCacheAdapter):
+    """transformers ``LlamaAttention`` (SDPA) with its rotary embedding computed inside the timed call."""
+
+    def __init__(self, attn: nn.Module, rotary: nn.Module, config: Any) -> None:
+        self.module, self.rotary, self.config = attn, rotary, config
+
+    def _run(self, x: Tensor, start: int, cache: Any) -> Tensor:
+        pos = torch.arange(start, start + x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        kwargs = {"cache": cache} if cache is not None else {}
+        return self.module(x, position_embeddings=self.rotary(x, pos), attention_mask=None, **kwargs)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, 0, None)
+
+    def step(self, x: Tensor, state: Any) -> Tensor:
+        return self._run(x, state.get_seq_length(), state)
+
+
+class HFCausalLMAdapter(_HFCacheAdapter):
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        self.module, self.config = model, config
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x, use_cache=False).logits
+
+    def step(self, x: Tensor, state: Any) -> Tensor:
+        return self.module(x, cache=state, use_cache=True).logits
+
+
+def _one_layer_config(attn: nn.Module) -> ZooConfig:
+    """A one-block llama config holding the attention module's own arguments (what transformers can mirror)."""
+    args = {"num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim,
+            "qkv_bias": attn.q_proj.bias is not None, "o_bias": attn.o_proj.bias is not None,
+            "qk_norm": attn.qk_norm}
+    rotary = attn.rotary
+    if rotary is None or rotary.dim != attn.head_dim:
+        raise ValueError("transformers LlamaAttention rotates every channel of every head: needs rope=True and "
+                         "rotary_dim=head_dim")
+    return ZooConfig.from_dict({"vocab_size": 256, "d_model": attn.d_model, "n_layers": 1, "mixers": "attention",
+                                "mlp": {"intermediate_size": 64}, "mixer_defaults": {"attention": args},
+                                "rope_theta": rotary.theta, "rope_scaling": rotary.scaling, "family": "llama"})
+
+
+def _transformers_config(config: ZooConfig) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**config_to_reference(config), attn_implementation="sdpa")
+
+
+@register_reference("transformers_llama_attention", preload=_TRANSFORMERS_LLAMA)
+def bench_llama_attention(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """transformers LlamaAttention (sdpa) with the zoo attention's weights; RoPE inside the timed call."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    cfg = _transformers_config(_one_layer_config(zoo_module))
+    attn = LlamaAttention(cfg, 0)
+    load_same_weights(attn, zoo_module.state_dict(), what="transformers LlamaAttention")
+    return HFLlamaAttentionAdapter(attn, LlamaRotaryEmbedding(cfg), cfg)
+
+
+@register_reference("transformers_llama", preload=_TRANSFORMERS_LLAMA)
+def bench_llama_model(zoo_model: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """transformers LlamaForCausalLM with the zoo model's weights (through the llama key table)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = _transformers_config(zoo_model.config)
+    ref = LlamaForCausalLM(cfg)
+    sd = FAMILY.state_dict_to_reference(zoo_model.state_dict(), zoo_model.config)
+    load_same_weights(ref, sd, what="transformers LlamaForCausalLM")
+    return HFCausalLMAdapter(ref, cfg)
+
+
+@register_reference("sdpa_flash", scope="kernel", gpu_only=True)
+def bench_sdpa_flash(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """SDPA forced to the flash backend on the attention's q, k, v shapes (GQA expanded), causal, CUDA only."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, D = zoo_module.num_heads, zoo_module.head_dim
+
+    def kv(x: Tensor) -> list[Tensor]:  # x [B, T, H*D] (the queries): keys and values of the same shape
+        B, T = x.shape[:2]
+        return [torch.randn(B, H, T, D, device=x.device, dtype=x.dtype).requires_grad_() for _ in range(2)]
+
+    def fn(x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = x.view(x.shape[0], x.shape[1], H, D).transpose(1, 2)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    # QK^T and PV: 4 D per causal (query, key) pair of each head
+    return KernelAdapter(fn, width=H * D, inputs=kv, flops=lambda T, B: 4 * B * H * D * (T * (T + 1) // 2))
+
+
+_HEADS = Attention.bench_cases[0].args  # the attention case's head sizes, per size
+
+
+def _bench_model(size: str, vocab: int, inter: int) -> dict[str, Any]:
+    heads = {k: v for k, v in _HEADS[size].items() if k != "d_model"}
+    return {"vocab_size": vocab, "d_model": _HEADS[size]["d_model"], "n_layers": 2, "mixers": "attention",
+            "mlp": {"intermediate_size": inter}, "mixer_defaults": {"attention": heads}, "family": "llama"}
+
+
 FAMILY = Family(
     name="llama",
     detect=detect,
@@ -135,4 +262,8 @@ FAMILY = Family(
     key_table=KEY_TABLE,
     presets=PRESETS,
     model_card="llama",
+    bench_cases=(BenchCase(
+        kind="model", name="llama_model", reference="transformers_llama",
+        args={"full": _bench_model("full", 4096, 2048), "quick": _bench_model("quick", 256, 128)},
+        description="ZooForCausalLM (llama family) vs transformers LlamaForCausalLM, same weights"),),
 )

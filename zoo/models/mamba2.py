@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
+from zoo.bench.references import register_reference
 from zoo.checkpoint import save_reference
-from zoo.config import ZooConfig
+from zoo.config import LayerSpec, ZooConfig
+from zoo.layers.attention import Attention
+from zoo.layers.base import BenchCase
+from zoo.layers.mamba2 import Mamba2
 from zoo.models.family import Family, Preset, StateDict
 
 MAMBA_SSM_KEYS = [
@@ -342,11 +347,87 @@ PRESETS = {
         mixers={"default": "mamba2", "9,18,27,36,45,56": {"mixer": "attention", "mixer_args": _ATTN_2P7B}}),
 }
 
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+# References for ``zoo bench``, built from the zoo mixer with the same weights (imports lazy).
+class HFMamba2Adapter(Adapter):
+    """transformers ``Mamba2Mixer`` (its pure-torch path off-GPU) continued through a ``DynamicCache``."""
+
+    def __init__(self, mixer: nn.Module, config: Any) -> None:
+        self.module, self.config = mixer, config
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    def new_state(self, max_length: int) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def step(self, x: Tensor, state: Any) -> Tensor:
+        return self.module(x, cache=state)
+
+
+@register_reference("transformers_mamba2", preload=("transformers", "transformers.modeling_utils",
+                                                     "transformers.cache_utils",
+                                                     "transformers.models.mamba2.modeling_mamba2"))
+def bench_transformers_mamba2(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """transformers Mamba2Mixer (torch path off-GPU) with the zoo mixer's weights."""
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    kwargs = {k: v for k, v in args.items() if k != "d_model"}
+    one = ZooConfig(vocab_size=256, d_model=args["d_model"], n_layers=1, family="mamba2",
+                    norm_eps=kwargs.get("norm_eps", 1e-5), layers=[LayerSpec("mamba2", kwargs, None)])
+    cfg = Mamba2Config(**config_to_transformers(one))
+    ref = Mamba2Mixer(cfg, 0)
+    load_same_weights(ref, zoo_module.state_dict(), what="transformers Mamba2Mixer")
+    return HFMamba2Adapter(ref, cfg)
+
+
+@register_reference("mamba_ssm", scope="kernel", gpu_only=True)
+def bench_mamba_ssm(zoo_module: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """mamba_ssm's mamba_chunk_scan_combined (the SSD scan alone) on the mixer's shapes, CUDA only."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    m = zoo_module
+    H, P, N, G, Q = m.nheads, m.headdim, m.d_state, m.ngroups, m.chunk_size
+
+    def inputs(x: Tensor) -> list[Tensor]:  # x [B, T, H*P]: dt, A, B, C, D of the scan
+        B, T, dev, dt_ = x.shape[0], x.shape[1], x.device, x.dtype
+        return [torch.rand(B, T, H, device=dev, dtype=dt_).requires_grad_(),
+                -torch.rand(H, device=dev, dtype=torch.float32).requires_grad_(),
+                torch.randn(B, T, G, N, device=dev, dtype=dt_).requires_grad_(),
+                torch.randn(B, T, G, N, device=dev, dtype=dt_).requires_grad_(),
+                torch.randn(H, device=dev, dtype=torch.float32).requires_grad_()]
+
+    def fn(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor) -> Tensor:
+        return mamba_chunk_scan_combined(x.view(x.shape[0], x.shape[1], H, P), dt, A, Bm, Cm, Q, D=D)
+
+    # C B^T within a chunk, its masked product with X, B^T X into chunk states, C h out of them (Mamba2.flops)
+    return KernelAdapter(fn, width=H * P, inputs=inputs,
+                         flops=lambda T, B: 2 * B * T * (Q * G * N + Q * H * P + 2 * H * P * N))
+
+
+def _bench_hybrid(size: str, vocab: int, inter: int) -> dict[str, Any]:
+    heads, ssm = Attention.bench_cases[0].args[size], Mamba2.bench_cases[0].args[size]
+    if heads["d_model"] != ssm["d_model"]:
+        raise ValueError("the attention and mamba2 bench cases must share d_model")
+    drop = lambda a: {k: v for k, v in a.items() if k != "d_model"}  # noqa: E731
+    return {"vocab_size": vocab, "d_model": ssm["d_model"], "n_layers": 2,
+            "layers": [{"mixer": "mamba2", "mixer_args": drop(ssm), "mlp": None},
+                       {"mixer": "attention", "mixer_args": drop(heads), "mlp": {"intermediate_size": inter}}]}
+
+
 FAMILY = Family(
     name="mamba2", detect=detect, config_from_reference=config_from_reference,
     config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
     from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
     model_card="mamba2",
+    bench_cases=(BenchCase(
+        kind="model", name="hybrid_model", reference=None,
+        args={"full": _bench_hybrid("full", 4096, 2048), "quick": _bench_hybrid("quick", 256, 128)},
+        description="ZooForCausalLM with [mamba2, attention + MLP] blocks (no reference)"),),
 )
 # export-only variant for the transformers layout
 TRANSFORMERS_FORMAT = Family(

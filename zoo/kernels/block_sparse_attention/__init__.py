@@ -1,5 +1,5 @@
 """Block-sparse causal attention: ``block_sparse_attention`` dispatches between the plain-torch reference
-(:mod:`zoo.kernels.block_sparse_attention.reference`: the rule, the layout helpers, masked SDPA) and the
+(:mod:`zoo.kernels.block_sparse_attention.reference`: the rule, masked SDPA) and the
 flash-attention-style Triton forward/backward over the active blocks
 (:mod:`zoo.kernels.block_sparse_attention.triton`, imported only when chosen).
 
@@ -15,22 +15,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from zoo.kernels.backend import triton_module, use_triton
-from zoo.kernels.block_sparse_attention.reference import (
-    block_diagonal_block_mask,
-    block_sparse_attention_ref,
-    dense_mask_from_layout,
-    local_stride_block_mask,
-    sliding_window_block_mask,
-)
+from zoo.kernels.block_sparse_attention.reference import block_sparse_attention_ref
 
-__all__ = [
-    "block_sparse_attention",
-    "block_sparse_attention_ref",
-    "dense_mask_from_layout",
-    "sliding_window_block_mask",
-    "local_stride_block_mask",
-    "block_diagonal_block_mask",
-]
+__all__ = ["block_sparse_attention", "block_sparse_attention_ref"]
 
 
 def block_sparse_attention(
@@ -44,7 +31,8 @@ def block_sparse_attention(
     num_sink_tokens: int = 0,
     scale: float | None = None,
 ) -> Tensor:
-    """q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]``, block_mask bool ``[Hkv or 1, nB, nB]`` -> o ``[B, H, T, D]``
+    """q ``[B, H, T, D]``, k, v ``[B, Hkv, T, D]``, block_mask bool ``[Hkv or 1, nB, nB]`` (a layout of
+    :mod:`zoo.layers.masks`, e.g. ``rule_layout``) -> o ``[B, H, T, D]``
     (the rule: :mod:`~zoo.kernels.block_sparse_attention.reference`), on the backend chosen as the module
     docstring says."""
     kw = dict(block_mask=block_mask, block_size=block_size, window=window, num_sink_tokens=num_sink_tokens,

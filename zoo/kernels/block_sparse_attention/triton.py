@@ -47,12 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from zoo.kernels.block_sparse_attention.reference import (
-    _check_inputs,
-    _effective_layout,
-    _visible_pairs,
-    local_stride_block_mask,
-)
+from zoo.kernels.block_sparse_attention.reference import _check_inputs, _effective_layout, _visible_pairs
+from zoo.layers.masks import LocalStrideRule, local_stride_layout
 
 __all__ = ["block_sparse_attention_triton", "bench_block_sparse", "SUPPORTED_BLOCK_SIZES", "MAX_HEAD_DIM"]
 
@@ -568,7 +564,9 @@ def bench_block_sparse(
 
     dev = torch.device("cuda")
     if block_mask is None:
-        block_mask = local_stride_block_mask(T, block_size, 16, 8, num_kv_heads, num_heads=num_heads, device=dev)
+        nb = -(-T // block_size)
+        rule = LocalStrideRule(block_size, 16, 8, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        block_mask = local_stride_layout(nb, nb, rule, device=dev)
     block_mask = block_mask.to(dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(batch, num_heads, T, head_dim, device=dev, dtype=dtype, generator=gen)
