@@ -5,6 +5,7 @@ resume and consolidation (:mod:`.checkpoint`), process-group start-up (:mod:`.la
 from zoo.distributed.checkpoint import (
     TrainState,
     consolidate,
+    gather_full_model,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -36,6 +37,6 @@ __all__ = [
     "all_reduce_sum",
     "SequenceComm", "SequenceShard", "enable_sequence_parallel", "disable_sequence_parallel", "shard_sequence",
     "shift_targets",
-    "TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "consolidate",
+    "TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "consolidate", "gather_full_model",
     "save_pretrained_distributed",
 ]

@@ -44,7 +44,7 @@ from zoo.config import ZooConfig
 from zoo.models.lm import ZooForCausalLM
 
 __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "consolidate",
-           "save_pretrained_distributed"]
+           "gather_full_model", "save_pretrained_distributed"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 CONFIG_NAME = "config.json"
@@ -181,22 +181,30 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torch
     return model.save_pretrained(out, **save_kwargs)
 
 
+def gather_full_model(model: nn.Module, device: torch.device | str = "cpu") -> ZooForCausalLM | None:
+    """A plain copy of a (DDP-wrapped, FSDP2-sharded or sequence-parallel) zoo model with the full weights, on
+    rank 0 (None on the other ranks; every rank calls this): for saving or for evaluating on one process."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        return None
+    config = _inner(model).config
+    with torch.device("meta"):
+        plain = ZooForCausalLM(config)
+    plain.to_empty(device="cpu")
+    from zoo.hub import _reset_buffers
+
+    _reset_buffers(plain)
+    load_state_dict_strict(plain, sd)
+    if config.tie_embeddings:
+        plain.lm_head.weight = plain.embedding.weight
+    return plain.to(device)
+
+
 def save_pretrained_distributed(model: nn.Module, out: str | os.PathLike, **save_kwargs: Any) -> Path:
     """From a running job (every rank calls this): gather the full weights to rank 0 (on the CPU) and write a
     ``save_pretrained`` directory there."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    out = Path(out)
-    if _rank() == 0:
-        config = _inner(model).config
-        with torch.device("meta"):
-            plain = ZooForCausalLM(config)
-        plain.to_empty(device="cpu")
-        from zoo.hub import _reset_buffers
-
-        _reset_buffers(plain)
-        load_state_dict_strict(plain, sd)
-        if config.tie_embeddings:
-            plain.lm_head.weight = plain.embedding.weight
+    plain = gather_full_model(model)
+    if plain is not None:
         plain.save_pretrained(out, **save_kwargs)
     _barrier()
-    return out
+    return Path(out)

@@ -22,7 +22,9 @@ Use::
     comm = enable_sequence_parallel(model, group)          # every mixer must support it (else ValueError)
     shard = shard_sequence(comm, input_ids, labels=labels, seq_idx=seq_idx)   # global positions, shifted targets
     logits = model(shard.input_ids, positions=shard.positions, seq_idx=shard.seq_idx).logits
-    # loss: zoo.distributed.parallel.shifted_lm_loss over shard.targets (the targets cross the rank boundaries)
+    # loss: zoo.distributed.parallel.lm_loss over shard.targets (the targets cross the rank boundaries)
+
+The positions must be given: without them the model would number each slice from 0 (a mixer cannot tell).
 """
 
 from __future__ import annotations

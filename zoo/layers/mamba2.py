@@ -14,6 +14,11 @@ The parallel path is the chunked SSD scan (``zoo.kernels.ssd``); with a state th
 recurrent step. A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
 ``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
 
+Sequence parallelism (:meth:`Mamba2.forward_sequence_parallel`, ``zoo.distributed``): rank ``r`` of ``R`` scans its
+segment from the state the earlier segments leave, computed from each segment's zero-start final state and total
+decay (the recurrence is linear); the conv reads the previous rank's last ``d_conv - 1`` inputs. Gradients flow
+back across ranks through the same collectives.
+
 State-collapse mitigations (Chen et al., "Stuffed Mamba", arXiv 2410.07145 v1), all off by default, and then
 bit-for-bit neutral (the code paths are skipped, not multiplied by 1):
 
