@@ -71,9 +71,20 @@ class KVCache(State):
         self.length = end
 
 
+CITATION = r"""@inproceedings{vaswani2017attention,
+  title={Attention Is All You Need},
+  author={Vaswani, Ashish and Shazeer, Noam and Parmar, Niki and Uszkoreit, Jakob and Jones, Llion and
+          Gomez, Aidan N. and Kaiser, {\L}ukasz and Polosukhin, Illia},
+  booktitle={Advances in Neural Information Processing Systems},
+  volume={30},
+  year={2017}
+}"""
+
+
 @register_mixer("attention")
 class Attention(Mixer):
     arg_groups = ("attention",)
+    citations = (CITATION,)
     example_args = ({}, {"num_kv_heads": 1, "qk_norm": True, "qkv_bias": True, "rotary_dim": 4})
     demo_args = {}
     supports_packing = True

@@ -46,7 +46,15 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """A plain ``LlamaForCausalLM`` config (the Feb-2025 format): stock transformers loads it without remote code."""
-    return llama.config_to_reference(config)
+    return llama.config_to_reference(config, "generator")
+
+
+CITATION = """@article{wu2025generator,
+  title={{GENERator}: A Long-Context Generative Genomic Foundation Model},
+  author={Wu, Wei and Li, Qiuyi and Li, Mingyang and others},
+  journal={arXiv preprint arXiv:2502.07272},
+  year={2025}
+}"""
 
 
 # ------------------------------------------------------------------------------------------ long context
@@ -134,4 +142,5 @@ FAMILY = Family(
     presets=PRESETS,
     model_card="generator",
     specializes="llama",
+    citations=(llama.CITATION, CITATION),
 )
