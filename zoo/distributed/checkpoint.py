@@ -128,7 +128,9 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, *, keep: in
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save({"train": state}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group (intended)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"train": state}, checkpoint_id=str(tmp), no_dist=not _dist())
     torch.save(_rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -153,7 +155,9 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> int:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
-    dcp.load({"train": state}, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.load({"train": state}, checkpoint_id=str(path), no_dist=not _dist())
     rng = path / f"rng-rank{_rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
@@ -171,7 +175,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torch
     model = ZooForCausalLM(config)
     sd = {k: v for k, v in model.state_dict().items()}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process: that is the intent
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         dcp.load({"train": {"model": sd}}, checkpoint_id=str(path), no_dist=not _dist())
     load_state_dict_strict(model, sd)
     if config.tie_embeddings:
