@@ -16,11 +16,12 @@ def make_hf_llama(path: Path, *, vocab_size: int = 1001, tie: bool = False, seed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    kwargs = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
         num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=512,
-        tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager", **overrides,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager",
     )
+    cfg = LlamaConfig(**{**kwargs, **overrides})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # move norms off 1.0 so a swapped/missing norm cannot pass unnoticed
         for name, p in model.named_parameters():
