@@ -115,7 +115,8 @@ def test_declared_mixers_match_one_rank_forward_and_backward(world: int) -> None
         for rank, (_, err) in enumerate(outcome):
             worst = max(err, key=err.get)
             assert err[worst] < 1e-10, f"{name}({args}) {kind}, rank {rank}/{world}: {worst} off by {err[worst]:.2e}"
-    assert ran == declared  # every declared mixer ran with at least one of its example arguments
+    if world == 2:  # every declared mixer ran with at least one of its example arguments (4 ranks: some have
+        assert ran == declared  # too few heads, e.g. infllmv2 with 2 KV-head groups, and refuse)
 
 
 def _refuse_worker(rank: int, world: int) -> list[str]:
