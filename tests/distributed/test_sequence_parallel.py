@@ -145,6 +145,16 @@ def _refuse_worker(rank: int, world: int) -> list[str]:
     shard = shard_sequence(SequenceComm(), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="shorter than the conv window"):
         model(shard.input_ids, positions=shard.positions)
+
+    from zoo.distributed import parallelize, setup_parallelism
+
+    with pytest.raises(ValueError, match="positive divisor of the world size 2"):
+        setup_parallelism(3)
+    par = setup_parallelism(2)
+    with pytest.raises(ValueError, match="strategy='none' on 2 processes"):
+        parallelize(zoo.create_model({"vocab_size": 64, "d_model": 32, "n_layers": 1}), "none", par)
+    with pytest.raises(ValueError, match="strategy='zero3' is not one of"):
+        parallelize(zoo.create_model({"vocab_size": 64, "d_model": 32, "n_layers": 1}), "zero3", par)
     return msgs
 
 

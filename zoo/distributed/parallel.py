@@ -101,8 +101,8 @@ def parallelize(model: nn.Module, strategy: str, par: Parallelism, *, activation
     ``MixedPrecisionPolicy`` (default: none; use autocast for bf16/fp16 compute with fp32 parameters)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {list(STRATEGIES)}")
-    if strategy == "none" and par.dp_size > 1:
-        raise ValueError(f"strategy='none' with {par.dp_size} data-parallel replicas: use 'ddp' or 'fsdp'")
+    if strategy == "none" and par.world_size > 1:  # sequence ranks hold partial gradients too: they must be summed
+        raise ValueError(f"strategy='none' on {par.world_size} processes: use 'ddp' or 'fsdp'")
     if not hasattr(model, "layers"):
         raise ValueError(f"expected a zoo model (with .layers), got {type(model).__name__}")
     model.to(par.device)
