@@ -161,6 +161,12 @@ class Mixer(nn.Module):
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
         """Raise ``ValueError`` for inconsistent sizes at config time (override per mixer)."""
 
+    def derive_from(self, old: nn.Module) -> bool:
+        """Initialise this mixer's weights from ``old``, the mixer it replaces in ``zoo.swap_layers(...,
+        init="derive")`` (after the name-and-shape reuse). Return False when there is no derivation from that kind
+        of mixer (the default); raise ``ValueError`` when there is one but these sizes do not allow it."""
+        return False
+
     def forward(
         self,
         x: Tensor,

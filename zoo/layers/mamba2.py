@@ -247,6 +247,47 @@ class Mamba2(Mixer):
         if self.rmsnorm:
             self.norm.weight.fill_(1.0)
 
+    @torch.no_grad()
+    def derive_from(self, old: nn.Module) -> bool:
+        """Initialise from an attention layer ("The Mamba in the Llama", Wang et al., arXiv 2408.15237).
+
+        Causal attention without the softmax, ``y_t = sum_{s<=t} (q_t . k_s) v_s``, is the SSD recurrence with
+        ``C = q``, ``B = k``, ``x = v`` and no decay. So: the x rows of ``in_proj`` <- ``W_v`` (head ``h`` reads
+        its KV head), B <- ``W_k``, C <- ``W_q`` (group ``g``: the mean over its query heads; exact with
+        ``ngroups = num_heads``), ``out_proj`` <- ``W_o``; the conv starts as the identity and ``D = 0``
+        (attention has no skip); z, dt and A keep their initialisation. Needs ``headdim = head_dim`` and
+        ``nheads = num_heads`` (``d_ssm = num_heads * head_dim``); a ``d_state`` below ``head_dim`` takes the first
+        ``d_state`` dimensions, a larger one leaves the rest as initialised. Any layer with ``q_proj, k_proj,
+        v_proj, o_proj`` and ``num_heads, num_kv_heads, head_dim`` qualifies."""
+        if not all(isinstance(getattr(old, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return False
+        Hq, Hkv, Dh = old.num_heads, old.num_kv_heads, old.head_dim
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        if P != Dh or H != Hq:
+            raise ValueError(f"mamba2 derive_from attention ({Hq} heads x {Dh}): needs headdim={Dh} and "
+                             f"nheads={Hq} (d_ssm={Hq * Dh}, e.g. mamba2(headdim={Dh}, d_ssm={Hq * Dh}) or "
+                             f"expand={Hq * Dh}/d_model), got headdim={P}, nheads={H}")
+        d = self.in_proj.weight.shape[1]
+        kv = torch.arange(Hq) // (Hq // Hkv)  # the KV head each query head reads
+        Wq = old.q_proj.weight.view(Hq, Dh, d)
+        Wk = old.k_proj.weight.view(Hkv, Dh, d)[kv]  # [Hq, Dh, d]
+        Wv = old.v_proj.weight.view(Hkv, Dh, d)[kv]
+        n = min(N, Dh)
+        W = self.in_proj.weight  # rows [z0, x0, z, x, B, C, dt]
+        x0 = 2 * self.d_mlp + self.d_ssm
+        W[x0:x0 + self.d_ssm] = Wv.reshape(H * P, d)
+        b0 = x0 + self.d_ssm
+        W[b0:b0 + G * N].view(G, N, d)[:, :n] = Wk.view(G, Hq // G, Dh, d).mean(1)[:, :n]
+        c0 = b0 + G * N
+        W[c0:c0 + G * N].view(G, N, d)[:, :n] = Wq.view(G, Hq // G, Dh, d).mean(1)[:, :n]
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.zero_()
+        self.D.zero_()
+        self.out_proj.weight[:, self.d_mlp:] = old.o_proj.weight
+        return True
+
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> Mamba2State:
