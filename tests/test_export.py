@@ -141,7 +141,7 @@ def test_unknown_format_lists_the_formats(tmp_path, capsys):
     zoo_model("llama").save_pretrained(tmp_path / "zoo")
     assert main(["convert", str(tmp_path / "zoo"), str(tmp_path / "out"), "--to", "gpt2"]) == 2
     assert "unknown export format 'gpt2'; available: ['zoo', 'generator', 'lact', 'llama', 'mamba2', " \
-           "'mamba2-transformers', 'minicpm4', 'mistral']" in capsys.readouterr().err
+           "'mamba2-transformers', 'minicpm4', 'mistral', 's4']" in capsys.readouterr().err
 
 
 def test_sharded_export_loads_in_transformers_and_mamba_ssm_refuses_shards(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, generate, convert, publish, swap, eval, ablate, demo, bench, dna, train."""
+"""The ``zoo`` command: list, info, generate, convert, publish, swap, eval, ablate, demo, bench, dna."""
 
 from __future__ import annotations
 

@@ -9,18 +9,17 @@ from zoo.tokenizers.bytes import ByteTokenizer
 from zoo.tokenizers.dna import DNAKmerTokenizer
 
 
-def load_tokenizer(model_name: str | os.PathLike | None):
-    """The tokenizer that goes with a checkpoint directory: GENERator's DNA k-mers, the checkpoint's own tokenizer
-    files (transformers' ``AutoTokenizer``, optional), else UTF-8 bytes (the zoo's own models)."""
+def load_tokenizer(path: str | os.PathLike | None):
+    """The tokenizer shipped with a checkpoint directory: GENERator's DNA k-mers, else any other tokenizer files
+    through transformers' ``AutoTokenizer`` (optional); :class:`ByteTokenizer` (the zoo's own models) when the
+    directory has none or ``path`` is not a directory."""
     from zoo.checkpoint import tokenizer_files
 
-    path = Path(model_name) if model_name is not None else None
-    if path is None or not path.is_dir():
-        return ByteTokenizer()
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
+    path = Path(path) if path is not None else None
+    files = tokenizer_files(path) if path is not None else []
+    tok_cfg = path / "tokenizer_config.json" if path is not None else None
+    if tok_cfg is not None and tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
         return DNAKmerTokenizer.from_pretrained(path)  # GENERator's 6-mer tokenizer, without its remote code
-    files = tokenizer_files(path)
     if files:
         try:
             from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
