@@ -1,6 +1,7 @@
 """Training on many processes with torch.distributed: DDP and FSDP2 (:mod:`.parallel`), sequence parallelism
 (:mod:`.sequence_parallel`: Ulysses all-to-all attention, Mamba-2 state passing), sharded checkpoints with exact
-resume and consolidation (:mod:`.checkpoint`), process-group start-up (:mod:`.launch`)."""
+resume and consolidation (:mod:`.checkpoint`), process-group start-up (:mod:`.launch`), the training loop on many
+processes (:mod:`.trainer`: ``zoo.train.Trainer`` with the distributed hooks) and ``zoo train`` (:mod:`.run`)."""
 
 from zoo.distributed.checkpoint import (
     TrainState,
@@ -22,6 +23,7 @@ from zoo.distributed.parallel import (
     shard_batch,
     unwrap,
 )
+from zoo.distributed.run import run_training
 from zoo.distributed.sequence_parallel import (
     SequenceComm,
     SequenceShard,
@@ -30,6 +32,7 @@ from zoo.distributed.sequence_parallel import (
     shard_sequence,
     shift_targets,
 )
+from zoo.distributed.trainer import DistributedTrainer, autocast_dtype
 
 __all__ = [
     "DistInfo", "init_distributed", "run_local",
@@ -39,4 +42,5 @@ __all__ = [
     "shift_targets",
     "TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "consolidate", "gather_full_model",
     "save_pretrained_distributed",
+    "DistributedTrainer", "autocast_dtype", "run_training",
 ]

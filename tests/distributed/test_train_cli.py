@@ -1,0 +1,165 @@
+"""``zoo train`` end to end (gloo, CPU): one process on text with periodic evaluation and a save_pretrained result;
+2 processes under ``torchrun`` (DDP) and under FSDP2 + sequence parallelism + activation checkpointing + gradient
+accumulation, stopped and resumed, follow the single-process loss sequence of the same global batches; the
+distributed loop on one process is ``zoo.train.Trainer``'s; refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from zoo.cli import main
+from zoo.distributed import Parallelism, run_local
+from zoo.distributed.trainer import DistributedTrainer
+from zoo.train import TrainConfig, Trainer, packed_batches
+
+VOCAB, EOS = 64, 63
+CONFIG = {"vocab_size": VOCAB, "d_model": 32, "n_layers": 3, "tie_embeddings": True, "eos_token_id": EOS,
+          "mixers": {"0": "attention", "1": "mamba2(d_state=8, headdim=8, chunk_size=8)",
+                     "2": "sliding_window(window=6)"},
+          "mlp": {"intermediate_size": 64}, "mixer_defaults": {"attention": {"num_heads": 4, "num_kv_heads": 2}}}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    """Documents of arithmetic progressions mod 60 (random start, stride, length), each ended by EOS."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for _ in range(300):
+        n, start, stride = rng.integers(4, 40), rng.integers(0, 60), rng.integers(1, 7)
+        parts += [(start + stride * np.arange(n)) % 60, [EOS]]
+    path = tmp_path_factory.mktemp("data") / "tokens.npy"
+    np.save(path, np.concatenate(parts).astype(np.uint16))
+    return path
+
+
+def _args(out: Path, data: Path, *extra: str) -> list[str]:
+    return ["train", "--config", json.dumps(CONFIG), "--data", str(data), "--out", str(out), "--seq-len", "16",
+            "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--lr", "1e-2", "--no-progress",
+            "--eval", "none", *extra]
+
+
+def _log(out: Path, event: str = "step") -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in _log(out)]
+
+
+def _assert_curves_match(out: Path, ref: Path) -> None:
+    got, want = _log(out), _log(ref)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, token_file) -> Path:
+    """The single-process run every distributed run is compared with (2 micro-batches per step)."""
+    out = tmp_path_factory.mktemp("runs") / "single"
+    assert main(_args(out, token_file, "--grad-accum", "2")) == 0
+    losses = _losses(out)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1  # it learns: matching curves are not trivially equal
+    return out
+
+
+def test_single_process_text_with_evaluation_and_final_model(tmp_path, capsys) -> None:
+    text = tmp_path / "corpus"
+    text.mkdir()
+    for i in range(12):  # documents: files; held out by a hash of their names
+        (text / f"doc{i}.txt").write_text(" ".join(f"line {j} of document {i}." for j in range(40)))
+    config = {**CONFIG, "vocab_size": 259, "eos_token_id": 258}
+    out = tmp_path / "run"
+    args = ["train", "--config", json.dumps(config), "--data", str(text), "--out", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--steps", "4", "--eval-every", "2", "--eval", 'loss:{"length": 64, "windows": 2}',
+            "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "trained to step 4" in printed and "eval at step 4: loss/loss" in printed
+    assert [r["step"] for r in _log(out, "eval")] == [2, 4]
+    assert all(np.isfinite(r["loss/loss"]) for r in _log(out, "eval"))
+    model = zoo.from_pretrained(out / "final")
+    assert model.config.extra["train_length"] == 32 and model.config.extra["train_steps"] == 4
+
+    # the final checkpoint consolidates to the same weights; rerunning the finished command trains nothing
+    assert main(["consolidate", str(out / "checkpoints"), str(tmp_path / "consolidated")]) == 0
+    again = zoo.from_pretrained(tmp_path / "consolidated")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert main(args) == 0
+    assert "trained to step 4 (resumed from 4)" in capsys.readouterr().out
+    assert len(_log(out)) == 4
+
+
+def test_distributed_trainer_on_one_process_is_the_trainer(token_file) -> None:
+    """DistributedTrainer (shard_batch + lm_loss + its clip/step) on one process == zoo.train.Trainer."""
+    from zoo.data import load_token_file
+
+    stream, docs = load_token_file(token_file, eos_token_id=EOS)
+    cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=1, grad_accum=2)
+    curves = []
+    for cls in (Trainer, DistributedTrainer):
+        torch.manual_seed(0)
+        model = zoo.create_model(CONFIG)
+        trainer = cls(model, config=cfg) if cls is Trainer else cls(model, Parallelism(), config=cfg)
+        data = packed_batches(stream, docs, 16, 4, generator=torch.Generator().manual_seed(0))
+        curves.append(trainer.fit(data, progress=False).losses)
+    assert curves[0] == pytest.approx(curves[1], abs=1e-6)
+
+
+def _train_rank(rank: int, world: int, args: list[str]) -> int:
+    return main(args)
+
+
+def test_fsdp_sequence_parallel_stop_and_resume_follows_single_process(tmp_path, token_file, reference) -> None:
+    out = tmp_path / "fsdp"
+    args = _args(out, token_file, "--strategy", "fsdp", "--sequence-parallel", "2", "--activation-checkpointing",
+                 "--grad-accum", "2")
+    assert run_local(_train_rank, 2, [*args, "--stop-at", "2"]) == [0, 0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"] and not (out / "final").exists()
+    assert run_local(_train_rank, 2, args) == [0, 0]
+    assert [r["step"] for r in _log(out, "resume")] == [2]
+    _assert_curves_match(out, reference)
+    # the result: the full weights of the sharded model, as one process would have them
+    model, ref = zoo.from_pretrained(out / "final"), zoo.from_pretrained(reference / "final")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, ref.state_dict()[name], atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_follows_single_process(tmp_path, token_file, reference) -> None:
+    """The README's command: ``torchrun --nproc-per-node 2 -m zoo train ...`` (gloo on the CPU)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "zoo", *_args(out, token_file, "--strategy", "ddp", "--grad-accum", "2", "--device", "cpu")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained to step 4" in proc.stdout
+    assert _log(out, "start")[0]["world_size"] == 2
+    _assert_curves_match(out, reference)
+
+
+def test_refusals(tmp_path, token_file, capsys) -> None:
+    base = ["train", "--data", str(token_file), "--out", str(tmp_path / "x"), "--no-progress"]
+    assert main([*base, "--config", json.dumps(CONFIG), "--model", "default"]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+    assert main([*base, "--config", json.dumps(CONFIG), "--eval", "nonsense"]) == 2
+    assert "unknown evaluation 'nonsense'" in capsys.readouterr().err
+    assert main([*base, "--config", json.dumps({**CONFIG, "vocab_size": 32, "eos_token_id": 31})]) == 2
+    assert "token id 63 >= the model's vocab_size 32" in capsys.readouterr().err
+    assert main([*base, "--config", "no-such-preset"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert main(["consolidate", str(tmp_path), str(tmp_path / "y")]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
