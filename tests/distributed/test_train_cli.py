@@ -108,14 +108,22 @@ def test_distributed_trainer_on_one_process_is_the_trainer(token_file) -> None:
 
     stream, docs = load_token_file(token_file, eos_token_id=EOS)
     cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=1, grad_accum=2)
+
     curves = []
-    for cls in (Trainer, DistributedTrainer):
+    for base in (Trainer, DistributedTrainer):
+        class Recording(base):  # the gradient norms too: AdamW and clipping hide a uniform gradient scale
+            def clip_and_step(self) -> float | None:
+                self.norms.append(super().clip_and_step())
+                return self.norms[-1]
+
         torch.manual_seed(0)
         model = zoo.create_model(CONFIG)
-        trainer = cls(model, config=cfg) if cls is Trainer else cls(model, Parallelism(), config=cfg)
+        trainer = Recording(model, config=cfg) if base is Trainer else Recording(model, Parallelism(), config=cfg)
+        trainer.norms = []
         data = packed_batches(stream, docs, 16, 4, generator=torch.Generator().manual_seed(0))
-        curves.append(trainer.fit(data, progress=False).losses)
-    assert curves[0] == pytest.approx(curves[1], abs=1e-6)
+        curves.append((trainer.fit(data, progress=False).losses, trainer.norms))
+    assert curves[0][0] == pytest.approx(curves[1][0], abs=1e-6)
+    assert curves[0][1] == pytest.approx(curves[1][1], rel=1e-5)
 
 
 def _train_rank(rank: int, world: int, args: list[str]) -> int:
@@ -125,11 +133,14 @@ def _train_rank(rank: int, world: int, args: list[str]) -> int:
 def test_fsdp_sequence_parallel_stop_and_resume_follows_single_process(tmp_path, token_file, reference) -> None:
     out = tmp_path / "fsdp"
     args = _args(out, token_file, "--strategy", "fsdp", "--sequence-parallel", "2", "--activation-checkpointing",
-                 "--grad-accum", "2")
+                 "--grad-accum", "2", "--eval-data", str(token_file), "--eval-every", "2",
+                 "--eval", 'loss:{"length": 32, "windows": 2}')  # evaluation on the gathered weights
     assert run_local(_train_rank, 2, [*args, "--stop-at", "2"]) == [0, 0]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"] and not (out / "final").exists()
     assert run_local(_train_rank, 2, args) == [0, 0]
     assert [r["step"] for r in _log(out, "resume")] == [2]
+    assert [r["step"] for r in _log(out, "eval")] == [2, 4] and all(np.isfinite(r["loss/loss"])
+                                                                    for r in _log(out, "eval"))
     _assert_curves_match(out, reference)
     # the result: the full weights of the sharded model, as one process would have them
     model, ref = zoo.from_pretrained(out / "final"), zoo.from_pretrained(reference / "final")
