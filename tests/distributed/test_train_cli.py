@@ -174,3 +174,24 @@ def test_refusals(tmp_path, token_file, capsys) -> None:
     assert "neither a preset" in capsys.readouterr().err
     assert main(["consolidate", str(tmp_path), str(tmp_path / "y")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_follows_fp32_on_one_process(token_file, precision: str) -> None:
+    """The autocast paths (bf16; fp16 with its loss scaler, checkpointed) run and stay near the fp32 curve; the CPU
+    default is fp32."""
+    from zoo.data import load_token_file
+    from zoo.distributed import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    stream, docs = load_token_file(token_file, eos_token_id=EOS)
+    curves = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        trainer = DistributedTrainer(zoo.create_model(CONFIG), Parallelism(), precision=p,
+                                     config=TrainConfig(steps=3, lr=1e-2, warmup_steps=1, grad_clip=None))
+        data = packed_batches(stream, docs, 16, 4, generator=torch.Generator().manual_seed(0))
+        curves[p] = trainer.fit(data, progress=False).losses
+    assert ("grad_scaler" in trainer.extras) == (precision == "fp16")
+    assert curves[precision] != curves["fp32"]  # it did compute in low precision
+    assert curves[precision] == pytest.approx(curves["fp32"], abs=3e-2)

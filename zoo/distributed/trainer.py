@@ -88,7 +88,7 @@ class DistributedTrainer(Trainer):
             self.extras["grad_scaler"] = self.scaler
         self.log_file = Path(log_file) if log_file is not None and par.is_main else None
         self.last_grad_norm: float | None = None
-        self._t_last = time.perf_counter()
+        self.last_lr: float | None = None
 
     # ------------------------------------------------------------------------------------------ one step
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -99,6 +99,7 @@ class DistributedTrainer(Trainer):
     def step(self, micro_batches: list[Batch]) -> float:
         """One optimizer step over the global ``micro_batches``; returns the global mean loss (the same on every
         rank and equal to what one process computes on the same batches)."""
+        t0 = time.perf_counter()
         self.model.train()
         n = len(micro_batches)
         total = torch.zeros((), dtype=torch.float32, device=self.par.device)
@@ -114,7 +115,7 @@ class DistributedTrainer(Trainer):
         loss_value = float(all_reduce_sum(total))
         self.last_grad_norm = self.clip_and_step()
         self.step_count += 1
-        self.after_step(loss_value, tokens)
+        self.after_step(loss_value, tokens, time.perf_counter() - t0)
         return loss_value
 
     def backward(self, loss: Tensor, *, last: bool) -> None:
@@ -134,10 +135,11 @@ class DistributedTrainer(Trainer):
     def clip_and_step(self) -> float | None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = None
-        if self.config.grad_clip is not None:
-            total = torch.nn.utils.clip_grad_norm_(self._params(), self.config.grad_clip)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        # the global norm (FSDP2: a DTensor reduced over the shards), logged also when nothing is clipped
+        limit = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        total = torch.nn.utils.clip_grad_norm_(self._params(), limit)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -148,18 +150,15 @@ class DistributedTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def after_step(self, loss: float, tokens: int) -> None:
-        """Log the step (rank 0) and save a checkpoint every ``save_every`` steps."""
-        now = time.perf_counter()
+    def after_step(self, loss: float, tokens: int, seconds: float) -> None:
+        """Log the step (rank 0; ``tokens``: of the global batch, ``seconds``: forward, backward and optimizer
+        step) and save a checkpoint every ``save_every`` steps."""
         if self.log_file is not None:
-            record = {"step": self.step_count, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                      "grad_norm": self.last_grad_norm, "tokens": tokens,
-                      "tokens_per_s": tokens / max(now - self._t_last, 1e-9)}
-            self.log({"event": "step", **record})
-        self._t_last = now
+            self.log({"event": "step", "step": self.step_count, "loss": loss,
+                      "lr": self.last_lr, "grad_norm": self.last_grad_norm,
+                      "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)})
         if self.checkpoint_dir is not None and self.save_every and self.step_count % self.save_every == 0:
             self.save()
-            self._t_last = time.perf_counter()  # the save is not training time
 
     def log(self, record: dict[str, Any]) -> None:
         if self.log_file is not None:
