@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +196,29 @@ def test_autocast_follows_fp32_on_one_process(token_file, precision: str) -> Non
     assert ("grad_scaler" in trainer.extras) == (precision == "fp16")
     assert curves[precision] != curves["fp32"]  # it did compute in low precision
     assert curves[precision] == pytest.approx(curves["fp32"], abs=3e-2)
+
+
+def test_layout_refusals_come_before_training(tmp_path, token_file) -> None:
+    def train(rank: int, world: int, *extra: Any) -> str:
+        try:
+            from zoo.distributed.run import run_training
+            from zoo.train_run import TrainRun
+
+            kw = {"seq_len": 16, "batch_size": 4, **dict(zip(extra[::2], extra[1::2]))}
+            run_training(TrainRun(config=json.dumps(CONFIG), data=str(token_file), out=str(tmp_path / str(extra)),
+                                  steps=1, evals=["none"], progress=False, **kw))
+        except ValueError as e:
+            return str(e)
+        return "trained"
+
+    assert run_local(train, 2, "batch_size", 3) == ["--batch-size 3 is not divisible by the 2 data-parallel "
+                                                    "replicas (2 processes / --sequence-parallel 1)"] * 2
+    assert "--seq-len 15 is not divisible by --sequence-parallel 2" in run_local(
+        train, 2, "seq_len", 15, "sequence_parallel", 2)[0]
+    config = {**CONFIG, "mixers": "infllmv2(kernel_size=4, kernel_stride=2, block_size=8, window_size=8, topk=3)"}
+    with pytest.raises(ValueError, match=r"\['infllmv2'\] cannot keep packed documents apart"):
+        from zoo.distributed.run import run_training
+        from zoo.train_run import TrainRun
+
+        run_training(TrainRun(config=json.dumps(config), data=str(token_file), out=str(tmp_path / "i"), steps=1,
+                              evals=["none"], progress=False))

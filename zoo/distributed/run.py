@@ -130,6 +130,21 @@ def _check_vocab(stream: Any, vocab_size: int, what: str) -> None:
         raise ValueError(f"{what} holds token id {top} >= the model's vocab_size {vocab_size}")
 
 
+def _check_layout(run: TrainRun, model: nn.Module, par: Parallelism, *, packed: bool) -> None:
+    """Refuse early (before any step) what the first step would refuse."""
+    if run.batch_size % par.dp_size:
+        raise ValueError(f"--batch-size {run.batch_size} is not divisible by the {par.dp_size} data-parallel "
+                         f"replicas ({par.world_size} processes / --sequence-parallel {par.sp_size})")
+    if run.seq_len % par.sp_size:
+        raise ValueError(f"--seq-len {run.seq_len} is not divisible by --sequence-parallel {par.sp_size}")
+    if packed:
+        names = sorted({spec.mixer for spec, block in zip(model.config.layers, model.layers)
+                        if not getattr(block.mixer, "supports_packing", False)})
+        if names:
+            raise ValueError(f"mixer(s) {names} cannot keep packed documents apart (no seq_idx support): "
+                             "train with --no-packing")
+
+
 def _eval_model(model: nn.Module, par: Parallelism, strategy: str) -> nn.Module | None:
     """A model rank 0 can run alone with the current weights (every rank calls this; None elsewhere)."""
     if par.sequence is None and strategy in ("none", "ddp"):
@@ -193,6 +208,7 @@ def run_training(run: TrainRun) -> dict[str, Any]:
     stream, doc_ids = load_training_data(run.data, "train", tokenizer=tokenizer, eos_token_id=eos,
                                          token_dtype=run.token_dtype)
     _check_vocab(stream, config.vocab_size, f"the training data {run.data!r}")
+    _check_layout(run, model, par, packed=run.packing and doc_ids is not None)
     heldout = None
     if run.eval_data is not None or not _is_token_file(run.data):
         eval_source = run.eval_data if run.eval_data is not None else run.data
