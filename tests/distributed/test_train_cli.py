@@ -43,8 +43,8 @@ def token_file(tmp_path_factory) -> Path:
     return path
 
 
-def _args(out: Path, data: Path, *extra: str) -> list[str]:
-    return ["train", "--config", json.dumps(CONFIG), "--data", str(data), "--out", str(out), "--seq-len", "16",
+def _args(out: Path, data: Path, *extra: str, model: tuple[str, ...] = ("--config", json.dumps(CONFIG))) -> list[str]:
+    return ["train", *model, "--data", str(data), "--out", str(out), "--seq-len", "16",
             "--batch-size", "4", "--steps", "4", "--warmup-steps", "1", "--lr", "1e-2", "--no-progress",
             "--eval", "none", *extra]
 
@@ -222,3 +222,14 @@ def test_layout_refusals_come_before_training(tmp_path, token_file) -> None:
 
         run_training(TrainRun(config=json.dumps(config), data=str(token_file), out=str(tmp_path / "i"), steps=1,
                               evals=["none"], progress=False))
+
+
+def test_from_a_checkpoint_with_a_swap_trains_only_the_swapped_mixers(tmp_path, token_file, reference) -> None:
+    out = tmp_path / "swapped"
+    model = ("--model", str(reference / "final"), "--swap", "2: attention", "--trainable", "swapped")
+    assert main(_args(out, token_file, "--steps", "1", model=model)) == 0
+    before, after = zoo.from_pretrained(reference / "final"), zoo.from_pretrained(out / "final")
+    assert [ls.mixer for ls in after.config.layers] == ["attention", "mamba2", "attention"]
+    changed = {k for k, v in after.state_dict().items()
+               if k not in before.state_dict() or not torch.equal(v, before.state_dict()[k])}
+    assert changed and all(k.startswith("layers.2.mixer.") for k in changed)
