@@ -157,3 +157,18 @@ def test_state_collapse_experiment_on_tiny_sizes(tmp_path):
     run(s, tmp_path, progress=False)  # resumes: the base is not trained again, every cell is skipped
     assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     assert len(read_results(tmp_path / "results.jsonl")) == 12
+
+
+def test_committed_state_collapse_report_shows_the_task_learned_and_the_collapse():
+    """reports/state_collapse (scripts/state_collapse.py): the baseline learned passkey retrieval at its training
+    length (>= 90%), and past it both its passkey accuracy and its loss collapse."""
+    from pathlib import Path
+
+    records = {r["cell"]: r for r in read_results(Path(__file__).resolve().parents[1] / "reports" / "state_collapse"
+                                                  / "results.jsonl")}
+    pk, loss = records["baseline/passkey"]["summary"], records["baseline/loss"]["summary"]
+    L = pk["train_length"]
+    assert pk[f"accuracy@{L}"] >= 0.9
+    longest = max(int(k.split("@")[1]) for k in pk if k.startswith("accuracy@"))
+    assert longest >= 16 * L and pk[f"accuracy@{longest}"] <= 0.5 * pk[f"accuracy@{L}"]
+    assert loss["extrapolated"] > 2 * loss["in_distribution"]

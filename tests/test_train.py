@@ -7,8 +7,16 @@ import pytest
 import torch
 
 import zoo
-from zoo.train import (Batch, TrainConfig, Trainer, causal_lm_loss, concat_batches, lr_factor, make_optimizer,
-                       packed_batches)
+from zoo.train import (
+    Batch,
+    TrainConfig,
+    Trainer,
+    causal_lm_loss,
+    concat_batches,
+    lr_factor,
+    make_optimizer,
+    packed_batches,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,7 +1,8 @@
 """Files shipped inside the package (package data): the default model and the demo's ablation spec.
 
 * ``default_model/``: a 4-layer byte-level attention LM (d_model 128, ~0.8M parameters, safetensors) trained on the
-  Python standard library's source (train split) plus passkey samples at 256 tokens, by
+  Python standard library's source (train split) plus passkey samples at 256 tokens (held-out loss 1.21 nats/byte;
+  passkey retrieval not learned in this budget: 0.00), by
   ``python scripts/train_default_model.py`` (reproducible: seed, data and settings are in its ``config.json``
   under ``extra``).
 * ``demo.yaml``: the ablation that ``zoo demo`` runs on it.

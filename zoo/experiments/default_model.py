@@ -6,8 +6,14 @@ Architecture: 4 blocks of GQA attention (4 query heads, 2 KV heads, head_dim 32,
 Data: random 256-token windows of the Python standard library's source (train split of :mod:`zoo.eval.corpus`,
 packed with ``seq_idx`` so no window looks across a file boundary), plus in every batch a few passkey rows
 (:class:`zoo.eval.passkey.TextPasskey`: the needle-in-filler task at the same length, answer tokens weighted), so
-that the passkey evaluation of an ablation measures a learned skill. The settings, the seed, the Python version
-(whose stdlib is the corpus) and the final scores are recorded in ``config.extra``.
+that the passkey evaluation of an ablation can measure a learned skill. Measured (the shipped checkpoint, 1200 steps,
+29 min on a shared 2-core CPU at load 4-12): held-out loss 1.21 nats/byte at 256, but passkey retrieval was NOT
+learned: 0.00 exact match at 256, per-digit accuracy at chance (~0.1-0.2), even for the key's short-range repeat
+inside the needle, i.e. no copy (induction) circuit formed in this budget. A 400-step passkey-only curriculum
+(128 -> 256 tokens, lr 1e-3) on top did not change that either. The demo's passkey column therefore shows an
+unlearned task for every variant; a longer run (or a narrower task) is what it needs. The settings, the seed,
+the Python version (whose stdlib is the corpus) and the scores at each evaluation are recorded in
+``config.extra``.
 """
 
 from __future__ import annotations
@@ -38,13 +44,13 @@ class DefaultModelSetup:
     corpus_rows: int = 12
     passkey_rows: int = 4
     passkey_answer_weight: float = 10.0
-    steps: int = 2000
+    steps: int = 1200
     lr: float = 3e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.1
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 200
 
 
 def default_config(s: DefaultModelSetup) -> zoo.ZooConfig:
@@ -86,6 +92,7 @@ def train_default_model(s: DefaultModelSetup, out: str | Path, *, progress: bool
         "train_length": s.seq_len, "tokenizer": "bytes", "corpus": f"python-stdlib {platform.python_version()} "
         "(train split, zoo.eval.corpus)", "recipe": asdict(s), "trained_by": "scripts/train_default_model.py",
         "train_seconds": round(time.perf_counter() - t0), "torch": torch.__version__,
-        "final_heldout_loss": round(final["heldout_loss"], 4), "final_passkey_at_train_length": final["passkey"]}
+        "final_heldout_loss": round(final["heldout_loss"], 4), "final_passkey_at_train_length": final["passkey"],
+        "evals": result.evals}
     model.save_pretrained(out)
     return {"evals": result.evals, "losses": result.losses, "seconds": result.seconds}

@@ -41,9 +41,9 @@ class Setup:
     chunk_size: int = 32
     n_digits: int = 2
     train_len: int = 256
-    curriculum: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # lengths, equal shares of steps
-    batch_size: int = 16
-    steps: int = 1200
+    curriculum: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # lengths, equal shares of steps
+    batch_size: int = 32
+    steps: int = 1500
     lr: float = 3e-3
     answer_weight: float = 20.0
     eval_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384])
@@ -82,19 +82,24 @@ def train_base(s: Setup, log: list[str], progress: bool = True) -> zoo.ZooForCau
     data = passkey_batches(task, length, s.batch_size, generator=torch.Generator().manual_seed(s.seed),
                            answer_weight=s.answer_weight)
 
+    def stage(step: int) -> int:
+        return stages[min(len(stages) - 1, (step - 1) * len(stages) // s.steps)]
+
     def evaluate(m, step: int) -> dict:
-        res = evaluate_passkey(m, task, lengths=[s.train_len], depths=[0.1, 0.5, 0.9], samples=8, seed=99,
-                               progress=False)
-        return {"passkey": res.summary[f"accuracy@{s.train_len}"]}
+        out = {}
+        for L in dict.fromkeys([stage(step), s.train_len]):
+            res = evaluate_passkey(m, task, lengths=[L], depths=[0.1, 0.5, 0.9], samples=8, seed=99, progress=False)
+            out[f"passkey@{L}"] = res.summary[f"accuracy@{L}"]
+        return out
 
     cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=50, weight_decay=0.01, min_lr_ratio=0.05,
-                      eval_every=max(1, s.steps // 8))
+                      eval_every=max(1, s.steps // 10))
     res = Trainer(model, config=cfg).fit(data, eval_fn=evaluate, progress=progress, desc="train base")
     for e in res.evals:
         i = e["step"] - 1
         recent = res.losses[max(0, i - 20):i + 1]
-        log.append(f"step {e['step']}: length {stages[min(len(stages) - 1, i * len(stages) // s.steps)]}, "
-                   f"loss {sum(recent) / len(recent):.4f}, passkey@{s.train_len} {e['passkey']:.2f}")
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k.startswith("passkey"))
+        log.append(f"step {e['step']}: length {stage(e['step'])}, loss {sum(recent) / len(recent):.4f}, {scores}")
     log.append(f"training: {s.steps} steps x batch {s.batch_size}, curriculum {stages}, {res.seconds:.0f} s")
     model.config.extra = {"train_length": s.train_len, "setup": asdict(s), "training_log": log}
     return model.eval()
