@@ -43,7 +43,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 
 TINY_DEMO = {"name": "tiny-demo", "base": "default", "data": {"corpus": "stdlib", "passkey_rows": 1},
-             "finetune": {"steps": 2, "batch_size": 2, "seq_len": 64},
+             "finetune": {"steps": 2, "batch_size": 2, "seq_len": 128},
              "variants": [{"name": "attention"},
                           {"name": "window", "swap": "all: sliding_window(window=16)", "finetune": True}],
              "evaluations": [{"kind": "loss", "length": 64, "windows": 1},
