@@ -64,7 +64,9 @@ class DistributedTrainer(Trainer):
     """``Trainer`` for a model returned by :func:`~zoo.distributed.parallel.parallelize` (DDP, FSDP2, or plain on
     one process) in the layout ``par``. ``checkpoint_dir`` / ``save_every`` / ``keep``: distributed checkpoints
     (``save_every=0``: only when :meth:`save` is called); ``extras``: more checkpointed objects (name -> object
-    with ``state_dict``/``load_state_dict``, e.g. the data stream); ``log_file``: JSON lines written by rank 0."""
+    with ``state_dict``/``load_state_dict``, e.g. the data stream); ``log_file``: JSON lines written by rank 0.
+    The loss is always the (weighted) next-token loss of the global batch (``Trainer``'s ``loss_fn`` is not used:
+    a custom loss would need its own global normalisation across ranks)."""
 
     def __init__(self, model: nn.Module, par: Parallelism, *, config: TrainConfig | None = None,
                  strategy: str = "none", precision: str = "fp32", checkpoint_dir: str | Path | None = None,
