@@ -1,4 +1,5 @@
-"""The ``zoo`` command: list, info, generate, convert, publish, swap, eval, ablate, demo, bench, dna."""
+"""The ``zoo`` command: list, info, generate, convert, publish, swap, eval, ablate, demo, bench, dna, train,
+consolidate."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
 from zoo.registry import list_formats
 from zoo.tokenizers import load_tokenizer
+from zoo.train_run import add_train_commands
 
 
 def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench, bench_args=[])
     add_dna_commands(sub)
     add_ablation_commands(sub)
+    add_train_commands(sub)
     return p
 
 

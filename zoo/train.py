@@ -189,7 +189,8 @@ class Trainer:
             result.losses.append(loss)
             result.tokens += sum(mb.n_tokens for mb in micro)
             last = s == steps - 1
-            if eval_fn is not None and (last or (cfg.eval_every and (s + 1) % cfg.eval_every == 0)):
+            # the cadence counts optimizer steps since the start of training (a resumed run keeps it)
+            if eval_fn is not None and (last or (cfg.eval_every and self.step_count % cfg.eval_every == 0)):
                 self.model.eval()
                 with torch.no_grad():
                     metrics = eval_fn(self.model, self.step_count)
@@ -197,7 +198,8 @@ class Trainer:
                 shown = {k: f"{v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float))}
             if last or s % cfg.log_every == 0:
                 recent = result.losses[-cfg.log_every:]
-                bar.set_postfix({"loss": f"{sum(recent) / len(recent):.3f}",
+                tok_s = result.tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix({"loss": f"{sum(recent) / len(recent):.3f}", "tok/s": f"{tok_s:,.0f}",
                                  **{f"eval_{k}": v for k, v in shown.items()}}, refresh=False)
         bar.close()
         result.steps = steps
