@@ -62,6 +62,7 @@ def test_demo_runs_offline(tmp_path, single_thread):
     out = "\n".join(lines)
     assert "| attention |" in out and "| window |" in out and "mqar ≤16" in out and "mqar >16" in out
     assert "mqar: accuracy at lengths ≤16, the training length (in distribution)" in out  # the legend
+    assert "attention none; window `all: sliding_window(window=8)`." in (tmp_path / "results.md").read_text()
     assert f"plot:   {tmp_path / 'loss_vs_position.png'}" in out and (tmp_path / "accuracy_vs_length.png").is_file()
     assert [r["cell"] for r in result["run"].records] == ["attention/loss", "attention/mqar", "window/loss",
                                                           "window/mqar"]

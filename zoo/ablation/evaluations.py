@@ -127,7 +127,9 @@ def eval_mqar(ctx: EvalContext, *, swaps: dict[str, str | None] | None = None, *
         raise ValueError(f"mqar: swaps names unknown variant(s) {bad}; variants: {sorted(names)}")
     swap = (swaps or {}).get(ctx.variant.name, ctx.variant.swap)
     setup = MQARSetup(**{"seed": ctx.spec.seed, **_params(MQARSetup, params, "mqar")})
-    return run_mqar({ctx.variant.name: swap}, setup, progress=ctx.progress)
+    out = run_mqar({ctx.variant.name: swap}, setup, progress=ctx.progress)
+    out["summary"]["swap"] = swap  # the architecture trained here, for the report
+    return out
 
 
 @register_evaluation("efficiency")

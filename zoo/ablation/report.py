@@ -142,6 +142,11 @@ def detail_table(recs: list[dict], variants: list[str]) -> list[str]:
         T = recs[0]["summary"].get("train_length")
         note = ["Accuracy by length" + (f" (training length {T})" if T else "")
                 + (", averaged over needle depths" if kind == "passkey" else "") + ".", ""]
+        if kind == "mqar":
+            note[0] += (" Each variant is trained from scratch on the task: the MQAR base model (attention) with "
+                        "the swap " + "; ".join(f"{v} " + (f"`{by_v[v]['summary']['swap']}`" if by_v[v]["summary"]
+                                                            .get("swap") else "none") for v in variants if v in by_v)
+                        + ".")
         return note + head + body
     if kind == "efficiency":
         lengths = [r["length"] for r in recs[0]["rows"]]
