@@ -33,17 +33,22 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.base import BenchCase, Mixer, State
+from zoo.layers.mamba2_ops import causal_conv
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
+
+_CKPT = os.environ.get('ZOO_CKPT', '1') == '1'
 
 
 @dataclass
@@ -251,26 +256,70 @@ class Mamba2(Mixer):
         return st
 
     # ------------------------------------------------------------------ forward
+    # On the CPU a parallel forward / prefill longer than this runs in tiles of this many tokens (the conv window
+    # and the SSM state carried between them), so that the elementwise passes over [tile, d_in_proj] stay in cache;
+    # with autograd each tile's inner part is recomputed in the backward (activation memory of one tile).
+    # None: one piece (the reference path).
+    tile_len: int | None = 1024
+
     def forward(self, x: Tensor, *, positions: Tensor | None = None, state: Mamba2State | None = None,
                 attention_mask: Tensor | None = None, seq_idx: Tensor | None = None
                 ) -> tuple[Tensor, Mamba2State | None]:
-        Bsz, T, _ = x.shape
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        T = x.shape[1]
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         if seq_idx is not None and state is not None and self.state_window:
             raise ValueError("mamba2: state_window with seq_idx is supported in the parallel forward only")
         if seq_idx is not None and self.state_norm_threshold is not None:
             raise ValueError("mamba2: state_norm_threshold with seq_idx (packed documents) is not supported: the "
                              "renormalisation points would not restart at each document")
+        plain = mask is None and seq_idx is None and not self.state_window and self._thresholds(x) is None
+        if plain and self.tile_len and T > self.tile_len and x.device.type == "cpu":
+            return self._tiled(x, state), state
+        return self._forward(x, state, mask, seq_idx), state
+
+    def _forward(self, x: Tensor, state: Mamba2State | None, mask: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+        """One piece: the reference path of every mode."""
+        Bsz, T, _ = x.shape
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         previous = copy.copy(state) if state is not None and mask is not None else None
         zxbcdt = self.in_proj(x)  # [B, T, d_in_proj]
         z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
-        xBC = F.silu(self._conv(xBC, state, seq_idx))  # [B, T, conv_dim]
+        prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)
+        if state is not None:
+            full = xBC if T >= self.d_conv else torch.cat([prev, xBC], dim=1)
+            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype)
+        xBC = causal_conv(xBC, prev, self._conv_weight(xBC.dtype), self._conv_bias(xBC.dtype), seq_idx=seq_idx)
+        xs, Bm, Cm, dt, off, A, D, zg = self._ssm_inputs(xBC, dt, z, mask)
+        if state is not None and T == 1:
+            y = self._step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
+            if zg is not None:
+                y = (y * F.silu(zg.to(state.ssm_state.dtype))).to(xs.dtype)
+        elif self.state_window:
+            y = self._windowed(xs, dt, A, Bm, Cm, D, zg, off, seq_idx, state)
+        else:
+            y = self._scan(xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
+        if state is not None:
+            state.seen = state.seen + (T if mask is None else mask.sum(1))
+        if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
+            state.keep_rows(~mask.any(1), previous)
+        return self.out_proj(self._gate(y.reshape(Bsz, T, self.d_ssm), z, z0, x0).to(x.dtype))
+
+    def _conv_weight(self, dtype: torch.dtype) -> Tensor:
+        return self.conv1d.weight[:, 0].t().to(dtype)  # [K, C]
+
+    def _conv_bias(self, dtype: torch.dtype) -> Tensor | None:
+        return None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
+
+    def _ssm_inputs(self, xBC: Tensor, dt: Tensor, z: Tensor, mask: Tensor | None) -> tuple:
+        """The scan's inputs from the conv output and the raw ``dt``: ``x [B, T, H, P]``, ``B, C [B, T, G, N]``,
+        ``dt [B, T, H]`` (softplus, limits, scale, padding), the log-decay offset, ``A``, ``D``, the gate ``z``
+        when there is no norm to apply it."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         xs, Bm, Cm = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
         xs, Bm, Cm = xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
@@ -288,46 +337,54 @@ class Mamba2(Mixer):
         A = -torch.exp(self.A_log.to(acc))  # [H]
         D = self.D.view(H, P) if self.D_has_hdim else self.D
         zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
-        if state is not None and T == 1:
-            y = self._step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
-            if zg is not None:
-                y = (y * F.silu(zg.to(state.ssm_state.dtype))).to(xs.dtype)
-        elif self.state_window:
-            y = self._windowed(xs, dt, A, Bm, Cm, D, zg, off, seq_idx, state)
-        else:
-            y = self._scan(xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
-        if state is not None:
-            state.seen = state.seen + (T if mask is None else mask.sum(1))
-        if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
-            state.keep_rows(~mask.any(1), previous)
-        y = y.reshape(Bsz, T, self.d_ssm)
+        return xs, Bm, Cm, dt, off, A, D, zg
+
+    def _gate(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
+        """``[B, T, d_ssm]`` scan output -> the out_proj input ``[B, T, d_inner]`` (gated norm, MLP part)."""
         if self.rmsnorm:
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
-        return self.out_proj(y.to(x.dtype)), state
+        return y
 
-    def _conv(self, xBC: Tensor, state: Mamba2State | None, seq_idx: Tensor | None) -> Tensor:
-        """Causal depthwise conv of ``xBC [B, T, C]`` (+ bias), continuing ``state.conv_state`` (updated in place).
+    def _mix(self, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
+        ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
+        state after the tile."""
+        L = zxbcdt.shape[1]
+        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
+        xBC = causal_conv(xBC, prev, self._conv_weight(xBC.dtype), self._conv_bias(xBC.dtype))
+        xs, Bm, Cm, dt, off, A, D, zg = self._ssm_inputs(xBC, dt, z, None)
+        y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, initial_states=h0,
+                              dA_offset=off)
+        return self._gate(y.reshape(zxbcdt.shape[0], L, self.d_ssm), z, z0, x0), h
 
-        Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
-        K, T = self.d_conv, xBC.shape[1]
-        w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
-        prev = (state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype) if state is not None
-                else xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim))
-        full = torch.cat([prev, xBC], dim=1)  # [B, K-1+T, C]
+    def _tiled(self, x: Tensor, state: Mamba2State | None) -> Tensor:
+        """The parallel forward / prefill of an unpadded, unpacked call in tiles of ``tile_len`` tokens (CPU)."""
+        Bsz, T, _ = x.shape
+        K, L = self.d_conv, self.tile_len
+        lo = 2 * self.d_mlp + self.d_ssm  # xBC's columns in zxbcdt: [lo, lo + conv_dim)
         if state is not None:
-            state.conv_state = full[:, -K:].transpose(1, 2).to(state.conv_state.dtype)
-        seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)
-        out = full[:, K - 1:] * w[K - 1]
-        for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
-            tap = full[:, k:k + T]
-            if seq is not None:
-                tap = tap * (seq[:, k:k + T] == seq_idx)[..., None].to(tap.dtype)
-            out = out.addcmul(tap, w[k])
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(out.dtype)
-        return out
+            prev, h = state.conv_state[..., 1:].transpose(1, 2).to(x.dtype), state.ssm_state
+        else:
+            prev, h = x.new_zeros(Bsz, K - 1, self.conv_dim), None
+        grad = torch.is_grad_enabled()
+        outs = []
+        for t0 in range(0, T, L):
+            zxbcdt = self.in_proj(x[:, t0:t0 + L])
+            if grad and _CKPT:
+                y, h = torch.utils.checkpoint.checkpoint(self._mix, zxbcdt, prev, h, use_reentrant=False)
+            else:
+                y, h = self._mix(zxbcdt, prev, h)
+            xBC = zxbcdt[..., lo:lo + self.conv_dim]
+            window = xBC if xBC.shape[1] >= K else torch.cat([prev, xBC], dim=1)
+            prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
+            outs.append(self.out_proj(y.to(x.dtype)))
+        if state is not None:
+            state.conv_state = window[:, -K:].transpose(1, 2).to(state.conv_state.dtype)
+            state.ssm_state = h
+            state.seen = state.seen + T
+        return torch.cat(outs, dim=1)
 
     def _thresholds(self, like: Tensor) -> Tensor | None:
         """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None
