@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +43,9 @@ from torch import Tensor, nn
 
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.base import BenchCase, Mixer, State
-from zoo.layers.mamba2_ops import causal_conv
+from zoo.layers.mamba2_ops import causal_conv, decode_step_
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
-
-_CKPT = os.environ.get('ZOO_CKPT', '1') == '1'
 
 
 @dataclass
@@ -261,6 +258,7 @@ class Mamba2(Mixer):
     # with autograd each tile's inner part is recomputed in the backward (activation memory of one tile).
     # None: one piece (the reference path).
     tile_len: int | None = 1024
+    tile_checkpoint: bool = True  # recompute each tile's inner part in the backward (False: keep activations)
 
     def forward(self, x: Tensor, *, positions: Tensor | None = None, state: Mamba2State | None = None,
                 attention_mask: Tensor | None = None, seq_idx: Tensor | None = None
@@ -272,6 +270,8 @@ class Mamba2(Mixer):
         if seq_idx is not None and self.state_norm_threshold is not None:
             raise ValueError("mamba2: state_norm_threshold with seq_idx (packed documents) is not supported: the "
                              "renormalisation points would not restart at each document")
+        if state is not None and T == 1 and mask is None and not self.state_window and not torch.is_grad_enabled():
+            return decode_step_(self, x, state), state  # the lean in-place step
         plain = mask is None and seq_idx is None and not self.state_window and self._thresholds(x) is None
         if plain and self.tile_len and T > self.tile_len and x.device.type == "cpu":
             return self._tiled(x, state), state
@@ -280,7 +280,7 @@ class Mamba2(Mixer):
     def _forward(self, x: Tensor, state: Mamba2State | None, mask: Tensor | None, seq_idx: Tensor | None) -> Tensor:
         """One piece: the reference path of every mode."""
         Bsz, T, _ = x.shape
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        H = self.nheads
         previous = copy.copy(state) if state is not None and mask is not None else None
         zxbcdt = self.in_proj(x)  # [B, T, d_in_proj]
         z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
@@ -289,7 +289,8 @@ class Mamba2(Mixer):
         prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)
         if state is not None:
             full = xBC if T >= self.d_conv else torch.cat([prev, xBC], dim=1)
-            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype)
+            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype, copy=True,
+                                                                            memory_format=torch.contiguous_format)
         xBC = causal_conv(xBC, prev, self._conv_weight(xBC.dtype), self._conv_bias(xBC.dtype), seq_idx=seq_idx)
         xs, Bm, Cm, dt, off, A, D, zg = self._ssm_inputs(xBC, dt, z, mask)
         if state is not None and T == 1:
@@ -372,7 +373,7 @@ class Mamba2(Mixer):
         outs = []
         for t0 in range(0, T, L):
             zxbcdt = self.in_proj(x[:, t0:t0 + L])
-            if grad and _CKPT:
+            if grad and self.tile_checkpoint:
                 y, h = torch.utils.checkpoint.checkpoint(self._mix, zxbcdt, prev, h, use_reentrant=False)
             else:
                 y, h = self._mix(zxbcdt, prev, h)
@@ -381,7 +382,8 @@ class Mamba2(Mixer):
             prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
             outs.append(self.out_proj(y.to(x.dtype)))
         if state is not None:
-            state.conv_state = window[:, -K:].transpose(1, 2).to(state.conv_state.dtype)
+            state.conv_state = window[:, -K:].transpose(1, 2).to(state.conv_state.dtype, copy=True,
+                                                                 memory_format=torch.contiguous_format)
             state.ssm_state = h
             state.seen = state.seen + T
         return torch.cat(outs, dim=1)

@@ -15,6 +15,8 @@ Shapes: ``x [B, T, C]``, ``prev [B, K - 1, C]`` (the inputs before ``x``, oldest
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -106,3 +108,55 @@ def causal_conv(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None, 
         out = _conv_forward(x, prev, w, bias)  # no autograd: the activation in place too
         return F.silu(out, inplace=True) if activation else out
     return _CausalConvSiLU.apply(x, prev, w, bias, activation)
+
+
+def decode_step_(m, x: Tensor, state) -> Tensor:
+    """One token through the Mamba-2 layer ``m`` (no padding, no autograd, no ``state_window``), the state updated
+    in place: ``x [B, 1, d_model] -> [B, 1, d_model]``.
+
+    The conv window rolls one slot and the conv is its multiply-sum with the taps; the SSM state is decayed in
+    place (``mul_``) and takes the rank-1 input per group in place (``baddbmm_``); ``y = S C`` per group is one
+    batched GEMV. The same math as the layer's reference step (``Mamba2._step``), which tests pin it to."""
+    Bsz = x.shape[0]
+    H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
+    ssm = state.ssm_state  # [B, H, P, N], fp32 (fp64 stays fp64)
+    acc = ssm.dtype
+    zx = F.linear(x[:, 0], m.in_proj.weight, m.in_proj.bias)  # [B, d_in_proj]
+    z0, x0, z, xBC, dt = zx.split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, H], dim=-1)
+    cs = state.conv_state  # [B, C, K]: the last K pre-conv inputs
+    cs.copy_(cs.roll(-1, -1))
+    cs[..., -1] = xBC
+    xBC = (cs * m.conv1d.weight[:, 0]).sum(-1)  # [B, C]
+    if m.conv1d.bias is not None:
+        xBC = xBC.add_(m.conv1d.bias)
+    xBC = F.silu(xBC, inplace=True)
+    xs, Bm, Cm = xBC.to(acc).split([m.d_ssm, G * N, G * N], dim=-1)
+    dt = F.softplus(dt.to(acc) + m.dt_bias.to(acc))  # [B, H]
+    if m.dt_limit != (0.0, float("inf")):
+        dt = dt.clamp(*m.dt_limit)
+    if m.dt_scale != 1.0:
+        dt = dt * m.dt_scale
+    dA = dt * -torch.exp(m.A_log.to(acc))
+    if m.decay_scale != 1.0:
+        dA = dA + math.log(m.decay_scale)
+    if m.input_scale != 1.0:
+        Bm = Bm * m.input_scale
+    dtx = xs.view(Bsz, H, P) * dt[..., None]  # [B, H, P]
+    ssm.mul_(dA.exp_()[..., None, None])  # S = exp(dt A) S + dt x B^T
+    Sg = ssm.view(Bsz * G, (H // G) * P, N)
+    Sg.baddbmm_(dtx.view(Bsz * G, -1, 1), Bm.reshape(Bsz * G, 1, N))
+    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, H, P)
+    D = m.D.to(acc)
+    y = y.addcmul_(xs.view(Bsz, H, P), D.view(H, P) if m.D_has_hdim else D[:, None])
+    thr = m._thresholds(ssm)
+    if thr is not None:  # renormalise at every chunk_size-th real token (no host sync: a where on the scale)
+        fire = (state.seen + 1) % m.chunk_size == 0
+        scale = torch.clamp(thr.view(1, -1, 1, 1) / torch.linalg.vector_norm(ssm, dim=(-2, -1), keepdim=True)
+                            .clamp_min(1e-30), max=1.0)
+        ssm.mul_(torch.where(fire[:, None, None, None], scale, 1.0))
+    state.seen.add_(1)
+    y = y.view(Bsz, 1, m.d_ssm)
+    if not m.rmsnorm:
+        y = (y * F.silu(z.to(acc).view(Bsz, 1, m.d_ssm))).to(x.dtype)
+    y = m._gate(y, z[:, None], z0[:, None], x0[:, None])
+    return F.linear(y.to(x.dtype), m.out_proj.weight, m.out_proj.bias)

@@ -281,7 +281,7 @@ class _ChunkStates(torch.autograd.Function):
         buf[:, 0] = s0
         _scan_(buf[:, 1:], a, s0)
         ctx.save_for_backward(xw, B_c, a, buf)
-        return buf[:, :n], buf[:, n]
+        return buf[:, :n], buf[:, n].clone()  # the final state outlives the buffer (a decode state)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
