@@ -16,11 +16,12 @@ def make_hf_llama(path: Path, *, vocab_size: int = 1001, tie: bool = False, seed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    kwargs = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
         num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=512,
-        tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager", **overrides,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager",
     )
+    cfg = LlamaConfig(**{**kwargs, **overrides})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # move norms off 1.0 so a swapped/missing norm cannot pass unnoticed
         for name, p in model.named_parameters():
@@ -77,3 +78,47 @@ def make_hf_generator(path: Path, *, seed: int = 0, hidden: int = 32, layers: in
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
     DNAKmerTokenizer().save_pretrained(path)
     return model
+
+
+class FakeHfApi:
+    """Stands in for the Hub (``huggingface_hub.HfApi``): ``upload_folder`` writes the folder into the local HF cache
+    layout (``$HF_HUB_CACHE/models--org--name/snapshots/<sha>`` + ``refs/<revision>``), so that an offline
+    ``from_pretrained`` (``HF_HUB_OFFLINE=1``) finds it. Every call is recorded in ``FakeHfApi.calls``."""
+
+    calls: list = []
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type="model"):
+        FakeHfApi.calls.append(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, branch, exist_ok=False, repo_type="model"):
+        FakeHfApi.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, commit_message="", repo_type="model", revision=None):
+        import shutil
+
+        root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+        snap = root / "snapshots" / FakeHfApi.SHA
+        if snap.exists():
+            shutil.rmtree(snap)
+        shutil.copytree(folder_path, snap)
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / (revision or "main")).write_text(FakeHfApi.SHA)
+        FakeHfApi.calls.append(("upload_folder", repo_id, commit_message, revision))
+        return f"https://hub.invalid/{repo_id}/commit/{FakeHfApi.SHA}"
+
+
+def make_word_tokenizer(path: Path, words: str = "the a cat dog sat on mat and ran fast slow big"):
+    """A tiny word-level transformers tokenizer (no download) saved into ``path``; ids 0..2 are specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words.split())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(path)
+    return tok

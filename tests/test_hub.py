@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zoo
-from tests.helpers import make_hf_llama
+from tests.helpers import FakeHfApi, make_hf_llama
 from zoo.checkpoint import load_weights
 
 
@@ -51,30 +51,6 @@ def test_dtype_and_device_at_load(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "m")
     back = zoo.from_pretrained(tmp_path / "m", dtype=torch.float16)
     assert back.embedding.weight.dtype == torch.float16 and back.device.type == "cpu"
-
-
-class FakeHfApi:
-    """Stands in for the Hub: upload_folder writes the files into the local HF cache layout."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        pass
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type="model"):
-        FakeHfApi.calls.append(("create_repo", repo_id, private))
-
-    def upload_folder(self, repo_id, folder_path, commit_message="", repo_type="model"):
-        import os
-
-        sha = "0123456789abcdef0123456789abcdef01234567"
-        root = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
-        snap = root / "snapshots" / sha
-        shutil.copytree(folder_path, snap, dirs_exist_ok=True)
-        (root / "refs").mkdir(parents=True, exist_ok=True)
-        (root / "refs" / "main").write_text(sha)
-        FakeHfApi.calls.append(("upload_folder", repo_id, commit_message))
-        return f"https://hub.invalid/{repo_id}/commit/{sha}"
 
 
 def test_push_to_hub_then_from_pretrained_offline(tiny, monkeypatch):

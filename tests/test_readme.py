@@ -43,3 +43,8 @@ def test_outside_mixer_example_passes_the_contract():
     finally:
         if "ema" in zoo.list_mixers():
             zoo.registry.unregister_mixer("ema")
+
+
+def test_tour_lists_the_registered_families():
+    listed = re.search(r"zoo.list_families\(\)\s+# (\[.*?\])", README.read_text()).group(1)
+    assert eval(listed) == zoo.list_families()

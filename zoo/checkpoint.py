@@ -5,7 +5,12 @@
   ``torch.load(weights_only=True)`` only.
 * Loading is strict: every checkpoint key used, every parameter filled, or an error listing both sides.
 * Saving writes only the checkpoint's own files into the target directory, each atomically (a temp file in the
-  same directory, then ``os.replace``); other files there are kept, a path that is a file is refused.
+  same directory, then ``os.replace``); other files there are kept, a path that is a file is refused. With
+  ``max_shard_size`` the weights are split into ``model-00001-of-0000N.safetensors`` shards plus
+  ``model.safetensors.index.json`` (transformers' layout); weight files of an earlier save that this one did not
+  write (stale shards, an index, the unsharded file) are removed, nothing else.
+* Tokenizer files travel with checkpoints: ``tokenizer=`` takes a tokenizer object (``save_pretrained(dir)``) or
+  a directory whose tokenizer files (:data:`TOKENIZER_PATTERNS`) are copied.
 
 This module works on any model with ``config``/``state_dict``; resolving ids and building models is
 :mod:`zoo.hub`'s job.
@@ -14,6 +19,7 @@ This module works on any model with ``config``/``state_dict``; resolving ids and
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import pickle
@@ -21,6 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +37,36 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor, nn
 
 from zoo.config import json_restore, json_safe
-from zoo.registry import get_family, list_families
+from zoo.registry import get_format, list_formats
 from zoo.version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-CARD_TEMPLATES = Path(__file__).resolve().parent / "models" / "cards"
+# Files of a tokenizer saved next to the weights (transformers' fast/slow tokenizers, sentencepiece, the DNA k-mers).
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "spiece.model", "sentencepiece*.model", "chat_template.*")
+
+
+@dataclass
+class CheckpointSource:
+    """Where a loaded model came from (``model.source``; the model card's "source checkpoint and conversion")."""
+
+    path: str  # the local directory that was read
+    id: str  # what was asked for: a directory, a hub repo id or a preset name
+    hub_id: str | None = None  # the hub repo, when it came from the hub
+    revision: str | None = None  # the commit of the hub snapshot (or the requested revision)
+    format: str = "zoo"  # "zoo", or the family whose reference format was converted
+    swap: dict[str, Any] | None = None  # layers swapped after loading (``zoo.swap_layers`` spec)
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The tokenizer files in the directory ``path`` (:data:`TOKENIZER_PATTERNS`), sorted; [] if none."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(f for f in path.iterdir()
+                  if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in TOKENIZER_PATTERNS))
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -177,95 +207,144 @@ def remove_stale_shards(path: Path, weights_name: str, written: set[str]) -> lis
     return removed
 
 
+def stage_weights(stage: Callable[[str], Path], sd: dict[str, Tensor], weights_name: str, *,
+                  max_shard_size: int | str | None = None, metadata: dict[str, str] | None = None,
+                  shardable: bool = True) -> set[str]:
+    """Write ``sd`` as ``weights_name`` (``.safetensors`` or a plain-tensor ``.bin``) through ``stage``, or, when it
+    exceeds ``max_shard_size`` (bytes or a string like ``"5GB"``), as ``<stem>-00001-of-0000N<ext>`` shards plus
+    ``<weights_name>.index.json``. Returns the names written (for :func:`remove_stale_shards`)."""
+    metadata = {"format": "pt", **(metadata or {})}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    write = ((lambda part, file: torch.save(part, file)) if weights_name.endswith(".bin")
+             else (lambda part, file: save_file(part, str(file), metadata=metadata)))
+    if max_shard_size is None:
+        write(sd, stage(weights_name))
+        return {weights_name}
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    stem, ext = os.path.splitext(weights_name)
+    split = split_torch_state_dict_into_shards(sd, filename_pattern=stem + "{suffix}" + ext,
+                                               max_shard_size=max_shard_size)
+    if not split.is_sharded:
+        write(sd, stage(weights_name))
+        return {weights_name}
+    if not shardable:
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        raise ValueError(f"{weights_name}: this format's reference loader reads one unsharded file, but the weights "
+                         f"({total / 2**30:.2f} GiB) exceed max_shard_size={max_shard_size!r}; pass a larger one")
+    for name, keys in split.filename_to_tensors.items():
+        write({k: sd[k] for k in keys}, stage(name))
+    index = {"metadata": {**split.metadata, **metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    stage(weights_name + ".index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return set(split.filename_to_tensors) | {weights_name + ".index.json"}
+
+
+def stage_tokenizer(stage: Callable[[str], Path], path: Path, tokenizer: Any) -> list[str]:
+    """Stage a tokenizer's files: ``tokenizer`` is an object with ``save_pretrained(directory)``, or a directory
+    whose tokenizer files are copied (none there: nothing written). Returns the file names."""
+    if tokenizer is None:
+        return []
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not Path(tokenizer).is_dir():
+            raise NotADirectoryError(f"tokenizer={str(tokenizer)!r}: expected a directory holding tokenizer files")
+        files = tokenizer_files(tokenizer)
+        for f in files:
+            shutil.copyfile(f, stage(f.name))
+        return [f.name for f in files]
+    with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=path) as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        files = sorted(f for f in Path(tok_dir).iterdir() if f.is_file())
+        for f in files:
+            shutil.copyfile(f, stage(f.name))
+        return [f.name for f in files]
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, card: bool = True,
-                    card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
-    """Write ``config.json`` (zoo format), ``model.safetensors`` and a ``README.md`` model card into the directory
-    ``path`` (created if needed). Each file is written atomically; other files in the directory are kept. With
-    ``tokenizer`` (anything with ``save_pretrained(directory)``, e.g. a ``DNAKmerTokenizer``) its files are written
-    next to the weights the same way."""
+                    card_data: dict[str, Any] | None = None, tokenizer: Any = None,
+                    max_shard_size: int | str | None = None, state_dict: dict[str, Tensor] | None = None) -> Path:
+    """Write ``config.json`` (zoo format), ``model.safetensors`` (or shards + index past ``max_shard_size``) and a
+    ``README.md`` model card into the directory ``path`` (created if needed). Each file is written atomically; other
+    files in the directory are kept. ``tokenizer``: an object with ``save_pretrained(directory)`` (e.g. a
+    ``DNAKmerTokenizer``) or a directory whose tokenizer files are copied. ``state_dict``: the tensors to write
+    instead of ``model.state_dict()`` (same keys; e.g. from a training loop)."""
     path = checkpoint_dir(path)
+    metadata = {"format": "pt", "zoo_version": __version__}
     with staged_files(path) as stage:
         model.config.save(stage(CONFIG_NAME))
-        save_model(model, str(stage(WEIGHTS_NAME)), metadata={"format": "pt", "zoo_version": __version__})
-        if tokenizer is not None:
-            with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=path) as tok_dir:
-                tokenizer.save_pretrained(tok_dir)
-                for f in sorted(Path(tok_dir).iterdir()):
-                    if f.is_file():
-                        shutil.copyfile(f, stage(f.name))
+        if max_shard_size is None and state_dict is None:
+            save_model(model, str(stage(WEIGHTS_NAME)), metadata=metadata)  # drops the tied head itself
+            written = {WEIGHTS_NAME}
+        else:
+            sd = dict(state_dict if state_dict is not None else model.state_dict())
+            if model.config.tie_embeddings:
+                sd.pop("lm_head.weight", None)  # stored once, as embedding.weight
+            written = stage_weights(stage, sd, WEIGHTS_NAME, max_shard_size=max_shard_size, metadata=metadata)
+        stage_tokenizer(stage, path, tokenizer)
         if card:
             render_model_card(model, **(card_data or {})).save(str(stage(CARD_NAME)))
-    remove_stale_shards(path, WEIGHTS_NAME, {WEIGHTS_NAME})
+    remove_stale_shards(path, WEIGHTS_NAME, written)
     return path
 
 
-def save_reference(model: nn.Module, path: str | os.PathLike, family: Any = None) -> Path:
-    """Export to a family's reference format (config.json + weights), e.g. a transformers Llama directory.
-    ``family``: a registered family's name or a ``Family`` object (default: the model's own family)."""
-    fam = get_family(family or model.config.family or "") if family is None or isinstance(family, str) else family
+def save_reference(model: nn.Module, path: str | os.PathLike, family: Any = None, *,
+                   max_shard_size: int | str | None = None, tokenizer: Any = None, card: bool = False,
+                   card_data: dict[str, Any] | None = None) -> Path:
+    """Export to a reference format (config.json + weights), e.g. a transformers Llama directory. ``family``: a
+    registered export format's name (``zoo.registry.list_formats()``) or a ``Family`` object (default: the model's
+    own family). Raises ``ValueError`` naming the layers the format cannot hold."""
+    if family is None:
+        if not model.config.family:
+            raise ValueError("the model has no family (a zoo-native config): name the export format, one of "
+                             f"{list_formats()}")
+        family = model.config.family
+    fam = get_format(family) if isinstance(family, str) else family
     ref_cfg = fam.config_to_reference(model.config)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")
     ref_sd = fam.state_dict_to_reference(sd, model.config)
+    if not fam.reference_weights_name.endswith(".bin"):  # safetensors refuses tensors sharing memory
+        seen: set[int] = set()
+        for k, v in ref_sd.items():
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in seen:
+                ref_sd[k] = v.clone()
+            seen.add(ptr)
     path = checkpoint_dir(path)
     weights = fam.reference_weights_name
     with staged_files(path) as stage:
         stage(CONFIG_NAME).write_text(json.dumps(json_safe(ref_cfg), indent=2, allow_nan=False) + "\n")
-        if weights.endswith(".bin"):
-            torch.save(ref_sd, stage(weights))
-        else:
-            save_file({k: v.clone() for k, v in ref_sd.items()}, str(stage(weights)), metadata={"format": "pt"})
-    remove_stale_shards(path, weights, {weights})
+        written = stage_weights(stage, ref_sd, weights, max_shard_size=max_shard_size, shardable=fam.shardable)
+        stage_tokenizer(stage, path, tokenizer)
+        if card:
+            render_model_card(model, **{"export_format": fam.name, **(card_data or {})}).save(str(stage(CARD_NAME)))
+    remove_stale_shards(path, weights, written)
     return path
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
                 commit_message: str = "Upload zoo model", token: str | None = None,
-                card_data: dict[str, Any] | None = None, tokenizer: Any = None) -> str:
-    """Create the repo if needed and upload ``save_pretrained``'s files in one commit; returns the commit URL."""
+                card_data: dict[str, Any] | None = None, tokenizer: Any = None, revision: str | None = None,
+                max_shard_size: int | str | None = None) -> str:
+    """Create the repo if needed and upload ``save_pretrained``'s files in one commit; returns the commit URL.
+    Uploads without checks; ``zoo.publish.publish`` (``zoo publish``) validates the folder first."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, Path(tmp) / "model", card_data=card_data, tokenizer=tokenizer)
+        save_pretrained(model, Path(tmp) / "model", card_data=card_data, tokenizer=tokenizer,
+                        max_shard_size=max_shard_size)
+        kwargs = {"revision": revision} if revision else {}
         info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "model"),
-                                 commit_message=commit_message, repo_type="model")
+                                 commit_message=commit_message, repo_type="model", **kwargs)
     return str(getattr(info, "commit_url", info))
 
 
-# ---------------------------------------------------------------------------------------------- model cards
-def card_template(family: str | None) -> Path:
-    """The family's Markdown card template (``Family.model_card``, package data in ``zoo/models/cards/``), or the
-    default one for zoo-native models and families without their own."""
-    name = "default"
-    if family and family in list_families():
-        name = get_family(family).model_card
-    template = CARD_TEMPLATES / f"{name}.md"
-    if not template.is_file():
-        raise FileNotFoundError(f"model-card template {template} is missing (family {family!r}); it ships with the "
-                                "package as zoo/models/cards/*.md")
-    return template
-
-
 def render_model_card(model: nn.Module, **card_data: Any):
-    """The ``README.md`` card: YAML metadata (``ModelCardData``) + the family's Markdown template."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """The ``README.md`` card (see :func:`zoo.cards.render_model_card`)."""
+    from zoo.cards import render_model_card as render
 
-    config = model.config
-    family = config.family or "zoo"
-    template = card_template(family)
-    mixers = sorted({ls.mixer for ls in config.layers})
-    data = ModelCardData(
-        library_name="zoo", pipeline_tag="text-generation", license=card_data.pop("license", "apache-2.0"),
-        tags=["zoo", "long-context", *mixers, *card_data.pop("tags", [])],
-        base_model=card_data.pop("base_model", None), **card_data,
-    )
-    layers = [{"index": i, "mixer": ls.spec_string, "mlp": ls.mlp["intermediate_size"] if ls.mlp else "-"}
-              for i, ls in enumerate(config.layers)]
-    return ModelCard.from_template(
-        data, template_str=template.read_text(), model_name=config.name or family, family=family,
-        n_params=f"{model.num_parameters():,}", d_model=config.d_model, n_layers=config.n_layers,
-        vocab_size=config.vocab_size, layers=layers, mixers=mixers, zoo_version=__version__,
-    )
+    return render(model, **card_data)

@@ -1,4 +1,4 @@
-"""The ``zoo`` command: list, info, generate, convert, demo, bench."""
+"""The ``zoo`` command: list, info, generate, convert, publish, demo, bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import zoo
 from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
+from zoo.registry import list_formats
 
 
 def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
@@ -42,16 +43,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(model_name: str):
-    path = Path(model_name)
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
+def load_tokenizer(path: str | Path | None):
+    """The tokenizer shipped with a checkpoint directory: GENERator's DNA k-mers (``zoo.tokenizers``), else any
+    other tokenizer files through transformers' ``AutoTokenizer``; ``ByteTokenizer`` when the directory has none."""
+    from zoo.checkpoint import tokenizer_files
+
+    path = Path(path) if path else None
+    files = tokenizer_files(path) if path else []
+    tok_cfg = path / "tokenizer_config.json" if path else None
+    if tok_cfg is not None and tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
         from zoo.tokenizers import DNAKmerTokenizer  # GENERator's 6-mer tokenizer, without its remote code
 
         return DNAKmerTokenizer.from_pretrained(path)
-    if path.is_dir() and any(path.glob("tokenizer*")):
-        from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
-
+    if files:
+        try:
+            from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
+        except ImportError:
+            raise ValueError(f"{path} ships a tokenizer ({', '.join(f.name for f in files)}), which needs "
+                             "transformers: pip install 'long-context-zoo[hf]'") from None
         return AutoTokenizer.from_pretrained(path)
     from zoo.tokenizers import ByteTokenizer
 
@@ -60,7 +69,8 @@ def _tokenizer(model_name: str):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args.model)
-    tok = _tokenizer(args.model)
+    source = getattr(model, "source", None)
+    tok = load_tokenizer(source.path if source is not None else None)
     ids = torch.tensor([tok.encode(args.prompt)])
     if int(ids.max()) >= model.config.vocab_size:
         print(f"error: the tokenizer produced ids >= vocab_size {model.config.vocab_size}", file=sys.stderr)
@@ -72,14 +82,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from zoo.hub import save_reference
+    from zoo.checkpoint import save_pretrained, save_reference, tokenizer_files
 
     model = zoo.from_pretrained(args.src)
+    source = model.source.path
+    tokenizer = source if tokenizer_files(source) else None  # tokenizer files travel with the checkpoint
     if args.to == "zoo":
-        model.save_pretrained(args.dst)
+        save_pretrained(model, args.dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     else:
-        save_reference(model, args.dst, args.to)
-    print(f"wrote {args.dst} ({args.to} format)")
+        save_reference(model, args.dst, args.to, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    copied = f", tokenizer files copied: {len(tokenizer_files(source))}" if tokenizer else ""
+    print(f"wrote {args.dst} ({args.to} format{copied})")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from zoo.publish import publish
+
+    result = publish(
+        args.src, args.repo_id, swap=args.swap, to=args.to, out=args.out, dry_run=args.dry_run,
+        revision=args.revision, private=args.private, commit_message=args.commit_message,
+        max_shard_size=args.max_shard_size, dtype=args.dtype, license=args.license, datasets=args.dataset,
+        base_model=args.base_model, results=args.results, tags=args.tag, random_init=args.random_init,
+        atol=args.atol)
+    print(result.summary())
     return 0
 
 
@@ -115,11 +141,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("convert", help="reference format -> zoo format (default) or zoo -> a family's format")
-    s.add_argument("src")
-    s.add_argument("dst")
-    s.add_argument("--to", default="zoo", help="'zoo' or a family name (e.g. llama)")
+    s = sub.add_parser("convert", help="reference format -> zoo format (default) or zoo -> a reference format")
+    s.add_argument("src", help="checkpoint directory, hub id or preset name")
+    s.add_argument("dst", help="output directory (only the checkpoint's own files are written there)")
+    s.add_argument("--to", default="zoo", help="'zoo' or a reference format: " + ", ".join(list_formats()))
+    s.add_argument("--max-shard-size", default=None,
+                   help="split the weights into shards of at most this size (e.g. 5GB) with an index file")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("publish", help="convert, validate (reload + logits), render the card, upload to the Hub")
+    s.add_argument("src", help="zoo or reference-format checkpoint directory, hub id or preset name")
+    s.add_argument("repo_id", help="target Hub repo, 'namespace/name'")
+    s.add_argument("--swap", action="append", default=[], metavar="LAYERS=MIXER",
+                   help="swap layers before publishing, e.g. '0-3=sliding_window(window=1024)' (repeatable; or a "
+                        "JSON object of the zoo.swap_layers form)")
+    s.add_argument("--to", default="zoo", help="format of the published files: 'zoo' (default) or one of "
+                                               + ", ".join(list_formats()))
+    s.add_argument("--out", default=None, help="write the folder here (kept); default: a temporary directory")
+    s.add_argument("--dry-run", action="store_true", help="write and validate the folder, print what would be "
+                                                          "uploaded, upload nothing")
+    s.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    s.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    s.add_argument("--commit-message", default=None)
+    s.add_argument("--max-shard-size", default="5GB", help="largest weight file before sharding (default 5GB)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights before writing")
+    s.add_argument("--license", default="apache-2.0")
+    s.add_argument("--dataset", action="append", default=None, help="training dataset id for the card (repeatable)")
+    s.add_argument("--base-model", default=None, help="card metadata base_model (default: the source hub repo "
+                                                      "when converted or swapped)")
+    s.add_argument("--results", action="append", default=None, metavar="PATH",
+                   help="evaluation results for the card: a zoo bench report JSON, or a table as JSON / JSON Lines "
+                        "(see zoo.cards); repeatable")
+    s.add_argument("--tag", action="append", default=None, help="extra card tag (repeatable)")
+    s.add_argument("--random-init", action="store_true",
+                   help="allow a preset without a published checkpoint (publishes random weights)")
+    s.add_argument("--atol", type=float, default=1e-5, help="validation tolerance (x max(1, max|logits|))")
+    s.set_defaults(fn=cmd_publish)
     s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
     s.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     s.add_argument("--threads", type=int, default=1,

@@ -37,6 +37,8 @@ MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 MLP_FIELDS = {"intermediate_size": int, "activation": str, "gated": bool, "bias": bool}
 # Model-wide values handed to every mixer whose constructor takes an argument of that name.
 CONTEXT_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
+# ``model_type`` of zoo checkpoints (registered with transformers' Auto classes by ``zoo.hf``; no transformers type).
+MODEL_TYPE = "zoo"
 
 
 def parse_mixer_spec(spec: str | dict) -> tuple[str, dict[str, Any]]:
@@ -230,6 +232,10 @@ class ZooConfig:
     def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
         d = dict(d)
         d.pop("zoo_version", None)
+        model_type = d.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"not a zoo config: model_type={model_type!r} (zoo checkpoints have {MODEL_TYPE!r}; "
+                             "reference formats load through zoo.from_pretrained)")
         known = {f.name for f in dataclasses.fields(cls)}
         mixers = d.pop("mixers", None)
         mlp = d.pop("mlp", None)
@@ -252,7 +258,10 @@ class ZooConfig:
         return cls.from_dict(json_restore(json.loads(text)))
 
     def save(self, path: str | os.PathLike) -> None:
-        text = json.dumps(json_safe({"zoo_version": __version__, **self.to_dict()}), indent=2, allow_nan=False)
+        """``config.json`` of a zoo checkpoint: ``zoo_version``, ``model_type: "zoo"`` (what transformers' Auto
+        classes dispatch on after ``import zoo.hf``) and the fields."""
+        text = json.dumps(json_safe({"zoo_version": __version__, "model_type": MODEL_TYPE, **self.to_dict()}),
+                          indent=2, allow_nan=False)
         Path(path).write_text(text + "\n")
 
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from zoo.checkpoint import (
+    CheckpointSource,
     load_state_dict_strict,
     load_weights,
     push_to_hub,
@@ -45,7 +46,7 @@ def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache
     try:
         return Path(snapshot_download(
             s, revision=revision, cache_dir=cache_dir, local_files_only=bool(local_files_only),
-            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "tokenizer*"],
+            allow_patterns=["*.json", "*.safetensors", "*.bin", "*.md", "*.txt", "*.model", "*.jinja", "tokenizer*"],
         ))
     except Exception as e:  # offline, no network, no such repo or revision: the exception types vary by cause
         at = f" at revision {revision!r}" if revision else ""
@@ -72,10 +73,12 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
     if "zoo_version" in cfg:
         config = ZooConfig.from_dict(cfg)
         sd = load_weights(path)
+        fmt = "zoo"
     else:
         family = detect_family(cfg)
         config = family.config_from_reference(cfg)
         sd = family.state_dict_from_reference(load_weights(path), config)
+        fmt = family.name
     if strict:  # every parameter will be overwritten: skip random init by building on the meta device
         with torch.device("meta"):
             model = ZooForCausalLM(config)
@@ -91,7 +94,20 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
 
         model = swap_layers(model, swap)
     model.to(device=device, dtype=dtype)
+    model.source = _source(path, str(id_or_path), target, revision, fmt, swap)
     return model.eval()
+
+
+def _source(path: Path, asked: str, target: str, revision: str | None, fmt: str,
+            swap: dict | None) -> CheckpointSource:
+    """What ``model.source`` records: a hub snapshot's repo id and commit, or the local directory."""
+    hub_id = None
+    if not Path(target).expanduser().is_dir():  # resolved from the hub (or its cache)
+        hub_id = target
+        if path.parent.name == "snapshots":
+            revision = path.name  # the commit the snapshot holds
+    return CheckpointSource(path=str(path), id=asked, hub_id=hub_id, revision=revision, format=fmt,
+                            swap=dict(swap) if swap else None)
 
 
 def _reset_buffers(model: ZooForCausalLM) -> None:

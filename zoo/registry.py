@@ -17,6 +17,7 @@ T = TypeVar("T")
 _MIXERS: dict[str, type] = {}
 _FAMILIES: dict[str, Any] = {}
 _PRESETS: dict[str, tuple[Any, Any]] = {}  # name -> (family or None, Preset)
+_FORMATS: dict[str, Any] = {}  # export format name -> Family-like object (config/key maps of a reference format)
 
 
 # ---------------------------------------------------------------------------------------------- mixers
@@ -55,9 +56,14 @@ def register_family(name: str, family: Any) -> Any:
     """Register a family (presets, ``detect``, config maps, key table); its presets become known by name."""
     if name in _FAMILIES:
         raise ValueError(f"family {name!r} is already registered")
+    formats = {name: family, **getattr(family, "export_formats", {})}
+    taken = sorted(set(formats) & set(_FORMATS))
+    if taken:
+        raise ValueError(f"export format(s) {taken} of family {name!r} are already registered")
     for preset_name, preset in getattr(family, "presets", {}).items():
         register_preset(preset_name, preset, family)
     _FAMILIES[name] = family
+    _FORMATS.update(formats)
     return family
 
 
@@ -74,6 +80,20 @@ def list_families() -> list[str]:
 
 def families() -> dict[str, Any]:
     return dict(_FAMILIES)
+
+
+# ---------------------------------------------------------------------------------------------- export formats
+def get_format(name: str) -> Any:
+    """A reference format ``zoo convert --to`` writes: every family's own (``llama``, ``mamba2`` = mamba_ssm, ...)
+    and the extra ones a family declares in ``export_formats`` (e.g. ``mamba2-transformers``)."""
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown export format {name!r}; available: {['zoo', *list_formats()]}") from None
+
+
+def list_formats() -> list[str]:
+    return sorted(_FORMATS)
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -10,6 +10,8 @@ import zoo
 from zoo.layers.base import BenchCase, Mixer
 from zoo.testing import check_mixer
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread, no OpenMP stalls
+
 CASES = [(name, args) for name in zoo.list_mixers() for args in zoo.get_mixer(name).example_args]
 
 

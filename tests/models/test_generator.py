@@ -103,9 +103,13 @@ def test_long_context_recipes(hf_generator):
     hybrid = long_context(base.config, "mamba2_hybrid", every=2, headdim=8, d_state=16)
     assert [ls.mixer for ls in hybrid.layers] == ["mamba2", "sliding_window"]
     assert all(ls.mlp == base.config.layers[0].mlp for ls in hybrid.layers)
-    if "infllmv2" not in zoo.list_mixers():
-        with pytest.raises(ValueError, match="infllmv2"):
-            long_context(base.config, "infllmv2")
+    small = dict(kernel_size=8, kernel_stride=4, block_size=8, window_size=16, topk=2)
+    with torch.no_grad():  # InfLLM-V2 reads the attention weights: dense below dense_len, sparse above
+        dense = long_context(zoo.from_pretrained(path), "infllmv2", dense_len=64, **small)
+        assert all(ls.mixer == "infllmv2" for ls in dense.config.layers)
+        assert max_abs(dense(ids).logits, ref) < 1e-5
+        sparse = long_context(zoo.from_pretrained(path), "infllmv2", dense_len=16, **small)
+        assert max_abs(sparse(ids).logits, ref) > 1e-4
     with pytest.raises(ValueError, match="available"):
         long_context(base.config, "yarn")
 

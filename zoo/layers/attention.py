@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from zoo.layers.base import BenchCase, Mixer, State, default_positions
 from zoo.layers.masks import Rule, attended_pairs
 from zoo.layers.norm import RMSNorm
-from zoo.layers.rope import RotaryEmbedding, apply_rotary
+from zoo.layers.rope import ROPE_TYPES, RotaryEmbedding, apply_rotary, rope_type
 from zoo.registry import register_mixer
 
 
@@ -66,9 +66,20 @@ class KVCache(State):
         self.length = end
 
 
+CITATION = r"""@inproceedings{vaswani2017attention,
+  title={Attention Is All You Need},
+  author={Vaswani, Ashish and Shazeer, Noam and Parmar, Niki and Uszkoreit, Jakob and Jones, Llion and
+          Gomez, Aidan N. and Kaiser, {\L}ukasz and Polosukhin, Illia},
+  booktitle={Advances in Neural Information Processing Systems},
+  volume={30},
+  year={2017}
+}"""
+
+
 @register_mixer("attention")
 class Attention(Mixer):
     arg_groups = ("attention",)
+    citations = (CITATION,)
     example_args = ({}, {"num_kv_heads": 1, "qk_norm": True, "qkv_bias": True, "rotary_dim": 4})
     demo_args = {}
     supports_packing = True
@@ -113,7 +124,8 @@ class Attention(Mixer):
             self.q_norm = RMSNorm(D, qk_norm_eps)
             self.k_norm = RMSNorm(D, qk_norm_eps)
         self.qk_norm = qk_norm
-        self.rotary = RotaryEmbedding(rotary_dim or D, rope_theta, rope_scaling) if rope else None
+        self.rotary = (RotaryEmbedding(rotary_dim or D, rope_theta, rope_scaling, max_position_embeddings)
+                       if rope else None)
 
     @classmethod
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
@@ -126,6 +138,10 @@ class Attention(Mixer):
         rd, D = kwargs.get("rotary_dim"), kwargs.get("head_dim") or d_model // H
         if rd is not None and (rd > D or rd % 2):
             raise ValueError(f"rotary_dim={rd} must be even and at most head_dim={D}")
+        scaling = kwargs.get("rope_scaling")
+        if scaling is not None and rope_type(scaling) not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type(scaling)!r} is not supported; "
+                             f"supported: {list(ROPE_TYPES)}")
 
     @classmethod
     def rule_for(cls, d_model: int, args: dict[str, Any]) -> Rule | None:

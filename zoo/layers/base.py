@@ -20,7 +20,7 @@ with ``positions=None``), and the one-token decode step makes no host synchronis
 A mixer describes itself with class attributes (see "Adding a mixer" in the README), so that the contract
 suite (``zoo.testing.check_mixer``), the benchmarks and the demo iterate over the registry and never branch on
 a mixer's name: ``example_args``, ``demo_args``, ``supports_packing``, ``dtypes``, ``state_growth``,
-``boundaries``, ``flops`` and ``bench_cases``.
+``boundaries``, ``flops``, ``bench_cases`` and ``citations``.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ class Mixer(nn.Module):
     state_growth: ClassVar[str] = "constant"
     # Benchmark cases (``zoo bench --mixers NAME``).
     bench_cases: ClassVar[tuple[BenchCase, ...]] = ()
+    # BibTeX entries of the papers behind the mixer (model cards list them for every mixer a model uses).
+    citations: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def resolved_args(cls, args: dict[str, Any]) -> dict[str, Any]:

@@ -108,9 +108,18 @@ class LowRankFastWeight(nn.Module):
         return W + 0.5 * torch.eye(W.shape[1], W.shape[2], dtype=W.dtype, device=W.device)
 
 
+CITATION = """@article{zhang2025test,
+  title={Test-Time Training Done Right},
+  author={Zhang, Tianyuan and others},
+  journal={arXiv preprint arXiv:2505.23884},
+  year={2025}
+}"""
+
+
 @register_mixer("lact")
 class LaCT(Mixer):
     arg_groups = ("lact",)
+    citations = (CITATION,)
     _small = {"num_attn_heads": 4, "num_lact_heads": 2}
     example_args = (
         {**_small, "chunk_size": 8, "window_size": 6},

@@ -67,10 +67,18 @@ class Mamba2State(State):
 
 _SMALL = {"d_state": 8, "headdim": 8, "chunk_size": 8}
 
+CITATION = """@inproceedings{dao2024transformers,
+  title={Transformers are {SSM}s: Generalized Models and Efficient Algorithms Through Structured State Space Duality},
+  author={Dao, Tri and Gu, Albert},
+  booktitle={International Conference on Machine Learning (ICML)},
+  year={2024}
+}"""
+
 
 @register_mixer("mamba2")
 class Mamba2(Mixer):
     arg_groups = ("mamba2",)
+    citations = (CITATION,)
     example_args = (
         _SMALL,
         {**_SMALL, "ngroups": 2, "D_has_hdim": True, "decay_scale": 0.9},

@@ -39,6 +39,37 @@ from zoo.layers.sparse_cpu import block_sparse_attention_cpu, block_sparse_suppo
 from zoo.layers.sparse_ops import SparseKVCache, block_diagonal_attention, blocked_attention
 from zoo.registry import register_mixer
 
+LONGFORMER = """@article{beltagy2020longformer,
+  title={Longformer: The Long-Document Transformer},
+  author={Beltagy, Iz and Peters, Matthew E. and Cohan, Arman},
+  journal={arXiv preprint arXiv:2004.05150},
+  year={2020}
+}"""
+STREAMING_LLM = """@inproceedings{xiao2024efficient,
+  title={Efficient Streaming Language Models with Attention Sinks},
+  author={Xiao, Guangxuan and Tian, Yuandong and Chen, Beidi and Han, Song and Lewis, Mike},
+  booktitle={International Conference on Learning Representations (ICLR)},
+  year={2024}
+}"""
+SPARSE_TRANSFORMER = """@article{child2019generating,
+  title={Generating Long Sequences with Sparse Transformers},
+  author={Child, Rewon and Gray, Scott and Radford, Alec and Sutskever, Ilya},
+  journal={arXiv preprint arXiv:1904.10509},
+  year={2019}
+}"""
+LONGGEN = """@inproceedings{ge2025little,
+  title={A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial Contexts},
+  author={Ge, Suyu and others},
+  booktitle={International Conference on Learning Representations (ICLR)},
+  year={2025}
+}"""
+MASFORMER = """@article{zhang2023efficient,
+  title={Efficient Long-Range Transformers: You Need to Attend More, but Not Necessarily at Every Layer},
+  author={Zhang, Qingru and others},
+  journal={arXiv preprint arXiv:2310.12442},
+  year={2023}
+}"""
+
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -197,6 +228,7 @@ class SparseAttention(Attention):
 @register_mixer("sliding_window")
 class SlidingWindowAttention(SparseAttention):
     """``j <= i & (i - j < window | j < num_sink_tokens)``: transformers/Mistral window + StreamingLLM sinks."""
+    citations = Attention.citations + (LONGFORMER, STREAMING_LLM)
 
     arg_groups = ("attention",)
     example_args = ({"window": 8, "num_sink_tokens": 2}, {"window": 5})
@@ -252,6 +284,7 @@ class SlidingWindowAttention(SparseAttention):
 @register_mixer("block_sparse")
 class BlockSparseAttention(SparseAttention):
     """dkernel / Phi-3-small local + vertical-stride pattern (LongGen "BlockSparse"), per KV head."""
+    citations = Attention.citations + (SPARSE_TRANSFORMER, LONGGEN)
 
     arg_groups = ("attention",)
     example_args = ({"block_size": 4, "local_blocks": 2, "vertical_stride": 3},
@@ -324,6 +357,7 @@ class BlockSparseAttention(SparseAttention):
 @register_mixer("block_diagonal")
 class BlockDiagonalAttention(SparseAttention):
     """MASFormer local attention: each query sees the earlier tokens of its own block of ``block_size``."""
+    citations = Attention.citations + (MASFORMER,)
 
     arg_groups = ("attention",)
     example_args = ({"block_size": 5}, {"block_size": 8})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from zoo.config import ZooConfig
-from zoo.models import generator, lact, llama, mamba2, mistral, tiny
+from zoo.models import generator, lact, llama, mamba2, minicpm4, mistral, s4, tiny
 from zoo.models.family import Family
 from zoo.models.lm import ZooForCausalLM, create_model, swap_layers
 from zoo.registry import families, list_presets, register_family, register_preset
 
-for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, generator.FAMILY, lact.FAMILY):
+for _family in (llama.FAMILY, mamba2.FAMILY, mistral.FAMILY, generator.FAMILY, lact.FAMILY, minicpm4.FAMILY,
+                s4.FAMILY):
     register_family(_family.name, _family)
 for _name, _preset in tiny.PRESETS.items():
     register_preset(_name, _preset)

@@ -44,6 +44,13 @@ class Family:
     specializes: str | None = None
     # Model-level benchmark cases (``BenchCase(kind="model")``, args per size = a ZooConfig dict): ``zoo bench``.
     bench_cases: tuple[BenchCase, ...] = ()
+    # Further reference formats this family writes (``zoo convert --to NAME``), e.g. Mamba-2's transformers layout
+    # next to its own mamba_ssm one: name -> a Family-like object (config_to_reference, key table, weights name).
+    export_formats: dict[str, Family] = field(default_factory=dict)
+    # Whether the reference loaders of this format read sharded weights (``<stem>-00001-of-0000N`` + index).
+    shardable: bool = True
+    # BibTeX entries of the papers behind the family's architecture / checkpoints (model cards list them).
+    citations: tuple[str, ...] = ()
 
     def state_dict_from_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         out = rename_keys(sd, self.key_table, source="reference")
@@ -52,6 +59,17 @@ class Family:
     def state_dict_to_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         sd = self.to_reference(dict(sd), config) if self.to_reference else dict(sd)
         return rename_keys(sd, [(b, a) for a, b in self.key_table], source="zoo")
+
+
+def refuse_layers(fmt: str, config: ZooConfig, bad: list[int], holds: str) -> None:
+    """``ValueError`` naming the layers (index, mixer spec, MLP) of ``config`` that the reference format ``fmt``
+    cannot hold; ``holds``: what the format holds, e.g. "plain attention + MLP blocks". No-op when ``bad`` is empty."""
+    if not bad:
+        return
+    shown = [f"{i}: {config.layers[i].spec_string}" + ("" if config.layers[i].mlp else " without MLP") for i in bad]
+    more = f" and {len(bad) - 12} more" if len(bad) > 12 else ""
+    raise ValueError(f"cannot export to the {fmt} format, which holds only {holds}: layer(s) "
+                     f"{'; '.join(shown[:12])}{more} do not fit (convert to 'zoo', or swap them first)")
 
 
 def _prefix_regex(prefix: str) -> re.Pattern[str]:

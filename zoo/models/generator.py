@@ -46,7 +46,15 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """A plain ``LlamaForCausalLM`` config (the Feb-2025 format): stock transformers loads it without remote code."""
-    return llama.config_to_reference(config)
+    return llama.config_to_reference(config, "generator")
+
+
+CITATION = """@article{wu2025generator,
+  title={{GENERator}: A Long-Context Generative Genomic Foundation Model},
+  author={Wu, Wei and Li, Qiuyi and Li, Mingyang and others},
+  journal={arXiv preprint arXiv:2502.07272},
+  year={2025}
+}"""
 
 
 # ------------------------------------------------------------------------------------------ long context
@@ -69,13 +77,9 @@ def _mamba2_hybrid(n_layers: int, *, window: int = TRAINED_TOKENS, every: int = 
 
 
 def _infllmv2(n_layers: int, **mixer_args: Any) -> dict[str, str]:
-    """InfLLM-V2 trainable sparse attention (no new weights) - the mixer is built in another issue (issue 10);
-    this recipe becomes usable as soon as ``infllmv2`` is registered."""
-    from zoo.registry import list_mixers
-
-    if "infllmv2" not in list_mixers():
-        raise ValueError("long-context recipe 'infllmv2' needs the 'infllmv2' mixer, which this zoo build does not "
-                         f"register yet; available recipes now: {[r for r in RECIPES if r != 'infllmv2']}")
+    """InfLLM-V2 dense/sparse switchable attention in every layer (no new weights: it reads the attention
+    weights): dense up to ``dense_len`` tokens, above it each query attends to the initial block, its local window
+    and its top-k blocks (defaults: MiniCPM4's sparse_config, blocks of 64 tokens = 384 bp)."""
     args = ", ".join(f"{k}={v!r}" for k, v in mixer_args.items())
     return {"all": f"infllmv2({args})" if args else "infllmv2"}
 
@@ -86,7 +90,7 @@ RECIPES = {"sliding_window": _sliding_window, "mamba2_hybrid": _mamba2_hybrid, "
 def long_context(model_or_config: M, recipe: str = "sliding_window", **kwargs: Any) -> M:
     """A GENERator model (weights reused via ``zoo.swap_layers``) or config (``ZooConfig.with_mixers``) whose
     attention layers are swapped for a long-context recipe: ``"sliding_window"`` (no new weights),
-    ``"mamba2_hybrid"`` (Mamba-2 in every other layer: fine-tune before use), ``"infllmv2"`` (issue 10)."""
+    ``"mamba2_hybrid"`` (Mamba-2 in every other layer: fine-tune before use), ``"infllmv2"`` (no new weights)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown long-context recipe {recipe!r}; available: {sorted(RECIPES)}")
     config = model_or_config.config if isinstance(model_or_config, ZooForCausalLM) else model_or_config
@@ -119,7 +123,9 @@ for _name, (_d, _n, _inter, _hub, _rev) in _BASES.items():
     for _recipe, _suffix, _what in (("sliding_window", "swa", "every layer sliding-window 16384 tokens: no new "
                                                                "weights, any length at constant memory"),
                                     ("mamba2_hybrid", "mamba2", "Mamba-2 in even layers (NEW weights: fine-tune "
-                                                                "first), sliding window 16384 in odd layers")):
+                                                                "first), sliding window 16384 in odd layers"),
+                                    ("infllmv2", "infllmv2", "InfLLM-V2 sparse attention in every layer (no new "
+                                                             "weights): dense to 8192 tokens, top-64 blocks above")):
         _swap = RECIPES[_recipe](_n)
         PRESETS[f"{_name}-{_suffix}"] = Preset(
             {**_generator(_d, _n, _inter), "mixers": _swap}, hub_id=_hub, revision=_rev, swap=_swap,
@@ -134,4 +140,5 @@ FAMILY = Family(
     presets=PRESETS,
     model_card="generator",
     specializes="llama",
+    citations=(llama.CITATION, CITATION),
 )

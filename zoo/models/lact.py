@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from zoo.config import ZooConfig
-from zoo.models.family import Family, Preset
+from zoo.layers.lact import CITATION
+from zoo.models.family import Family, Preset, refuse_layers
 
 KEY_TABLE = [
     ("model.embeddings.", "embedding."),
@@ -97,10 +98,12 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
-    specs = {(ls.mixer, tuple(sorted(config.mixer_kwargs(i).items())), str(ls.mlp)) for i, ls in
-             enumerate(config.layers)}
-    if len(specs) != 1 or next(iter(specs))[0] != "lact" or config.layers[0].mlp is None:
-        raise ValueError("cannot export to the lact_swiglu format: every layer must be the same lact mixer + MLP")
+    holds = "the same lact mixer + MLP in every layer"
+    refuse_layers("lact", config, [i for i, ls in enumerate(config.layers) if ls.mixer != "lact" or ls.mlp is None],
+                  holds)
+    first = (sorted(config.mixer_kwargs(0).items()), config.layers[0].mlp)
+    refuse_layers("lact", config, [i for i in range(config.n_layers)
+                                   if (sorted(config.mixer_kwargs(i).items()), config.layers[i].mlp) != first], holds)
     mlp = config.layers[0].mlp
     if mlp.get("activation", "silu") != "silu" or not mlp.get("gated", True) or mlp.get("bias", False):
         raise ValueError("cannot export to the lact_swiglu format: its MLP is a bias-free SwiGLU")
@@ -157,4 +160,5 @@ FAMILY = Family(
     key_table=KEY_TABLE,
     presets=PRESETS,
     model_card="lact",
+    citations=(CITATION,),
 )

@@ -16,7 +16,14 @@ from zoo.bench.references import register_reference
 from zoo.config import ZooConfig
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase
-from zoo.models.family import Family, Preset
+from zoo.models.family import Family, Preset, refuse_layers
+
+CITATION = """@article{touvron2023llama,
+  title={{LLaMA}: Open and Efficient Foundation Language Models},
+  author={Touvron, Hugo and Lavril, Thibaut and Izacard, Gautier and others},
+  journal={arXiv preprint arXiv:2302.13971},
+  year={2023}
+}"""
 
 KEY_TABLE = [
     ("model.embed_tokens.", "embedding."),
@@ -81,15 +88,20 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
     })
 
 
-def config_to_reference(config: ZooConfig) -> dict[str, Any]:
+def config_to_reference(config: ZooConfig, fmt: str = "llama") -> dict[str, Any]:
+    """transformers ``LlamaConfig`` dict; ``fmt`` names the format in errors (Mistral and GENERator reuse this)."""
     bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "attention" or ls.mixer_args or ls.mlp is None]
-    if bad:
-        raise ValueError(f"cannot export to the llama format: layers {bad} are not plain attention + MLP blocks")
+    refuse_layers(fmt, config, bad, "full-attention + MLP blocks that share one set of attention arguments")
     att = config.mixer_kwargs(0)
     mlp = config.layers[0].mlp
+    if any(ls.mlp != mlp for ls in config.layers):
+        refuse_layers(fmt, config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp],
+                      f"one MLP shape for every layer (layer 0: {mlp})")
     inv = {v: k for k, v in HF_ACTIVATIONS.items() if k != "swish"}
     if att.get("qkv_bias", False) != att.get("o_bias", False) or att.get("qk_norm", False):
-        raise ValueError("cannot export to the llama format: it has one attention_bias flag and no QK-norm")
+        raise ValueError(f"cannot export to the {fmt} format: it has one attention_bias flag and no QK-norm")
+    if not mlp.get("gated", True):
+        raise ValueError(f"cannot export to the {fmt} format: its MLP is gated (SwiGLU-style), the model's is not")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -106,7 +118,7 @@ def config_to_reference(config: ZooConfig) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta,
-        "rope_scaling": config.rope_scaling,
+        **({"rope_scaling": config.rope_scaling} if config.rope_scaling else {}),  # None: transformers 5 warns
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.initializer_range,
         "pad_token_id": config.pad_token_id,
@@ -266,4 +278,5 @@ FAMILY = Family(
         kind="model", name="llama_model", reference="transformers_llama",
         args={"full": _bench_model("full", 4096, 2048), "quick": _bench_model("quick", 256, 128)},
         description="ZooForCausalLM (llama family) vs transformers LlamaForCausalLM, same weights"),),
+    citations=(CITATION,),
 )

@@ -15,8 +15,9 @@ rotate-half). Its optional depthwise causal conv over ``qkv`` (``d_conv > 0``; `
 the fused MLP (``mlp_dim > 0``) have no counterpart in the zoo ``attention`` mixer: such configs are refused with
 a ``ValueError`` naming the field (the preset itself builds, without that conv).
 
-Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``) and :func:`save_transformers`
-(config.json + ``model.safetensors``). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
+Export: :func:`save_mamba_ssm` (config.json + ``pytorch_model.bin``; ``zoo convert --to mamba2``) and
+:func:`save_transformers` (config.json + ``model.safetensors``; ``zoo convert --to mamba2-transformers``, the
+family's ``export_formats`` entry). :func:`calibrate_state_norm` sets per-layer, per-head state-norm
 thresholds from a prompt (Stuffed Mamba, method 2).
 """
 
@@ -36,8 +37,9 @@ from zoo.checkpoint import save_reference
 from zoo.config import LayerSpec, ZooConfig
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase
+from zoo.layers.mamba2 import CITATION as MAMBA2_CITATION
 from zoo.layers.mamba2 import Mamba2
-from zoo.models.family import Family, Preset, StateDict
+from zoo.models.family import Family, Preset, StateDict, refuse_layers
 
 MAMBA_SSM_KEYS = [
     ("backbone.embedding.", "embedding."),
@@ -56,6 +58,7 @@ MIXER_ARGS = ("d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "n
               "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
               "conv_bias", "chunk_size")
 IGNORED_SSM_ARGS = ("layer", "use_mem_eff_path", "process_group", "sequence_parallel", "device", "dtype")
+SSM_FMT = "mamba2 (mamba_ssm)"  # the family's own export format, named in errors
 MITIGATIONS = {"decay_scale": 1.0, "input_scale": 1.0, "dt_scale": 1.0, "state_norm_threshold": None,
                "state_window": None}
 
@@ -180,27 +183,28 @@ def _mixer_args(config: ZooConfig, fmt: str) -> dict[str, Any]:
         if on:
             raise ValueError(f"cannot export to the {fmt} format: layer {i} uses inference-time mitigations {on}, "
                              f"which have no field there; turn them off (swap_layers) before exporting")
-    if any(a != args[0] for a in args):
-        raise ValueError(f"cannot export to the {fmt} format: mamba2 layers have different arguments")
+    first = f"layer {idx[0]}: {config.layers[idx[0]].spec_string}"
+    refuse_layers(fmt, config, [i for i, a in zip(idx, args) if a != args[0]],
+                  f"one set of Mamba-2 arguments for every mamba2 layer ({first})")
     return {**_mixer_defaults(), **args[0]}
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
     """mamba_ssm ``MambaConfig`` dict (``config.json`` of ``state-spaces/mamba2-*``)."""
-    a = _mixer_args(config, "mamba_ssm")
+    holds = "mamba2 layers (+ mamba_ssm MHA `attention` layers sharing one set of arguments), one MLP shape"
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers)
+                                        if ls.mixer not in ("mamba2", "attention")], holds)
+    a = _mixer_args(config, SSM_FMT)
     if a["norm_eps"] != 1e-5:
-        raise ValueError(f"cannot export to the mamba_ssm format: its gated norm eps is fixed at 1e-5, "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: its gated norm eps is fixed at 1e-5, "
                          f"the model uses norm_eps={a['norm_eps']}")
     attn_idx = [i for i, ls in enumerate(config.layers) if ls.mixer == "attention"]
-    other = sorted({ls.mixer for ls in config.layers} - {"mamba2", "attention"})
-    if other:
-        raise ValueError(f"cannot export to the mamba_ssm format: mixers {other} have no mamba_ssm counterpart")
-    mlps = {str(ls.mlp) for ls in config.layers}
-    if len(mlps) != 1:
-        raise ValueError("cannot export to the mamba_ssm format: blocks differ in their MLP")
+    refuse_layers(SSM_FMT, config, [i for i in attn_idx
+                                        if config.mixer_kwargs(i) != config.mixer_kwargs(attn_idx[0])], holds)
     mlp = config.layers[0].mlp
+    refuse_layers(SSM_FMT, config, [i for i, ls in enumerate(config.layers) if ls.mlp != mlp], holds)
     if mlp is not None and (not mlp.get("gated", True) or mlp.get("activation", "silu") != "silu" or mlp.get("bias")):
-        raise ValueError(f"cannot export to the mamba_ssm format: only gated SiLU MLPs without bias, got {mlp}")
+        raise ValueError(f"cannot export to the {SSM_FMT} format: only gated SiLU MLPs without bias, got {mlp}")
     defaults = _mixer_defaults()
     ssm = {"layer": "Mamba2", **{k: _to_json(a[k]) for k in MIXER_ARGS if _norm(a[k]) != _norm(defaults[k])}}
     attn_cfg: dict[str, Any] = {}
@@ -238,17 +242,16 @@ def _to_json(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_to_json(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"cannot export to the mamba_ssm format: the value {v} (e.g. a dt_limit bound other than the "
+        raise ValueError(f"cannot export to the {SSM_FMT} format: the value {v} (e.g. a dt_limit bound other than the "
                          "default (0.0, inf)) has no strict-JSON form that mamba_ssm reads")
     return v
 
 
 def config_to_transformers(config: ZooConfig) -> dict[str, Any]:
     """transformers ``Mamba2Config`` dict."""
-    a = _mixer_args(config, "transformers")
+    a = _mixer_args(config, "mamba2-transformers")
     bad = [i for i, ls in enumerate(config.layers) if ls.mixer != "mamba2" or ls.mlp is not None]
-    if bad:
-        raise ValueError(f"cannot export to the transformers mamba2 format: layers {bad} are not mixer-only mamba2")
+    refuse_layers("mamba2-transformers", config, bad, "mamba2 layers without MLP")
     defaults = _mixer_defaults()
     unsupported = {k: a[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate") if a[k] != defaults[k]}
     if not a["rmsnorm"] or unsupported or config.norm != "rmsnorm" or a["norm_eps"] != config.norm_eps:
@@ -453,11 +456,20 @@ def _bench_stack(size: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ("extra",)}
 
 
+# export-only variant for the transformers layout (``zoo convert --to mamba2-transformers``)
+TRANSFORMERS_FORMAT = Family(
+    name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
+    config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
+    key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
+    reference_weights_name="model.safetensors", model_card="mamba2", citations=(MAMBA2_CITATION,),
+)
 FAMILY = Family(
     name="mamba2", detect=detect, config_from_reference=config_from_reference,
     config_to_reference=config_to_reference, key_table=MAMBA_SSM_KEYS, presets=PRESETS,
     from_reference=from_reference, to_reference=to_reference, reference_weights_name="pytorch_model.bin",
-    model_card="mamba2",
+    model_card="mamba2", export_formats={"mamba2-transformers": TRANSFORMERS_FORMAT},
+    shardable=False,  # mamba_ssm's loader reads one pytorch_model.bin
+    citations=(MAMBA2_CITATION,),
     bench_cases=(BenchCase(
         kind="model", name="hybrid_model", reference=None,
         args={"full": _bench_hybrid("full", 4096, 2048), "quick": _bench_hybrid("quick", 256, 128)},
@@ -467,13 +479,6 @@ FAMILY = Family(
             lengths=(1024, 4096), args={"full": _bench_stack("full"), "quick": _bench_stack("quick")},
             description="the mamba2-130m shape (24 x 768, random weights) vs transformers Mamba2ForCausalLM: "
                         "decode against the weight-streaming floor")),
-)
-# export-only variant for the transformers layout
-TRANSFORMERS_FORMAT = Family(
-    name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
-    config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
-    key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
-    reference_weights_name="model.safetensors", model_card="mamba2",
 )
 
 

@@ -10,7 +10,14 @@ from typing import Any
 
 from zoo.config import ZooConfig
 from zoo.models import llama
-from zoo.models.family import Family
+from zoo.models.family import Family, refuse_layers
+
+CITATION = """@article{jiang2023mistral,
+  title={Mistral {7B}},
+  author={Jiang, Albert Q. and Sablayrolles, Alexandre and Mensch, Arthur and others},
+  journal={arXiv preprint arXiv:2310.06825},
+  year={2023}
+}"""
 
 
 def detect(cfg: dict[str, Any]) -> bool:
@@ -25,17 +32,22 @@ def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
-    kinds = {(ls.mixer, tuple(sorted(ls.mixer_args.items()))) for ls in config.layers}
+    holds = "one attention kind in every layer: all `attention`, or all the same `sliding_window(window=W)`"
+    refuse_layers("mistral", config, [i for i, ls in enumerate(config.layers)
+                                      if ls.mixer not in ("attention", "sliding_window")], holds)
+    kinds = [(ls.mixer, sorted(ls.mixer_args.items())) for ls in config.layers]
+    refuse_layers("mistral", config, [i for i, k in enumerate(kinds) if k != kinds[0]], holds)
     window = None
-    if len(kinds) == 1 and next(iter(kinds))[0] == "sliding_window":
-        args = dict(next(iter(kinds))[1])
+    if kinds[0][0] == "sliding_window":
+        args = dict(kinds[0][1])
         if args.get("num_sink_tokens", 0):
-            raise ValueError("cannot export to the mistral format: it has no sink tokens")
+            raise ValueError("cannot export to the mistral format: it has no sink tokens "
+                             f"(num_sink_tokens={args['num_sink_tokens']})")
         window = args["window"]
         plain = config.with_mixers("attention")
     else:
         plain = config
-    ref = llama.config_to_reference(plain)  # raises for anything but plain attention + MLP blocks
+    ref = llama.config_to_reference(plain, "mistral")  # raises for anything but attention + MLP blocks
     return {**ref, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
 
 
@@ -47,4 +59,5 @@ FAMILY = Family(
     key_table=llama.KEY_TABLE,
     presets={},
     model_card="mistral",
+    citations=(CITATION,),
 )
