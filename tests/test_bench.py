@@ -407,12 +407,15 @@ def test_subject_specs_restrict_phases_and_lengths_per_subject() -> None:
 
     from zoo.bench.cli import _subject_specs
 
-    names, plan = _subject_specs("mamba2:forward+decode@1024+4096,attention", ["attention", "mamba2"])
-    assert names == ["mamba2", "attention"] and plan == {"mamba2": (["forward", "decode"], [1024, 4096])}
+    names, plan = _subject_specs("mamba2:forward+decode@1024+4096,attention,mamba2:forward_backward+forward@1024",
+                                 ["attention", "mamba2"])
+    assert names == ["mamba2", "attention", "mamba2"]
+    assert plan == [(["forward", "decode"], [1024, 4096]), (None, None), (["forward_backward", "forward"], [1024])]
     cases = make_cases(names, ["prefill"], [2048], dtype="float32", device="cpu", size="full", plan=plan)
     assert [(c.subject, c.phase, c.T) for c in cases] == [("mamba2", "forward", 1024), ("mamba2", "forward", 4096),
                                                          ("mamba2", "decode", 1024), ("mamba2", "decode", 4096),
-                                                         ("attention", "prefill", 2048)]
+                                                         ("attention", "prefill", 2048),
+                                                         ("mamba2", "forward_backward", 1024)]
     for bad in ("nope", "mamba2:fly", "mamba2@1k"):
         with pytest.raises(argparse.ArgumentTypeError):
             _subject_specs(bad, ["mamba2"])

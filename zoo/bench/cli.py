@@ -44,13 +44,13 @@ def _csv(value: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
-def _subject_specs(value: str, allowed: list[str]) -> tuple[list[str], dict[str, tuple[list[str] | None,
-                                                                                   list[int] | None]]]:
-    """``NAME[:PHASE+PHASE][@T+T]`` entries (comma list): the subjects, and per subject its own phases and lengths
-    (None: the run's ``--phases`` / T)."""
+def _subject_specs(value: str, allowed: list[str]) -> tuple[list[str], list[tuple[list[str] | None,
+                                                                              list[int] | None]]]:
+    """``NAME[:PHASE+PHASE][@T+T]`` entries (comma list; a subject may come back with other phases / lengths): the
+    subjects, and per entry its own phases and lengths (None: the run's ``--phases`` / T)."""
     if value == "all":
-        return list(allowed), {}
-    names, plan = [], {}
+        return list(allowed), []
+    names, plan = [], []
     for item in filter(None, (v.strip() for v in value.split(","))):
         rest, _, lengths = item.partition("@")
         name, _, phases = rest.partition(":")
@@ -65,8 +65,7 @@ def _subject_specs(value: str, allowed: list[str]) -> tuple[list[str], dict[str,
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"bad lengths in {item!r}: {e}") from None
         names.append(name)
-        if ph or Ts:
-            plan[name] = (ph, Ts)
+        plan.append((ph, Ts))
     return names, plan
 
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
         Ts = args.Ts or Ts
         opts = RunOptions(args.warmup, args.repeats, not args.no_memory, args.max_case_seconds, not args.no_progress,
                           floors=not args.no_floors)
-    specs = [item.strip() for item in args.subjects.split(",") if item.strip()] if plan else names
+    specs = [item.strip() for item in args.subjects.split(",") if item.strip()] if args.subjects != "all" else names
     cases = make_cases(names, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch,
                        plan=None if args.quick else plan)
     now = dt.datetime.now(dt.timezone.utc)
