@@ -78,7 +78,7 @@ def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
     p.add_argument("--stem", help="report file stem (default <device>-<date>, quick-<device>-<date> with --quick)")
     p.add_argument("--subjects", "--mixers", dest="subjects", default="all", metavar="NAME[,NAME]",
                    help="comma list of subjects or 'all' (default); an entry NAME:PHASE+PHASE@T+T restricts that "
-                        "subject to its own phases and lengths (e.g. mamba2:forward+decode@1024+16384); registered: "
+                        "subject to its own phases and lengths (e.g. NAME:forward+decode@1024+16384); registered: "
                         f"{', '.join(sorted(subjects()))}")
     p.add_argument("--import", dest="imports", default="", metavar="MODULE[,MODULE]",
                    help="import these modules first (they register mixers, families or references)")
