@@ -46,6 +46,12 @@ def test_quick_run_succeeds_and_writes_reports(quick_run: tuple[int, Path]) -> N
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "quick.md").read_text()
     assert "| subject | phase | T | zoo ms | reference |" in md and "## Scaling" in md
+    import csv
+
+    report = json.loads((out / "quick.json").read_text())
+    rows = list(csv.DictReader((out / "quick.csv").open()))
+    assert {(r["case"], r["impl"]) for r in rows} >= {(c["id"], i) for c in report["cases"] for i in c["impls"]}
+    assert any(r["impl"] == "floor:gemm" for r in rows)  # the floors measured in the same run
 
 
 def test_quick_json_holds_every_registered_case(quick_run: tuple[int, Path]) -> None:

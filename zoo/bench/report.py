@@ -1,9 +1,11 @@
 """Reports of a run: ``<stem>.json`` (every raw number + machine info; rewritten after every case, so a killed
-run leaves its finished cases), ``<stem>.md`` (ratio tables, flagged cases) and PNG plots (time vs T on log-log
-axes per subject; decode ms/token vs context per subject)."""
+run leaves its finished cases), ``<stem>.md`` (ratio tables, flagged cases), ``<stem>.csv`` (one row per case and
+implementation, floors included) and PNG plots (time vs T on log-log axes per subject; decode ms/token vs context
+per subject)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -216,10 +218,43 @@ def plots(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     return written
 
 
+CSV_COLUMNS = ("case", "subject", "phase", "T", "impl", "status", "median_s", "min_s", "max_s", "repeats", "spread",
+               "mem_bytes", "speedup", "load_start", "load_end", "flags")
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (case, implementation), and one per floor measured (impl ``floor:gemm`` / ``floor:stream``)."""
+    rows = []
+    for r in report["cases"]:
+        load = r.get("load_average") or {}
+        base = {"case": r["id"], "subject": r["subject"], "phase": r["phase"], "T": r["T"],
+                "load_start": (load.get("start") or [None])[0], "load_end": (load.get("end") or [None])[0],
+                "flags": "; ".join(r.get("flags") or [])}
+        entries = [(impl, e) for impl, e in r["impls"].items()]
+        entries += [(f"floor:{kind}", f) for kind, f in (r.get("floor") or {}).items()]
+        for impl, e in entries:
+            t = e.get("time_s")
+            t = t if isinstance(t, dict) else ({"median": t, "min": t, "max": t, "n": None} if t else {})
+            rows.append({**base, "impl": impl, "status": e.get("status"), "median_s": t.get("median"),
+                         "min_s": t.get("min"), "max_s": t.get("max"), "repeats": t.get("n"),
+                         "spread": e.get("spread"), "mem_bytes": e.get("mem_bytes"),
+                         "speedup": r.get("speedup") if impl == "zoo" else None})
+    return rows
+
+
+def write_csv(report: dict[str, Any], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(csv_rows(report))
+    return path
+
+
 def write_reports(report: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = write_json(report, out_dir / f"{stem}.json")
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown(report))
+    csv_path = write_csv(report, out_dir / f"{stem}.csv")
     pngs = plots(report, out_dir, stem)
-    return {"json": json_path, "markdown": md_path, "plots": pngs}
+    return {"json": json_path, "markdown": md_path, "csv": csv_path, "plots": pngs}
