@@ -157,15 +157,21 @@ class _BlockSparseCPU(torch.autograd.Function):
                     lse[qb0:qb1] = new
             outs.append(out)
             lses.append(lse)
-        out_f, lse_f = torch.stack(outs), torch.stack(lses)  # [B, nb, Hkv, G*bs, D], [B, nb, Hkv, G*bs]
-        ctx.save_for_backward(q, k, v, out_f, lse_f)
+            del qf, kp, vp, kw, vw  # the row's folded / padded copies go before the next row (and the unfold)
+        # [B, nb, Hkv, G*bs, D], [B, nb, Hkv, G*bs]; one row (the usual case) needs no stacked copy
+        out_f, lse_f = (outs[0][None], lses[0][None]) if B == 1 else (torch.stack(outs), torch.stack(lses))
+        del outs, lses
+        o = _unfold(out_f, H, T)
+        del out_f
+        # the output itself is saved (refolded per row in the backward), not a second, folded copy of it
+        ctx.save_for_backward(q, k, v, o, lse_f)
         ctx.rule, ctx.scale, ctx.group = rule, scale, group
-        return _unfold(out_f, H, T)
+        return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        q, k, v, out_f, lse_f = ctx.saved_tensors
+        q, k, v, o, lse_f = ctx.saved_tensors
         rule, scale, group = ctx.rule, ctx.scale, ctx.group
         B, H, T, D = q.shape
         Hkv = k.shape[1]
@@ -177,7 +183,7 @@ class _BlockSparseCPU(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for r in range(B):
             qf, gf = _fold(q[r], Hkv, G, nb, bs, Tp), _fold(g[r], Hkv, G, nb, bs, Tp)
-            out, lse = out_f[r], lse_f[r]
+            out, lse = _fold(o[r], Hkv, G, nb, bs, Tp), lse_f[r]  # padded query rows: out 0, their gradient 0
             kp = F.pad(k[r], (0, 0, padl, Tp - T))
             vp = F.pad(v[r], (0, 0, padl, Tp - T))
             kw = kp.unfold(1, W, bs).permute(1, 0, 3, 2)
