@@ -21,18 +21,20 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor, nn
 
@@ -69,13 +71,20 @@ def tokenizer_files(path: str | os.PathLike) -> list[Path]:
                   if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in TOKENIZER_PATTERNS))
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB; a larger one is not read into memory
+
+
 def read_config_json(path: Path) -> dict[str, Any]:
     file = path / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; files there: {sorted(p.name for p in path.iterdir())}")
+    if not file.is_file():  # the directory's contents are not listed: the id may be any directory (/etc, ~, ..)
+        raise FileNotFoundError(f"{str(path)!r} is not a checkpoint directory: it has no {CONFIG_NAME}")
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{file} is {size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}: "
+                         "refusing to read it")
     try:
         cfg = json_restore(json.loads(file.read_text()))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
@@ -83,6 +92,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- weights
+WEIGHT_FORMATS = ("model.safetensors", "pytorch_model.bin")
+
+
 def _load_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file))
@@ -98,34 +110,133 @@ def _load_bin(file: Path) -> dict[str, Tensor]:
             f"refusing to load {file}: it is not a plain tensor checkpoint, and only torch.load(weights_only=True) "
             f"is used on .bin files ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
         raise ValueError(f"{file} does not hold a flat dict of tensors")
     return sd
 
 
-def load_weights(path: Path) -> dict[str, Tensor]:
-    """A checkpoint's tensors: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``."""
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+def _safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, dtype)`` from a safetensors file's header only (no tensor data is read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file} (truncated or not a safetensors file?): {e}") from None
+
+
+def _plain_shard_name(name: Any, index: Path) -> str:
+    """A shard entry of an index must be a plain file name in the checkpoint directory: never a path that reaches
+    elsewhere (``../x``, ``/abs``, ``sub/x``, ``C:\\x``), so loading never reads outside the checkpoint."""
+    ok = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+          and "\x00" not in name and ":" not in name and Path(name).name == name)
+    if not ok:
+        raise ValueError(f"{index.name} names shard {name!r}, which is not a plain file name inside {index.parent}; "
+                         "refusing to read anything outside the checkpoint directory")
+    return name
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """``weight_map`` (tensor name -> shard file name) of a shard index, every entry validated."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} must hold a JSON object with a non-empty 'weight_map' {{tensor name: shard file}}")
+    return {str(k): _plain_shard_name(v, index) for k, v in weight_map.items()}
+
+
+def weight_files(path: Path) -> tuple[list[Path], Path | None, dict[str, str] | None]:
+    """The checkpoint's weight files: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``.
+    Returns ``(files, index file or None, weight_map or None)``; the index is validated (plain shard names only)."""
+    for name in WEIGHT_FORMATS:
         index = path / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd: dict[str, Tensor] = {}
-            for shard in shards:
-                if not (path / shard).is_file():
-                    raise FileNotFoundError(f"{index.name} names shard {shard!r}, which is missing from {path}")
-                sd.update(loader(path / shard))
-            return sd
+            weight_map = _read_index(index)
+            files = [path / shard for shard in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{index.name} names shard {f.name!r}, which is missing from {path}")
+            return files, index, weight_map
         if (path / name).is_file():
-            return loader(path / name)
-    raise FileNotFoundError(
-        f"no weights in {path}: expected model.safetensors or pytorch_model.bin (optionally sharded); "
-        f"found {sorted(p.name for p in path.iterdir())}"
-    )
+            return [path / name], None, None
+    # the directory's contents are not listed (it may be any directory)
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or pytorch_model.bin (optionally "
+                            "sharded with an .index.json)")
 
 
-def load_state_dict_strict(model: nn.Module, sd: dict[str, Tensor], *, strict: bool = True) -> None:
+def _check_shard(index: Path | None, weight_map: dict[str, str] | None, file: Path, names: Any,
+                 owner: dict[str, str]) -> None:
+    """Every tensor of a shard appears in no other shard and is listed for this shard by the index."""
+    for k in names:
+        if k in owner:
+            raise ValueError(f"tensor {k!r} is in two weight files, {owner[k]} and {file.name}; refusing to pick one")
+        owner[k] = file.name
+        if weight_map is not None and weight_map.get(k) != file.name:
+            listed = f"lists it in {weight_map[k]}" if k in weight_map else "does not list it"
+            raise ValueError(f"shard {file.name} holds tensor {k!r} but the index {index.name} {listed}; refusing a "
+                             "checkpoint whose index and shards disagree")
+
+
+def _check_index_covered(index: Path | None, weight_map: dict[str, str] | None, owner: dict[str, str]) -> None:
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(owner))
+        if missing:
+            raise ValueError(f"{index.name} lists tensors that are in none of its shards: {missing[:8]}")
+
+
+def checkpoint_numel(path: Path) -> int | None:
+    """How many values the checkpoint's tensors hold, from the safetensors headers alone (nothing is loaded), with
+    the index and shards cross-checked; None for ``.bin`` checkpoints (their sizes are known only once read)."""
+    files, index, weight_map = weight_files(path)
+    if files[0].suffix != ".safetensors":
+        return None
+    owner: dict[str, str] = {}
+    total = 0
+    for f in files:
+        header = _safetensors_header(f)
+        _check_shard(index, weight_map, f, header, owner)
+        total += sum(math.prod(shape) for shape, _ in header.values())
+    _check_index_covered(index, weight_map, owner)
+    return total
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's tensors: ``model.safetensors[.index.json]`` first, else ``pytorch_model.bin[.index.json]``.
+
+    A shard index may name plain files of this directory only; a tensor found in two shards, or in a shard the index
+    does not assign it to, or listed by the index but in no shard, is an error naming the files."""
+    files, index, weight_map = weight_files(path)
+    loader = _load_safetensors if files[0].suffix == ".safetensors" else _load_bin
+    sd: dict[str, Tensor] = {}
+    owner: dict[str, str] = {}
+    for f in files:
+        shard = loader(f)
+        _check_shard(index, weight_map, f, shard, owner)
+        sd.update(shard)
+    _check_index_covered(index, weight_map, owner)
+    return sd
+
+
+def _nonfinite(t: Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether a floating tensor holds a NaN or an infinity (checked in chunks: no full-size temporary)."""
+    flat = t.detach().reshape(-1)
+    return any(not bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def load_state_dict_strict(model: nn.Module, sd: dict[str, Tensor], *, strict: bool = True,
+                           strict_finite: bool = False) -> None:
     """Fill every parameter of ``model`` from ``sd``; with ``strict``, any missing, unexpected or mis-shaped key
-    is an error naming them all. A tied head may be absent from ``sd`` or present and equal to the embedding."""
+    is an error naming them all. A tied head may be absent from ``sd`` or present and equal to the embedding.
+
+    Never trusted blindly: a tensor whose kind differs from the parameter's (integer or bool values where the model
+    has floats, or the reverse) is an error, not a silent cast; non-finite values (NaN/Inf) are reported by tensor
+    name, as a warning, or an error with ``strict_finite=True``."""
     expected = model.state_dict()
     sd = dict(sd)
     if model.config.tie_embeddings:
@@ -136,9 +247,13 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, Tensor], *, strict: b
             raise ValueError("tie_embeddings is set but the checkpoint's lm_head.weight differs from embedding.weight")
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
+    common = sorted(set(sd) & set(expected))
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if shapes or (strict and (missing or unexpected)):
+              for k in common if sd[k].shape != expected[k].shape]
+    kinds = [f"{k}: checkpoint {sd[k].dtype} vs model {expected[k].dtype}" for k in common
+             if (sd[k].is_floating_point(), sd[k].is_complex(), sd[k].dtype == torch.bool)
+             != (expected[k].is_floating_point(), expected[k].is_complex(), expected[k].dtype == torch.bool)]
+    if shapes or kinds or (strict and (missing or unexpected)):
         parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {missing[:12]}")
@@ -146,7 +261,15 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, Tensor], *, strict: b
             parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:12]}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {shapes[:12]}")
+        if kinds:
+            parts.append(f"dtype kinds differ, refusing to cast ({len(kinds)}): {kinds[:12]}")
         raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+    bad = [k for k in common if sd[k].is_floating_point() and _nonfinite(sd[k])]
+    if bad:
+        msg = f"checkpoint has non-finite values (NaN or Inf) in {len(bad)} tensor(s): {bad[:12]}"
+        if strict_finite:
+            raise ValueError(msg)
+        warnings.warn(msg + " (pass strict_finite=True to refuse such checkpoints)", stacklevel=3)
     model.load_state_dict(sd, strict=False)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -37,6 +38,24 @@ MLP_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 MLP_FIELDS = {"intermediate_size": int, "activation": str, "gated": bool, "bias": bool}
 # Model-wide values handed to every mixer whose constructor takes an argument of that name.
 CONTEXT_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
+# RoPE scaling variants (transformers' ``rope_scaling``; the key ``rope_type``, or the older ``type``; computed in
+# zoo.layers.rope) and their fields: name -> (required, kind) with kind "pos" (a positive finite number), "int" (a
+# positive int), "num" (a finite number), "bool", or "factors" (a non-empty list of positive numbers).
+ROPE_SCALING: dict[str, dict[str, tuple[bool, str]]] = {
+    "default": {},
+    "linear": {"factor": (True, "pos")},
+    "llama3": {"factor": (True, "pos"), "low_freq_factor": (True, "pos"), "high_freq_factor": (True, "pos"),
+               "original_max_position_embeddings": (True, "int")},
+    "yarn": {"factor": (False, "pos"), "original_max_position_embeddings": (False, "int"),
+             "attention_factor": (False, "pos"), "mscale": (False, "num"), "mscale_all_dim": (False, "num"),
+             "beta_fast": (False, "pos"), "beta_slow": (False, "pos"), "truncate": (False, "bool")},
+    "longrope": {"short_factor": (True, "factors"), "long_factor": (True, "factors"), "factor": (False, "pos"),
+                 "original_max_position_embeddings": (False, "int"), "attention_factor": (False, "pos")},
+    "dynamic": {"factor": (True, "pos"), "original_max_position_embeddings": (False, "int")},
+}
+LAYER_FIELDS = ("mixer", "mixer_args", "mlp")
+# A sanity bound checked before a layer list is built (the largest published models have a few hundred layers).
+MAX_LAYERS = 1_000_000
 # ``model_type`` of zoo checkpoints (registered with transformers' Auto classes by ``zoo.hf``; no transformers type).
 MODEL_TYPE = "zoo"
 
@@ -47,7 +66,11 @@ def parse_mixer_spec(spec: str | dict) -> tuple[str, dict[str, Any]]:
     Also accepts ``{"mixer": name, "mixer_args": {...}}``. Argument values are Python literals.
     """
     if isinstance(spec, dict):
+        if not isinstance(spec.get("mixer"), str) or not isinstance(spec.get("mixer_args", {}), dict):
+            raise ValueError(f"mixer spec {spec!r} must look like {{'mixer': name, 'mixer_args': {{...}}}}")
         return spec["mixer"], dict(spec.get("mixer_args", {}))
+    if not isinstance(spec, str):
+        raise ValueError(f"mixer spec {spec!r} must be a string like 'sliding_window(window=1024)' or a dict")
     m = re.fullmatch(r"\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*", spec, flags=re.S)
     if not m:
         raise ValueError(f"cannot parse mixer spec {spec!r}; expected 'name' or 'name(key=value, ...)'")
@@ -67,6 +90,8 @@ def parse_mixer_spec(spec: str | dict) -> tuple[str, dict[str, Any]]:
 
 def parse_layer_selector(selector: str, n_layers: int) -> list[int]:
     """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``"all"`` -> every layer; negative indices count from the end."""
+    if not isinstance(selector, str) and not _int(selector):
+        raise ValueError(f"bad layer selector {selector!r}: use an index or a string like '0-3,8'")
     if selector in ("all", "default", "*"):
         return list(range(n_layers))
     out: list[int] = []
@@ -93,7 +118,7 @@ class LayerSpec:
     mlp: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mixer": self.mixer, "mixer_args": copy.deepcopy(self.mixer_args), "mlp": copy.deepcopy(self.mlp)}
+        return {"mixer": self.mixer, "mixer_args": _copy(self.mixer_args), "mlp": _copy(self.mlp)}
 
     @property
     def spec_string(self) -> str:
@@ -127,23 +152,54 @@ class ZooConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layers = [LayerSpec(**ls) if isinstance(ls, dict) else ls for ls in self.layers]
+        if not isinstance(self.layers, (list, tuple)):
+            raise ValueError(f"ZooConfig.layers must be a list of layer specs, got {self.layers!r}")
+        if not _positive_int(self.n_layers) or self.n_layers > MAX_LAYERS:
+            raise ValueError(f"ZooConfig.n_layers must be a positive int <= {MAX_LAYERS:,}, got {self.n_layers!r}")
+        self.layers = [_layer_spec(i, ls) for i, ls in enumerate(self.layers)]
         if not self.layers:
             self.layers = [LayerSpec() for _ in range(self.n_layers)]
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Every field's type and range, then every layer's mixer and arguments; ``ValueError`` naming the field.
+        Runs before anything is allocated (a model is built only from a validated config); layers with the same
+        spec are checked once, so a config of 10**5 identical layers validates in well under a second per 10**4."""
         for name in ("vocab_size", "d_model", "n_layers", "max_position_embeddings"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _positive_int(v):
                 raise ValueError(f"ZooConfig.{name} must be a positive int, got {v!r}")
         if self.norm not in NORMS:
             raise ValueError(f"ZooConfig.norm={self.norm!r} is not one of {list(NORMS)}")
+        if not _real(self.norm_eps) or not self.norm_eps > 0:
+            raise ValueError(f"ZooConfig.norm_eps must be a positive finite float, got {self.norm_eps!r}")
+        for name in ("tie_embeddings", "residual_in_fp32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ZooConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("embedding_scale", "residual_scale", "logit_scale"):
+            if not _real(getattr(self, name)):
+                raise ValueError(f"ZooConfig.{name} must be a finite float, got {getattr(self, name)!r}")
+        if not _real(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"ZooConfig.initializer_range must be a finite float >= 0, got {self.initializer_range!r}")
+        if not _real(self.rope_theta) or not self.rope_theta > 0:
+            raise ValueError(f"ZooConfig.rope_theta must be a positive finite float, got {self.rope_theta!r}")
+        check_rope_scaling(self.rope_scaling, "ZooConfig.rope_scaling")
+        self._check_token_ids()
+        for name in ("family", "name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"ZooConfig.{name} must be a string or null, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"ZooConfig.extra must be a dict, got {self.extra!r}")
         if len(self.layers) != self.n_layers:
             raise ValueError(f"ZooConfig.layers has {len(self.layers)} entries but n_layers={self.n_layers}")
         self._check_mixer_defaults()
+        checked: set[str] = set()
         for i, layer in enumerate(self.layers):
+            layer = self.layers[i] = _layer_spec(i, layer)
+            key = repr((layer.mixer, sorted(layer.mixer_args.items()), layer.mlp))
+            if key in checked:  # the same spec, the same model-wide context: already validated
+                continue
             cls = get_mixer(layer.mixer)
             self._check_args(f"layers[{i}].mixer_args", cls, layer.mixer_args)
             self._check_mlp(f"layers[{i}].mlp", layer.mlp)
@@ -151,6 +207,17 @@ class ZooConfig:
                 cls.check_args(self.d_model, self.mixer_kwargs(i))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"layers[{i}] ({layer.spec_string}): {e}") from None
+            checked.add(key)
+
+    def _check_token_ids(self) -> None:
+        V = self.vocab_size
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if name == "eos_token_id" and isinstance(v, (list, tuple)) else [v]
+            if v is None or (ids and all(_int(i) and 0 <= i < V for i in ids)):
+                continue
+            what = "an int or a non-empty list of ints" if name == "eos_token_id" else "an int"
+            raise ValueError(f"ZooConfig.{name} must be null or {what} in [0, vocab_size={V}), got {v!r}")
 
     def _check_mixer_defaults(self) -> None:
         """Every group names the argument group of some registered mixer, and every argument is accepted (with
@@ -182,6 +249,8 @@ class ZooConfig:
     @staticmethod
     def _check_args(where: str, cls: type, args: dict[str, Any]) -> None:
         params = mixer_parameters(cls)
+        if not isinstance(args, dict):
+            raise ValueError(f"{where} must be a dict of keyword arguments, got {args!r}")
         for key, value in args.items():
             if key not in params:
                 raise ValueError(
@@ -202,9 +271,9 @@ class ZooConfig:
         for key, value in mlp.items():
             if key not in MLP_FIELDS:
                 raise ValueError(f"{where}: unknown MLP field {key!r}; allowed: {sorted(MLP_FIELDS)}")
-            if not isinstance(value, MLP_FIELDS[key]):
+            if not isinstance(value, MLP_FIELDS[key]) or (MLP_FIELDS[key] is int and isinstance(value, bool)):
                 raise ValueError(f"{where}: {key}={value!r} should be {MLP_FIELDS[key].__name__}")
-        if "intermediate_size" not in mlp or mlp["intermediate_size"] <= 0:
+        if "intermediate_size" not in mlp or not _positive_int(mlp["intermediate_size"]):
             raise ValueError(f"{where}: needs a positive 'intermediate_size', got {mlp!r}")
         if mlp.get("activation", "silu") not in MLP_ACTIVATIONS:
             raise ValueError(f"{where}: activation {mlp['activation']!r} is not one of {list(MLP_ACTIVATIONS)}")
@@ -224,12 +293,14 @@ class ZooConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d = {f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "layers"}
         d["layers"] = [ls.to_dict() for ls in self.layers]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a ZooConfig is built from a dict (a JSON object), got {type(d).__name__}")
         d = dict(d)
         d.pop("zoo_version", None)
         model_type = d.pop("model_type", MODEL_TYPE)
@@ -242,10 +313,12 @@ class ZooConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ZooConfig field(s) {unknown}; allowed: {sorted(known | {'mixers', 'mlp'})}")
+        n = d.get("n_layers", cls.n_layers)
+        if not _positive_int(n) or n > MAX_LAYERS:
+            raise ValueError(f"ZooConfig.n_layers must be a positive int <= {MAX_LAYERS:,}, got {n!r}")
         if mixers is not None or mlp is not None:
             if d.get("layers"):
                 raise ValueError("give either 'layers' or the short forms 'mixers'/'mlp', not both")
-            n = d.get("n_layers", cls.n_layers)
             d["layers"] = expand_layers(n, mixers or "attention", mlp)
         return cls(**d)
 
@@ -325,28 +398,40 @@ def json_restore(obj: Any) -> Any:
 
 
 def expand_layers(n_layers: int, mixers: dict[str, Any] | str, mlp: dict[str, Any] | None) -> list[dict]:
-    """Expand the short forms into ``n_layers`` explicit layer dicts."""
+    """Expand the short forms into ``n_layers`` explicit layer dicts (each with its own argument dicts)."""
     if isinstance(mixers, str) or (isinstance(mixers, dict) and "mixer" in mixers):
         mixers = {"default": mixers}
+    if not isinstance(mixers, dict):
+        raise ValueError(f"ZooConfig short form 'mixers' must be a mixer spec or a dict {{selector: spec}}, "
+                         f"got {mixers!r}")
+    if mlp is not None and not isinstance(mlp, dict):
+        raise ValueError(f"ZooConfig short form 'mlp' must be a dict like {{'intermediate_size': 2048}} or None, "
+                         f"got {mlp!r}")
+    if not _positive_int(n_layers) or n_layers > MAX_LAYERS:
+        raise ValueError(f"ZooConfig.n_layers must be a positive int <= {MAX_LAYERS:,}, got {n_layers!r}")
     layers: list[dict | None] = [None] * n_layers
-    default = mixers.get("default")
     for sel, spec in mixers.items():
         if sel == "default":
             continue
         name, args = parse_mixer_spec(spec)
         for i in parse_layer_selector(sel, n_layers):
-            layers[i] = {"mixer": name, "mixer_args": args, "mlp": copy.deepcopy(mlp)}
+            layers[i] = {"mixer": name, "mixer_args": copy.deepcopy(args), "mlp": copy.deepcopy(mlp)}
+    default = parse_mixer_spec(mixers["default"]) if mixers.get("default") is not None else None
     for i in range(n_layers):
         if layers[i] is None:
             if default is None:
                 raise ValueError(f"short form 'mixers' leaves layer {i} unassigned and has no 'default'")
-            name, args = parse_mixer_spec(default)
-            layers[i] = {"mixer": name, "mixer_args": args, "mlp": copy.deepcopy(mlp)}
+            layers[i] = {"mixer": default[0], "mixer_args": copy.deepcopy(default[1]), "mlp": copy.deepcopy(mlp)}
     return layers  # type: ignore[return-value]
 
 
 def mixer_parameters(cls: type) -> dict[str, inspect.Parameter]:
     """The configurable constructor arguments of a mixer class (everything but d_model / layer_idx)."""
+    return dict(_mixer_parameters(cls))
+
+
+@functools.cache
+def _mixer_parameters(cls: type) -> dict[str, inspect.Parameter]:  # signature + type hints: ~1 ms, once per class
     sig = inspect.signature(cls.__init__)
     hints = typing.get_type_hints(cls.__init__)
     out = {}
@@ -357,6 +442,89 @@ def mixer_parameters(cls: type) -> dict[str, inspect.Parameter]:
     return out
 
 
+def _copy(obj: Any) -> Any:
+    """A deep copy of plain config data (dicts, lists, tuples, scalars): ``copy.deepcopy`` costs ~20x more, which
+    adds up over 10**5 layers."""
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool, type(None), tuple)):
+        return obj if not isinstance(obj, tuple) else tuple(_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(v: Any) -> bool:
+    return _int(v) and v > 0
+
+
+def _real(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_rope_scaling(scaling: Any, where: str) -> None:
+    """``None`` or a dict naming a supported variant (``rope_type`` or ``type``) with every field it needs and only
+    fields it uses (:data:`ROPE_SCALING`), each of the right kind and range."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where} must be null or a dict like {{'rope_type': 'linear', 'factor': 2.0}}, "
+                         f"got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(kind, str) or kind not in ROPE_SCALING:
+        raise ValueError(f"{where}: rope_type {kind!r} is not supported; supported: {sorted(ROPE_SCALING)}")
+    fields = ROPE_SCALING[kind]
+    unknown = sorted(set(scaling) - set(fields) - {"rope_type", "type"})
+    if unknown:
+        raise ValueError(f"{where}: fields {unknown} are not used by rope_type {kind!r} (fields: {list(fields)}); "
+                         "refusing to ignore them")
+    checks = {"pos": (lambda v: _real(v) and v > 0, "a positive number"), "int": (_positive_int, "a positive int"),
+              "num": (_real, "a finite number"), "bool": (lambda v: isinstance(v, bool), "true or false"),
+              "factors": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_real(x) and x > 0 for x in v),
+                          "a non-empty list of positive numbers")}
+    for name, (required, what) in fields.items():
+        v = scaling.get(name)
+        if v is None and not required:
+            continue
+        ok, text = checks[what]
+        if not ok(v):
+            raise ValueError(f"{where}: {name} must be {text} for rope_type {kind!r}, "
+                             f"got {'nothing' if name not in scaling else repr(v)}")
+    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        raise ValueError(f"{where}: llama3 needs low_freq_factor != high_freq_factor (it divides by their "
+                         f"difference), got {scaling['low_freq_factor']!r} for both")
+
+
+def _layer_spec(i: int, ls: Any) -> LayerSpec:
+    """``layers[i]`` as a :class:`LayerSpec` (from a dict), or ``ValueError`` naming what is wrong with it."""
+    if isinstance(ls, dict):
+        unknown = sorted(set(ls) - set(LAYER_FIELDS))
+        if unknown:
+            raise ValueError(f"ZooConfig.layers[{i}] has unknown field(s) {unknown}; allowed: {list(LAYER_FIELDS)}")
+        ls = LayerSpec(**ls)
+    if not isinstance(ls, LayerSpec):
+        raise ValueError(f"ZooConfig.layers[{i}] must be a dict like {{'mixer': 'attention', 'mixer_args': {{}}, "
+                         f"'mlp': None}}, got {ls!r}")
+    if not isinstance(ls.mixer, str):
+        raise ValueError(f"ZooConfig.layers[{i}].mixer must be a mixer name (str), got {ls.mixer!r}")
+    if not isinstance(ls.mixer_args, dict) or not all(isinstance(k, str) for k in ls.mixer_args):
+        raise ValueError(f"ZooConfig.layers[{i}].mixer_args must be a dict of keyword arguments, got {ls.mixer_args!r}")
+    return ls
+
+
+def check_argument_type(where: str, shown: str, value: Any, cls: type, name: str) -> None:
+    """``ValueError("{where}: {shown}=<value> should be <type>")`` unless ``value`` fits the type of argument ``name``
+    of mixer class ``cls`` (for readers whose config field ``shown`` feeds that argument)."""
+    ann = mixer_parameters(cls)[name].annotation
+    if not _type_ok(value, ann):
+        raise ValueError(f"{where}: {shown}={value!r} should be {_type_name(ann)}")
+
+
 def _type_ok(value: Any, ann: Any) -> bool:
     if ann is Any or ann is inspect.Parameter.empty:
         return True
@@ -365,12 +533,20 @@ def _type_ok(value: Any, ann: Any) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(ann))
     if ann is type(None):
         return value is None
-    if ann is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is float:  # NaN is never a meaningful argument (an infinite bound or threshold may be)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if ann is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        return isinstance(value, (tuple, list))
+    if origin is tuple:  # tuple[float, float] (a fixed length), tuple[int, ...]
+        args = typing.get_args(ann)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(v, args[0]) for v in value)
+        return not args or (len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args)))
+    if origin is list:
+        args = typing.get_args(ann)
+        return isinstance(value, (tuple, list)) and (not args or all(_type_ok(v, args[0]) for v in value))
     if origin is dict:
         return isinstance(value, dict)
     if isinstance(ann, type):
@@ -379,4 +555,6 @@ def _type_ok(value: Any, ann: Any) -> bool:
 
 
 def _type_name(ann: Any) -> str:
+    if typing.get_origin(ann) is not None:  # tuple[float, float], list[int], int | None
+        return str(ann).replace("typing.", "")
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")

@@ -14,6 +14,7 @@ import torch
 
 from zoo.checkpoint import (
     CheckpointSource,
+    checkpoint_numel,
     load_state_dict_strict,
     load_weights,
     push_to_hub,
@@ -23,6 +24,7 @@ from zoo.checkpoint import (
     save_reference,
 )
 from zoo.config import ZooConfig
+from zoo.limits import check_fits_memory, check_matches_checkpoint, parameter_count
 from zoo.models import detect_family
 from zoo.models.lm import ZooForCausalLM
 from zoo.registry import get_preset_entry, is_preset, list_presets
@@ -34,10 +36,13 @@ __all__ = ["from_pretrained", "resolve", "save_pretrained", "save_reference", "p
 def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
             local_files_only: bool | None = None) -> Path:
     """A local directory as is; otherwise a hub repo id downloaded (or found in the cache) as a snapshot."""
+    s = str(id_or_path)
+    if not s.strip():
+        raise ValueError("the model id is empty: give a checkpoint directory, a preset name or a hub repo id "
+                         "like 'org/name'")
     path = Path(id_or_path).expanduser()
     if path.is_dir():
         return path
-    s = str(id_or_path)
     if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise FileNotFoundError(f"{s!r} is not a checkpoint directory, a preset name or a hub repo id like "
                                 f"'org/name'; presets: {list_presets()}")
@@ -59,8 +64,14 @@ def resolve(id_or_path: str | os.PathLike, *, revision: str | None = None, cache
 # ---------------------------------------------------------------------------------------------- loading
 def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, strict: bool = True, cache_dir: str | None = None,
-                    local_files_only: bool | None = None) -> ZooForCausalLM:
-    """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id."""
+                    local_files_only: bool | None = None, strict_finite: bool = False) -> ZooForCausalLM:
+    """Load a zoo checkpoint, a reference-format checkpoint (any registered family), a preset's hub id, or a hub id.
+
+    Nothing in the checkpoint is trusted blindly, and every check runs before the model is allocated: the config
+    (types and ranges, fields a family does not implement), the parameter count it implies against the tensors the
+    checkpoint holds and the memory available, the shard index (plain file names inside the directory; index and
+    shards agree). Then the weights: dtype kinds must match; non-finite values are a warning naming the tensors, or
+    an error with ``strict_finite=True``."""
     target = str(id_or_path)
     swap = None
     if is_preset(target) and not Path(target).exists():  # a preset name: its published checkpoint
@@ -70,15 +81,24 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
         target, revision, swap = preset.hub_id, revision or preset.revision, preset.swap
     path = resolve(target, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = read_config_json(path)
+    family = None
     if "zoo_version" in cfg:
         config = ZooConfig.from_dict(cfg)
-        sd = load_weights(path)
         fmt = "zoo"
     else:
         family = detect_family(cfg)
         config = family.config_from_reference(cfg)
-        sd = family.state_dict_from_reference(load_weights(path), config)
         fmt = family.name
+    n_params = parameter_count(config)  # sizes first: nothing is read or allocated for an absurd config
+    held = checkpoint_numel(path)  # from the safetensors headers (None for .bin)
+    if strict and held is not None:
+        check_matches_checkpoint(config, n_params, held, path)
+    check_fits_memory(config, n_params=n_params, what=f"loading {target!r}")
+    sd = load_weights(path)
+    if strict and held is None:
+        check_matches_checkpoint(config, n_params, sum(t.numel() for t in sd.values()), path)
+    if family is not None:
+        sd = family.state_dict_from_reference(sd, config)
     if strict:  # every parameter will be overwritten: skip random init by building on the meta device
         with torch.device("meta"):
             model = ZooForCausalLM(config)
@@ -86,7 +106,7 @@ def from_pretrained(id_or_path: str | os.PathLike, *, revision: str | None = Non
         _reset_buffers(model)
     else:
         model = ZooForCausalLM(config)
-    load_state_dict_strict(model, sd, strict=strict)
+    load_state_dict_strict(model, sd, strict=strict, strict_finite=strict_finite)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight
     if swap:  # a hybrid preset: the published checkpoint with some layers swapped (weights reused where they fit)

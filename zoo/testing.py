@@ -304,24 +304,32 @@ class _Checker:
                          mixer_defaults=defaults, max_position_embeddings=4096)
 
 
-def run_chunks(mixer: Mixer, x: Tensor, sizes: list[int], *, attention_mask: Tensor | None = None,
+def run_chunks(mixer: Mixer | ZooForCausalLM, x: Tensor, sizes: list[int], *, attention_mask: Tensor | None = None,
                state: Any = None, start: Tensor | None = None) -> tuple[Tensor, Any]:
     """Feed ``x [B, T, D]`` through ``mixer`` in chunks of ``sizes`` tokens, continuing ``state`` (a new one, sized
     for ``T``, if None), with the positions the model would compute (``start [B]``: each row's next position).
-    Returns the concatenated outputs and the final state."""
+    Returns the concatenated outputs and the final state.
+
+    Also runs a whole model: with a :class:`ZooForCausalLM`, ``x`` is ``input_ids [B, T]``, ``state`` its
+    ``ModelState`` (the model computes positions itself; ``start`` is unused) and the outputs are the logits."""
     B, T = x.shape[:2]
     if sum(sizes) != T:
         raise ValueError(f"chunk sizes {sizes} sum to {sum(sizes)}, not T={T}")
+    is_model = isinstance(mixer, ZooForCausalLM)
     if state is None:
-        state = mixer.init_state(B, dtype=x.dtype, device=x.device, max_length=T)
+        state = mixer.init_states(B, max_length=T) if is_model else \
+            mixer.init_state(B, dtype=x.dtype, device=x.device, max_length=T)
     start = torch.zeros(B, dtype=torch.long, device=x.device) if start is None else start
     ys, t = [], 0
     for n in sizes:
         mask = None if attention_mask is None else attention_mask[:, t:t + n].bool()
         mask = None if mask is not None and bool(mask.all()) else mask
-        y, state = mixer(x[:, t:t + n], positions=token_positions(B, n, mask, start=start), state=state,
-                         attention_mask=mask)
-        ys.append(y)
+        if is_model:
+            ys.append(mixer(x[:, t:t + n], attention_mask=mask, states=state).logits)
+        else:
+            y, state = mixer(x[:, t:t + n], positions=token_positions(B, n, mask, start=start), state=state,
+                             attention_mask=mask)
+            ys.append(y)
         start = start + (n if mask is None else mask.long().sum(1))
         t += n
     return torch.cat(ys, 1), state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm
@@ -46,9 +47,19 @@ class GatedRMSNorm(nn.Module):
                              norm_before_gate=self.norm_before_gate)
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) computed in fp32 (fp64 stays fp64) and cast back to the input's dtype, like
+    :class:`RMSNorm`: it accepts an fp32 residual (``residual_in_fp32``) in a low-precision model."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), self.weight.dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                            None if self.bias is None else self.bias.to(dtype), self.eps).to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r}; allowed: ['rmsnorm', 'layernorm']")

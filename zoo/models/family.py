@@ -3,8 +3,9 @@ and a key table (ordered prefix renames with ``{i}`` for the layer index) plus a
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,113 @@ from zoo.config import ZooConfig
 from zoo.layers.base import BenchCase
 
 StateDict = dict[str, Tensor]
+
+# Fields of a reference config.json that never change a causal LM's forward pass: transformers' bookkeeping, the
+# generation defaults transformers 4.x wrote into config.json, settings of training / initialisation / fused kernels
+# only. Every other field a family does not read is refused (see :func:`check_reference_fields`).
+NEUTRAL_FIELDS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "torchscript", "is_encoder_decoder",
+    "is_decoder", "add_cross_attention", "tie_encoder_decoder", "cross_attention_hidden_size",
+    "chunk_size_feed_forward",
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "tokenizer_class", "prefix",
+    "task_specific_params", "pruned_heads", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
+    "use_bfloat16", "initializer_range", "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
+    # generation defaults (old transformers configs)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # initialisation, training and fused-kernel switches of Mamba-2 implementations
+    "rescale_prenorm_residual", "time_step_rank", "conv_init", "A_init_range", "dt_min", "dt_max", "dt_init_floor",
+    "fuse_norm", "fuse_cross_entropy", "fuse_linear_cross_entropy", "fused_add_norm", "use_l2warp",
+})
+
+
+def check_reference_fields(cfg: dict[str, Any], known: Iterable[str], fmt: str, where: str = "config.json") -> None:
+    """Refuse a reference config.json carrying fields the family neither reads nor knows to be neutral: such a field
+    may change the model's math (e.g. a flash-linear-attention Mamba-2 config's ``dt_limit``, ``norm_eps``,
+    ``D_has_hdim`` under ``model_type: mamba2``), and loading with it ignored would compute something else."""
+    unknown = sorted(set(cfg) - set(known) - NEUTRAL_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"{fmt} {where} has fields the zoo's {fmt} reader does not implement: {unknown}. They may change the "
+            "model's math, and loading with them ignored would silently compute something else; refusing. (If you "
+            "know them to be neutral for this checkpoint, remove them from config.json.)")
+
+
+_REQUIRED = object()
+
+
+class RefConfig:
+    """Typed access to a reference ``config.json``: a missing required field, a wrong type or an out-of-range value
+    is a ``ValueError`` naming the format and the field (never a ``KeyError`` / ``TypeError`` from deep inside)."""
+
+    def __init__(self, cfg: Any, fmt: str, prefix: str = "") -> None:
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{fmt} config: {prefix.rstrip('.') or 'the config'} must be a JSON object, "
+                             f"got {type(cfg).__name__}")
+        self.cfg, self.fmt, self.prefix = cfg, fmt, prefix  # prefix: where a nested object sits ("attn_cfg.")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.cfg
+
+    def _get(self, name: str, default: Any) -> tuple[Any, bool]:
+        if name in self.cfg and self.cfg[name] is not None:
+            return self.cfg[name], True
+        if default is _REQUIRED:
+            raise ValueError(f"{self.fmt} config: required field {self.prefix + name!r} is missing")
+        return default, False
+
+    def fail(self, name: str, value: Any, what: str) -> ValueError:
+        return ValueError(f"{self.fmt} config: {self.prefix}{name}={value!r} must be {what}")
+
+    def int(self, name: str, default: Any = _REQUIRED, *, minimum: int = 1, maximum: int | None = None) -> Any:
+        """``maximum``: bound sizes that are iterated over before the config is validated (layer counts)."""
+        v, given = self._get(name, default)
+        if given and (not isinstance(v, int) or isinstance(v, bool) or v < minimum or (maximum and v > maximum)):
+            raise self.fail(name, v, f"an int >= {minimum}" + (f" and <= {maximum:,}" if maximum else ""))
+        return v
+
+    def float(self, name: str, default: Any = _REQUIRED, *, positive: bool = True, finite: bool = True) -> Any:
+        v, given = self._get(name, default)
+        if given:
+            if isinstance(v, dict) and set(v) == {"__float__"}:  # transformers 5's form of non-finite floats
+                v = float(v["__float__"])
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+            if not ok or (finite and math.isinf(v)) or (positive and not v > 0):
+                what = ("a positive" if positive else "a") + (" finite" if finite else "") + " number"
+                raise self.fail(name, v, what)
+            v = float(v)
+        return v
+
+    def bool(self, name: str, default: Any = _REQUIRED) -> Any:
+        v, given = self._get(name, default)
+        if given and not isinstance(v, bool):
+            raise self.fail(name, v, "true or false")
+        return v
+
+    def str(self, name: str, default: Any = _REQUIRED) -> Any:
+        v, given = self._get(name, default)
+        if given and not isinstance(v, str):
+            raise self.fail(name, v, "a string")
+        return v
+
+    def dict(self, name: str, default: Any = _REQUIRED) -> Any:
+        v, given = self._get(name, default)
+        if given and not isinstance(v, dict):
+            raise self.fail(name, v, "a JSON object")
+        return v
+
+    def token_id(self, name: str, *, many: bool = False) -> Any:
+        """``None``, a non-negative int, or (``many``) a list of them (the vocabulary range is ZooConfig's check)."""
+        v, given = self._get(name, None)
+        ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+            many and isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+        if given and not ok:
+            raise self.fail(name, v, "a non-negative int" + (" or a list of them" if many else ""))
+        return v
 
 
 @dataclass
@@ -51,6 +159,14 @@ class Family:
     shardable: bool = True
     # BibTeX entries of the papers behind the family's architecture / checkpoints (model cards list them).
     citations: tuple[str, ...] = ()
+    # Positions past ``max_position_embeddings`` in a model with RoPE layers (the family's documented choice):
+    # "warn" (RoPE extrapolates; a warning once per model), "error" (ValueError) or "allow" (no position limit).
+    positions_past_max: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.positions_past_max not in ("warn", "error", "allow"):
+            raise ValueError(f"Family {self.name!r}: positions_past_max={self.positions_past_max!r} must be one of "
+                             "'warn', 'error', 'allow'")
 
     def state_dict_from_reference(self, sd: StateDict, config: ZooConfig) -> StateDict:
         out = rename_keys(sd, self.key_table, source="reference")

@@ -33,7 +33,8 @@ M = TypeVar("M", ZooForCausalLM, ZooConfig)
 def detect(cfg: dict[str, Any]) -> bool:
     if cfg.get("model_type") != "llama":
         return False
-    if CUSTOM_CLASS in (cfg.get("architectures") or []):
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and CUSTOM_CLASS in archs:
         return True
     if "modeling_generator" in str(cfg.get("auto_map") or ""):
         return True
@@ -41,7 +42,8 @@ def detect(cfg: dict[str, Any]) -> bool:
 
 
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    return llama.config_from_reference(cfg).replace(family="generator")
+    # auto_map names GENERator's remote code, which is never run (the model is a stock Llama); it is read for detection
+    return llama.reference_config(cfg, "generator", "attention", llama.FIELDS | {"auto_map"})
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
@@ -141,4 +143,5 @@ FAMILY = Family(
     model_card="generator",
     specializes="llama",
     citations=(llama.CITATION, CITATION),
+    positions_past_max="warn",  # trained at 16,384 tokens; RoPE extrapolates, warned once per model
 )

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.config import ZooConfig
+from zoo.config import ZooConfig, check_argument_type
 from zoo.layers.lact import CITATION
-from zoo.models.family import Family, Preset, refuse_layers
+from zoo.models.family import Family, Preset, RefConfig, check_reference_fields, refuse_layers
+from zoo.registry import get_mixer
 
 KEY_TABLE = [
     ("model.embeddings.", "embedding."),
@@ -72,25 +73,38 @@ def zoo_dict(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("elementwise_affine", True) is False:
         raise ValueError("lact_swiglu config: elementwise_affine=False is not supported (RMSNorms have weights)")
     mixer = {zoo: cfg.get(ref, default) for ref, (zoo, default) in MIXER_FIELDS.items()}
-    mixer["inter_multi"] = float(mixer["inter_multi"])
-    d = cfg.get("hidden_size", 2048)
+    for name, (arg, _) in MIXER_FIELDS.items():  # types named by the config.json field
+        if name in cfg:
+            check_argument_type("lact_swiglu config", name, cfg[name], get_mixer("lact"), arg)
+    ref = RefConfig(cfg, "lact_swiglu")
+    mixer["inter_multi"] = ref.float("inter_multi", 1.0)
+    d = ref.int("hidden_size", 2048)
     return {
-        "vocab_size": cfg.get("vocab_size", 32000), "d_model": d, "n_layers": cfg.get("num_hidden_layers", 24),
+        "vocab_size": ref.int("vocab_size", 32000), "d_model": d, "n_layers": ref.int("num_hidden_layers", 24),
         "mixers": "lact", "mixer_defaults": {"lact": mixer},
-        "mlp": {"intermediate_size": mlp_width(d, cfg.get("hidden_ratio") or 4, cfg.get("intermediate_size")),
+        "mlp": {"intermediate_size": mlp_width(d, ref.float("hidden_ratio", 4.0), ref.int("intermediate_size", None)),
                 "activation": "silu"},
-        "norm": "rmsnorm", "norm_eps": cfg.get("norm_eps", 1e-6),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "rope_theta": float(cfg.get("rope_theta") or 10000.0),
-        "max_position_embeddings": cfg.get("max_position_embeddings", 2048),
-        "initializer_range": cfg.get("initializer_range", 0.006),
-        "pad_token_id": cfg.get("pad_token_id"), "bos_token_id": cfg.get("bos_token_id", 1),
+        "norm": "rmsnorm", "norm_eps": ref.float("norm_eps", 1e-6),
+        "tie_embeddings": ref.bool("tie_word_embeddings", False),
+        "rope_theta": ref.float("rope_theta", 10000.0),
+        "max_position_embeddings": ref.int("max_position_embeddings", 2048),
+        "initializer_range": ref.float("initializer_range", 0.006, positive=False),
+        "pad_token_id": ref.token_id("pad_token_id"), "bos_token_id": cfg.get("bos_token_id", 1),
         "eos_token_id": cfg.get("eos_token_id", 2), "family": "lact",
         "extra": {"lact_swiglu": {k: cfg.get(k, v) for k, v in PASSTHROUGH.items()}},
     }
 
 
+# config.json fields the reader uses or knows to be neutral ("attention_bias" is present in the released configs but
+# unused by the model); anything else is refused (zoo.models.family.check_reference_fields)
+FIELDS = frozenset({*MIXER_FIELDS, *PASSTHROUGH, "hidden_act", "window_size", "elementwise_affine", "hidden_size",
+                    "num_hidden_layers", "vocab_size", "hidden_ratio", "intermediate_size", "norm_eps",
+                    "tie_word_embeddings", "rope_theta", "max_position_embeddings", "initializer_range",
+                    "pad_token_id", "bos_token_id", "eos_token_id", "attention_bias"})
+
+
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
+    check_reference_fields(cfg, FIELDS, "lact_swiglu")
     try:
         return ZooConfig.from_dict(zoo_dict(cfg))
     except ValueError as e:

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
 from zoo.bench.references import register_reference
-from zoo.config import ZooConfig
+from zoo.config import ZooConfig, check_rope_scaling
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase
-from zoo.models.family import Family, Preset, refuse_layers
+from zoo.models.family import Family, Preset, RefConfig, check_reference_fields, refuse_layers
 
 CITATION = """@article{touvron2023llama,
   title={{LLaMA}: Open and Efficient Foundation Language Models},
@@ -42,50 +42,81 @@ def detect(cfg: dict[str, Any]) -> bool:
     return cfg.get("model_type") == "llama"
 
 
-def rope_from_reference(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+# config.json fields the Llama reader uses (anything else but transformers' neutral fields is refused)
+FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "attention_bias", "mlp_bias", "rms_norm_eps",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+    "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp",
+})
+
+
+def rope_from_reference(cfg: dict[str, Any], fmt: str = "llama") -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) from transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x (``rope_parameters``)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = params or cfg.get("rope_scaling")
+    ref = RefConfig(cfg, fmt)
+    params = dict(ref.dict("rope_parameters", {}))
+    theta = RefConfig(params, fmt, "rope_parameters.").float("rope_theta", None)
+    params.pop("rope_theta", None)
+    if theta is None:
+        theta = ref.float("rope_theta", 10000.0)
+    scaling = params or ref.dict("rope_scaling", None)
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
+    check_rope_scaling(scaling, f"{fmt} config: rope_scaling")
     return theta, scaling
 
 
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    H = cfg["num_attention_heads"]
-    theta, scaling = rope_from_reference(cfg)
-    act = cfg.get("hidden_act", "silu")
+    return reference_config(cfg, "llama", "attention", FIELDS)
+
+
+def reference_config(cfg: dict[str, Any], fmt: str, mixers: Any, fields: frozenset[str]) -> ZooConfig:
+    """A transformers Llama-layout ``config.json`` (Llama, Mistral, GENERator) -> ZooConfig with ``mixers`` in every
+    layer; every field is type- and range-checked here, naming the reference field."""
+    check_reference_fields(cfg, fields, fmt)
+    ref = RefConfig(cfg, fmt)
+    d, H = ref.int("hidden_size"), ref.int("num_attention_heads")
+    head_dim = ref.int("head_dim", None)
+    if head_dim is None and d % H:
+        raise ValueError(f"{fmt} config: hidden_size={d} is not divisible by num_attention_heads={H} and head_dim is "
+                         "not given")
+    theta, scaling = rope_from_reference(cfg, fmt)
+    act = ref.str("hidden_act", "silu")
     if act not in HF_ACTIVATIONS:
-        raise ValueError(f"llama config: hidden_act={act!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}")
+        raise ValueError(f"{fmt} config: hidden_act={act!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}")
+    ref.int("pretraining_tp", 1)  # tensor-parallel slicing of the same matmuls: no change to the math
     attention = {
         "num_heads": H,
-        "num_kv_heads": cfg.get("num_key_value_heads") or H,
-        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // H,
-        "qkv_bias": bool(cfg.get("attention_bias", False)),
-        "o_bias": bool(cfg.get("attention_bias", False)),
+        "num_kv_heads": ref.int("num_key_value_heads", H),
+        "head_dim": head_dim or d // H,
+        "qkv_bias": ref.bool("attention_bias", False),
+        "o_bias": ref.bool("attention_bias", False),
     }
-    mlp = {"intermediate_size": cfg["intermediate_size"], "activation": HF_ACTIVATIONS[act],
-           "bias": bool(cfg.get("mlp_bias", False))}
-    return ZooConfig.from_dict({
-        "vocab_size": cfg["vocab_size"],
-        "d_model": cfg["hidden_size"],
-        "n_layers": cfg["num_hidden_layers"],
-        "mixers": cfg.get("zoo_mixers", "attention"),
-        "mlp": mlp,
-        "mixer_defaults": {"attention": attention},
-        "norm": "rmsnorm",
-        "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "max_position_embeddings": cfg.get("max_position_embeddings", 2048),
-        "initializer_range": cfg.get("initializer_range", 0.02),
-        "pad_token_id": cfg.get("pad_token_id"),
-        "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"),
-        "family": "llama",
-    })
+    mlp = {"intermediate_size": ref.int("intermediate_size"), "activation": HF_ACTIVATIONS[act],
+           "bias": ref.bool("mlp_bias", False)}
+    n_layers = ref.int("num_hidden_layers")
+    try:
+        return ZooConfig.from_dict({
+            "vocab_size": ref.int("vocab_size"),
+            "d_model": d,
+            "n_layers": n_layers,
+            "mixers": mixers,
+            "mlp": mlp,
+            "mixer_defaults": {"attention": attention},
+            "norm": "rmsnorm",
+            "norm_eps": ref.float("rms_norm_eps", 1e-6),
+            "tie_embeddings": ref.bool("tie_word_embeddings", False),
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "max_position_embeddings": ref.int("max_position_embeddings", 2048),
+            "initializer_range": ref.float("initializer_range", 0.02, positive=False),
+            "pad_token_id": ref.token_id("pad_token_id"),
+            "bos_token_id": ref.token_id("bos_token_id"),
+            "eos_token_id": ref.token_id("eos_token_id", many=True),
+            "family": fmt,
+        })
+    except ValueError as e:
+        raise ValueError(f"{fmt} config: {e}") from None
 
 
 def config_to_reference(config: ZooConfig, fmt: str = "llama") -> dict[str, Any]:
@@ -279,4 +310,5 @@ FAMILY = Family(
         args={"full": _bench_model("full", 4096, 2048), "quick": _bench_model("quick", 256, 128)},
         description="ZooForCausalLM (llama family) vs transformers LlamaForCausalLM, same weights"),),
     citations=(CITATION,),
+    positions_past_max="warn",  # RoPE extrapolates, as in transformers; warned once per model
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_s
 from zoo.layers.base import State, document_positions
 from zoo.layers.mlp import MLP
 from zoo.layers.norm import make_norm
-from zoo.registry import get_mixer
+from zoo.layers.rope import rope_type
+from zoo.limits import check_fits_memory
+from zoo.registry import get_family, get_mixer, list_families
 
 
 @dataclass
@@ -70,6 +73,19 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         module.reset_mixer_parameters()
 
 
+def positions_policy(config: ZooConfig) -> str:
+    """The model's choice for positions past ``max_position_embeddings`` (see :meth:`ZooForCausalLM.check_positions`):
+    ``"allow"`` when no layer applies RoPE or the RoPE scaling is ``dynamic`` (NTK-rescaled for exactly those
+    positions), else its family's ``positions_past_max`` (``"warn"`` for zoo-native)."""
+    uses_rope = any(get_mixer(ls.mixer).resolved_args(config.mixer_kwargs(i)).get("rope", False)
+                    for i, ls in enumerate(config.layers))
+    if not uses_rope or rope_type(config.rope_scaling) == "dynamic":  # dynamic NTK rescales exactly past the limit
+        return "allow"
+    if config.family and config.family in list_families():
+        return get_family(config.family).positions_past_max
+    return "warn"
+
+
 def token_positions(B: int, T: int, attention_mask: Tensor | None = None, *, start: Tensor | None = None,
                     seq_idx: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
     """The positions ``[B, T]`` the model hands to every mixer: ``start + arange(T)`` for unpadded rows; with a
@@ -101,8 +117,8 @@ class Block(nn.Module):
     def forward(self, h: Tensor, positions: Tensor | None, state: State | None, attention_mask: Tensor | None,
                 seq_idx: Tensor | None) -> tuple[Tensor, State | None]:
         dtype = self.norm.weight.dtype
-        if self.residual_in_fp32:
-            h = h.float()
+        if self.residual_in_fp32:  # at least fp32 (an fp64 model stays fp64)
+            h = h.to(torch.promote_types(h.dtype, torch.float32))
         y, state = self.mixer(self.norm(h).to(dtype), positions=positions, state=state,
                               attention_mask=attention_mask, seq_idx=seq_idx)
         h = h + y * self.residual_scale if self.residual_scale != 1.0 else h + y
@@ -120,12 +136,15 @@ def build_mixer(config: ZooConfig, layer_idx: int) -> nn.Module:
 class ZooForCausalLM(nn.Module):
     def __init__(self, config: ZooConfig) -> None:
         super().__init__()
+        if torch.get_default_device().type != "meta":  # sizes bounded before anything is allocated
+            check_fits_memory(config)
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm_f = make_norm(config.norm, config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self._warned_positions = False
         self.apply(self._init_module)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
@@ -188,29 +207,105 @@ class ZooForCausalLM(nn.Module):
 
     def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, *, states: ModelState | None = None,
                      seq_idx: Tensor | None = None) -> Tensor | None:
-        """Validate a call's inputs; returns the mask of this call's tokens as bool ``[B, T]``, or None when every
-        token is real (the mixers then take their unmasked paths)."""
+        """Validate a call's inputs (once per call, one host synchronisation; never in :meth:`step`); returns the
+        mask of this call's tokens as bool ``[B, T]``, or None when every token is real (the mixers then take their
+        unmasked paths). ``ValueError`` naming what is wrong:
+
+        * ``input_ids``: a non-empty 2-D int64/int32 tensor with every id in ``[0, vocab_size)``;
+        * ``states``: a :class:`ModelState` of this model, built for the same batch size;
+        * ``attention_mask``: ``[B, T]`` (or ``[B, offset + T]``) of 0/1 values. Without states (a parallel
+          forward) every row has a real token and its real tokens are contiguous (left or right padding). With
+          states (a prefill chunk or decode) padding goes on the LEFT: a row's chunk is all padding, or padding
+          followed by tokens before the row has absorbed any real token, or all tokens after that.
+        * positions past ``max_position_embeddings``: the family's choice (:meth:`check_positions`).
+        """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype not in (torch.long, torch.int, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor (int64 or int32) of token ids, "
+                             f"got {input_ids.dtype}")
         B, T = input_ids.shape
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
-            raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
-                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
-        if seq_idx is not None and (states is not None or tuple(seq_idx.shape) != (B, T)):
-            raise ValueError(f"seq_idx (packed documents) must be [B, T]=[{B}, {T}] and is for the parallel forward "
-                             f"only (no states); got shape {tuple(seq_idx.shape)}"
+        if B == 0 or T == 0:
+            raise ValueError(f"input_ids is empty (shape {(B, T)}): give at least one token per row")
+        offset = 0
+        if states is not None:
+            if not isinstance(states, ModelState) or len(states.layers) != len(self.layers):
+                raise ValueError("states must be this model's ModelState (from model.init_states(batch_size))")
+            if states.next_position.shape[0] != B:
+                raise ValueError(f"states were built for batch size {states.next_position.shape[0]}, but input_ids "
+                                 f"has {B} rows; use model.init_states({B}) (or State.reorder to select rows)")
+            offset = states.offset
+        if seq_idx is not None and (states is not None or not isinstance(seq_idx, Tensor)
+                                    or tuple(seq_idx.shape) != (B, T) or seq_idx.is_floating_point()):
+            raise ValueError(f"seq_idx (packed documents) must be an integer [B, T]=[{B}, {T}] tensor and is for the "
+                             f"parallel forward only (no states); got {getattr(seq_idx, 'shape', seq_idx)!r}"
                              + (" with states" if states is not None else ""))
-        if attention_mask is None:
-            return None
-        offset = states.offset if states is not None else 0
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in {T, offset + T}:
-            also = f" or [B, offset + T]=[{B}, {offset + T}]" if offset else ""
-            raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}]{also} like input_ids, "
-                             f"got {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, -T:].bool()
-        return None if bool(mask.all()) else mask
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != B \
+                    or attention_mask.shape[1] not in {T, offset + T}:
+                also = f" or [B, offset + T]=[{B}, {offset + T}]" if offset else ""
+                raise ValueError(f"attention_mask must be [B, T]=[{B}, {T}]{also} like input_ids, "
+                                 f"got {tuple(getattr(attention_mask, 'shape', ())) or attention_mask!r}")
+            mask = attention_mask[:, -T:]
+        # one host synchronisation for every value check of the call
+        ids_lo, ids_hi = input_ids.min(), input_ids.max()
+        zero = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        bad_values = bad_layout = zero
+        real = None
+        if mask is not None:
+            bad_values = ((mask != 0) & (mask != 1)).sum() if mask.dtype != torch.bool else zero
+            real = mask.bool()
+            bad_layout = self._padding_errors(real, states).sum()
+        n_row = real.sum(1) if real is not None else torch.full((B,), T, device=input_ids.device)
+        last = (n_row + states.next_position if states is not None else n_row).max()  # the longest row's length
+        lo, hi, n_bad_values, n_bad_layout, last, n_real = torch.stack([
+            ids_lo.long(), ids_hi.long(), bad_values, bad_layout, last.long(),
+            real.sum() if real is not None else zero + B * T]).tolist()
+        V = self.config.vocab_size
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids out of range: token ids must be in [0, {V}) (vocab_size), got min {lo}, "
+                             f"max {hi}")
+        if n_bad_values:
+            vals = torch.unique(mask[(mask != 0) & (mask != 1)])[:8].tolist()
+            raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), found {vals}")
+        if n_bad_layout:
+            rows = self._padding_errors(real, states).nonzero().flatten().tolist()[:8]
+            if states is None:
+                raise ValueError(f"attention_mask rows {rows} have no real token, or padding between real tokens: "
+                                 "every row needs a token, and its tokens must be contiguous (pad on the left)")
+            raise ValueError(f"attention_mask rows {rows} put padding after real tokens, which a continued call "
+                             "(states: chunked prefill / decode) cannot undo; pad on the LEFT (e.g. "
+                             "tokenizer.padding_side = 'left'), so that a row is all padding until its first token")
+        self.check_positions(last)
+        return None if real is None or n_real == B * T else real
+
+    def _padding_errors(self, real: Tensor, states: ModelState | None) -> Tensor:
+        """``[B]``: rows of this call's mask ``real`` whose padding layout is refused (see :meth:`check_inputs`)."""
+        starts = (real[:, 1:] & ~real[:, :-1]).sum(1)  # 0 -> 1 transitions
+        if states is None:  # parallel: a token in every row, one contiguous run of tokens
+            return ~real.any(1) | (starts + real[:, 0].long() > 1)
+        ends = (~real[:, 1:] & real[:, :-1]).any(1)  # a pad after a token in this chunk
+        seen = states.next_position > 0  # the row absorbed real tokens before
+        return ends | (seen & real.any(1) & ~real.all(1))
+
+    def check_positions(self, length: int) -> None:
+        """What happens when a row's sequence reaches ``length`` tokens, past ``max_position_embeddings``: each
+        family documents its choice (``Family.positions_past_max``): ``"warn"`` - RoPE extrapolates, with a warning
+        once per model; ``"error"`` - ``ValueError``; ``"allow"`` - the model has no position limit (no layer uses
+        RoPE, or a family without positional encoding, e.g. Mamba-2). Zoo-native models warn when a layer uses RoPE."""
+        limit = self.config.max_position_embeddings
+        if length <= limit:
+            return
+        policy = positions_policy(self.config)
+        if policy == "error":
+            raise ValueError(f"the sequence reaches {length} tokens, past max_position_embeddings={limit} of this "
+                             f"{self.config.family or 'zoo'} model, which refuses to extrapolate its positions")
+        if policy == "warn" and not self._warned_positions:
+            self._warned_positions = True
+            warnings.warn(f"the sequence reaches {length} tokens, past max_position_embeddings={limit}: RoPE "
+                          "extrapolates beyond the trained context and quality may degrade (warned once per model)",
+                          stacklevel=3)
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor | None,
                  states: ModelState | None, seq_idx: Tensor | None, logits_to_keep: int) -> Tensor:

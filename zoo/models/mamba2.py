@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from zoo.bench.adapters import Adapter, KernelAdapter, load_same_weights
 from zoo.bench.references import register_reference
 from zoo.checkpoint import save_reference
-from zoo.config import LayerSpec, ZooConfig
+from zoo.config import MAX_LAYERS, LayerSpec, ZooConfig
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase
 from zoo.layers.mamba2 import CITATION as MAMBA2_CITATION
 from zoo.layers.mamba2 import Mamba2
-from zoo.models.family import Family, Preset, StateDict, refuse_layers
+from zoo.models.family import Family, Preset, RefConfig, StateDict, check_reference_fields, refuse_layers
 
 MAMBA_SSM_KEYS = [
     ("backbone.embedding.", "embedding."),
@@ -78,11 +78,34 @@ def _pad_vocab(v: int, multiple: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ config maps
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    return _from_mamba_ssm(cfg) if is_mamba_ssm_config(cfg) else _from_transformers(cfg)
+    fmt = "mamba_ssm" if is_mamba_ssm_config(cfg) else "transformers mamba2"
+    try:
+        return _from_mamba_ssm(cfg) if fmt == "mamba_ssm" else _from_transformers(cfg)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(fmt) else f"{fmt} config: {msg}") from None
+
+
+# config.json fields each reader uses (anything else but the neutral fields of zoo.models.family is refused)
+MAMBA_SSM_FIELDS = frozenset({"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                              "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                              "tie_embeddings", "norm_epsilon"})
+ATTN_CFG_FIELDS = frozenset({"num_heads", "num_heads_kv", "head_dim", "qkv_proj_bias", "out_proj_bias",
+                             "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved", "softmax_scale", "causal",
+                             "d_conv", "mlp_dim"})
+TRANSFORMERS_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "state_size", "expand", "conv_kernel",
+    "n_groups", "use_bias", "use_conv_bias", "chunk_size", "time_step_min", "time_step_max", "time_step_floor",
+    "time_step_limit", "layer_norm_epsilon", "hidden_act", "rms_norm", "residual_in_fp32", "tie_word_embeddings",
+    "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id"})
 
 
 def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
-    ssm = dict(cfg.get("ssm_cfg") or {})
+    from zoo.layers.mamba2 import Mamba2
+
+    check_reference_fields(cfg, MAMBA_SSM_FIELDS, "mamba_ssm")
+    ref = RefConfig(cfg, "mamba_ssm")
+    ssm = dict(ref.dict("ssm_cfg", {}))
     layer = ssm.get("layer", "Mamba1")  # mamba_ssm's default when the key is absent
     if layer != "Mamba2":
         raise ValueError(f"mamba_ssm config: ssm_cfg.layer={layer!r} is not supported by the mamba2 family "
@@ -90,85 +113,95 @@ def _from_mamba_ssm(cfg: dict[str, Any]) -> ZooConfig:
     unknown = sorted(set(ssm) - set(MIXER_ARGS) - set(IGNORED_SSM_ARGS))
     if unknown:
         raise ValueError(f"mamba_ssm config: unsupported ssm_cfg keys {unknown}; supported: {sorted(MIXER_ARGS)}")
-    eps = cfg.get("norm_epsilon", 1e-5)
+    eps = ref.float("norm_epsilon", 1e-5)
     mixer = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ssm.items() if k in MIXER_ARGS}
+    ZooConfig._check_args("mamba_ssm config: ssm_cfg", Mamba2, mixer)  # types, named as ssm_cfg fields
     mixer["norm_eps"] = 1e-5  # RMSNormGated is built with eps=1e-5 whatever norm_epsilon is
-    n = cfg["n_layer"]
-    d_int = cfg.get("d_intermediate", 0)
+    n, d = ref.int("n_layer", maximum=MAX_LAYERS), ref.int("d_model")  # n_layer is iterated below
+    d_int = ref.int("d_intermediate", 0, minimum=0)
     mlp = {"intermediate_size": -(-d_int // 128) * 128, "activation": "silu", "gated": True} if d_int else None
-    attn_idx = set(cfg.get("attn_layer_idx") or [])
-    layers = []
-    for i in range(n):
-        if i in attn_idx:
-            layers.append({"mixer": "attention", "mixer_args": _attention_args(cfg.get("attn_cfg") or {}, cfg),
-                           "mlp": mlp})
-        else:
-            layers.append({"mixer": "mamba2", "mixer_args": {}, "mlp": mlp})
+    attn_idx = cfg.get("attn_layer_idx") or []
+    if not isinstance(attn_idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in attn_idx):
+        raise ValueError(f"mamba_ssm config: attn_layer_idx={attn_idx!r} must be a list of layer indices")
+    bad = sorted({i for i in attn_idx if not 0 <= i < n} | {i for i in attn_idx if attn_idx.count(i) > 1})
+    if bad:
+        raise ValueError(f"mamba_ssm config: attn_layer_idx has entries out of range [0, n_layer={n}) or repeated: "
+                         f"{bad}")
+    attn_cfg = ref.dict("attn_cfg", {})
+    attention = _attention_args(attn_cfg, cfg) if attn_idx else None
+    layers = [{"mixer": "attention", "mixer_args": dict(attention), "mlp": mlp} if i in set(attn_idx)
+              else {"mixer": "mamba2", "mixer_args": {}, "mlp": mlp} for i in range(n)]
+    multiple = ref.int("pad_vocab_size_multiple", 8)
+    vocab = ref.int("vocab_size")
     return ZooConfig.from_dict({
-        "vocab_size": _pad_vocab(cfg["vocab_size"], cfg.get("pad_vocab_size_multiple", 8)),
-        "d_model": cfg["d_model"], "n_layers": n, "layers": layers,
+        "vocab_size": _pad_vocab(vocab, multiple),
+        "d_model": d, "n_layers": n, "layers": layers,
         "mixer_defaults": {"mamba2": mixer},
-        "norm": "rmsnorm" if cfg.get("rms_norm", True) else "layernorm", "norm_eps": eps,
-        "tie_embeddings": bool(cfg.get("tie_embeddings", True)),
-        "residual_in_fp32": bool(cfg.get("residual_in_fp32", True)),
-        "rope_theta": float((cfg.get("attn_cfg") or {}).get("rotary_emb_base", 10000.0)),
+        "norm": "rmsnorm" if ref.bool("rms_norm", True) else "layernorm", "norm_eps": eps,
+        "tie_embeddings": ref.bool("tie_embeddings", True),
+        "residual_in_fp32": ref.bool("residual_in_fp32", True),
+        "rope_theta": RefConfig(attn_cfg, "mamba_ssm", "attn_cfg.").float("rotary_emb_base", 10000.0),
         "family": "mamba2",
-        "extra": {"mamba_ssm_vocab_size": cfg["vocab_size"],
-                  "pad_vocab_size_multiple": cfg.get("pad_vocab_size_multiple", 8)},
+        "extra": {"mamba_ssm_vocab_size": vocab, "pad_vocab_size_multiple": multiple},
     })
 
 
 def _attention_args(attn: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """mamba_ssm ``MHA`` kwargs -> zoo ``attention`` args, refusing what the zoo mixer cannot express."""
+    check_reference_fields(attn, ATTN_CFG_FIELDS, "mamba_ssm", "attn_cfg")
+    ref = RefConfig(attn, "mamba_ssm", "attn_cfg.")
     for key, ok, why in (
-        ("d_conv", attn.get("d_conv", 0) == 0, "a depthwise causal conv over q|k|v, which the zoo attention lacks"),
-        ("mlp_dim", attn.get("mlp_dim", 0) == 0, "an MLP fused into the attention projections"),
-        ("causal", attn.get("causal", False), "non-causal attention"),
-        ("rotary_emb_interleaved", not attn.get("rotary_emb_interleaved", False), "interleaved (GPT-J) rotary"),
+        ("d_conv", ref.int("d_conv", 0, minimum=0) == 0, "a depthwise causal conv over q|k|v, which the zoo "
+                                                         "attention lacks"),
+        ("mlp_dim", ref.int("mlp_dim", 0, minimum=0) == 0, "an MLP fused into the attention projections"),
+        ("causal", ref.bool("causal", False), "non-causal attention"),
+        ("rotary_emb_interleaved", not ref.bool("rotary_emb_interleaved", False), "interleaved (GPT-J) rotary"),
     ):
         if not ok:
             raise ValueError(f"mamba_ssm config: attn_cfg.{key}={attn.get(key)!r} means {why}; not supported "
                              f"(layers {cfg.get('attn_layer_idx')})")
-    H = attn["num_heads"]
-    rd = attn.get("rotary_emb_dim", 0)
-    args: dict[str, Any] = {"num_heads": H, "num_kv_heads": attn.get("num_heads_kv") or H,
-                            "head_dim": attn.get("head_dim") or cfg["d_model"] // H,
-                            "qkv_bias": attn.get("qkv_proj_bias", True), "o_bias": attn.get("out_proj_bias", True),
+    H = ref.int("num_heads")
+    rd = ref.int("rotary_emb_dim", 0, minimum=0)
+    args: dict[str, Any] = {"num_heads": H, "num_kv_heads": ref.int("num_heads_kv", H),
+                            "head_dim": ref.int("head_dim", None) or cfg["d_model"] // H,
+                            "qkv_bias": ref.bool("qkv_proj_bias", True), "o_bias": ref.bool("out_proj_bias", True),
                             "rope": rd > 0}
     if rd:
         args["rotary_dim"] = rd
     if attn.get("softmax_scale") is not None:
-        args["softmax_scale"] = attn["softmax_scale"]
+        args["softmax_scale"] = ref.float("softmax_scale")
     return args
 
 
-def _float(v: Any) -> float:
-    """transformers 5 writes non-finite floats as ``{"__float__": "Infinity"}``."""
-    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
-
-
 def _from_transformers(cfg: dict[str, Any]) -> ZooConfig:
-    d, expand, hd = cfg["hidden_size"], cfg.get("expand", 2), cfg.get("head_dim", 64)
-    H = cfg.get("num_heads", 128)
+    check_reference_fields(cfg, TRANSFORMERS_FIELDS, "transformers mamba2")
+    ref = RefConfig(cfg, "transformers mamba2")
+    d, expand, hd = ref.int("hidden_size"), ref.int("expand", 2), ref.int("head_dim", 64)
+    H = ref.int("num_heads", 128)
     if H * hd != expand * d:
         raise ValueError(f"transformers mamba2 config: num_heads*head_dim={H * hd} != expand*hidden_size={expand * d}")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if ref.str("hidden_act", "silu") != "silu":
         raise ValueError(f"transformers mamba2 config: hidden_act={cfg['hidden_act']!r} unsupported (only 'silu')")
-    eps = cfg.get("layer_norm_epsilon", 1e-5)
-    mixer = {"d_state": cfg.get("state_size", 128), "d_conv": cfg.get("conv_kernel", 4), "expand": expand,
-             "headdim": hd, "ngroups": cfg.get("n_groups", 8), "bias": cfg.get("use_bias", False),
-             "conv_bias": cfg.get("use_conv_bias", True), "chunk_size": cfg.get("chunk_size", 256),
-             "dt_min": cfg.get("time_step_min", 0.001), "dt_max": cfg.get("time_step_max", 0.1),
-             "dt_init_floor": cfg.get("time_step_floor", 1e-4), "norm_eps": eps,
-             "dt_limit": tuple(_float(v) for v in cfg.get("time_step_limit", (0.0, float("inf"))))}
+    eps = ref.float("layer_norm_epsilon", 1e-5)
+    limit = cfg.get("time_step_limit", (0.0, float("inf")))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        raise ValueError(f"transformers mamba2 config: time_step_limit={limit!r} must be a pair [low, high]")
+    lim = RefConfig({"time_step_limit[0]": limit[0], "time_step_limit[1]": limit[1]}, "transformers mamba2")
+    mixer = {"d_state": ref.int("state_size", 128), "d_conv": ref.int("conv_kernel", 4), "expand": expand,
+             "headdim": hd, "ngroups": ref.int("n_groups", 8), "bias": ref.bool("use_bias", False),
+             "conv_bias": ref.bool("use_conv_bias", True), "chunk_size": ref.int("chunk_size", 256),
+             "dt_min": ref.float("time_step_min", 0.001), "dt_max": ref.float("time_step_max", 0.1),
+             "dt_init_floor": ref.float("time_step_floor", 1e-4), "norm_eps": eps,
+             "dt_limit": (lim.float("time_step_limit[0]", positive=False),
+                          lim.float("time_step_limit[1]", finite=False))}
     return ZooConfig.from_dict({
-        "vocab_size": cfg["vocab_size"], "d_model": d, "n_layers": cfg["num_hidden_layers"], "mixers": "mamba2",
-        "mixer_defaults": {"mamba2": mixer}, "norm": "rmsnorm", "norm_eps": eps,
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
-        "residual_in_fp32": bool(cfg.get("residual_in_fp32", True)),
-        "initializer_range": cfg.get("initializer_range", 0.02),
-        "pad_token_id": cfg.get("pad_token_id"), "bos_token_id": cfg.get("bos_token_id"),
-        "eos_token_id": cfg.get("eos_token_id"), "family": "mamba2",
+        "vocab_size": ref.int("vocab_size"), "d_model": d, "n_layers": ref.int("num_hidden_layers"),
+        "mixers": "mamba2", "mixer_defaults": {"mamba2": mixer}, "norm": "rmsnorm", "norm_eps": eps,
+        "tie_embeddings": ref.bool("tie_word_embeddings", False),
+        "residual_in_fp32": ref.bool("residual_in_fp32", True),
+        "initializer_range": ref.float("initializer_range", 0.02, positive=False),
+        "pad_token_id": ref.token_id("pad_token_id"), "bos_token_id": ref.token_id("bos_token_id"),
+        "eos_token_id": ref.token_id("eos_token_id", many=True), "family": "mamba2",
     })
 
 
@@ -462,6 +495,7 @@ TRANSFORMERS_FORMAT = Family(
     config_from_reference=config_from_reference, config_to_reference=config_to_transformers,
     key_table=TRANSFORMERS_KEYS, from_reference=from_reference, to_reference=_hf_to_reference,
     reference_weights_name="model.safetensors", model_card="mamba2", citations=(MAMBA2_CITATION,),
+    positions_past_max="allow",
 )
 FAMILY = Family(
     name="mamba2", detect=detect, config_from_reference=config_from_reference,
@@ -470,6 +504,7 @@ FAMILY = Family(
     model_card="mamba2", export_formats={"mamba2-transformers": TRANSFORMERS_FORMAT},
     shardable=False,  # mamba_ssm's loader reads one pytorch_model.bin
     citations=(MAMBA2_CITATION,),
+    positions_past_max="allow",  # mamba_ssm has no position limit (attention layers of hybrids included)
     bench_cases=(BenchCase(
         kind="model", name="hybrid_model", reference=None,
         args={"full": _bench_hybrid("full", 4096, 2048), "quick": _bench_hybrid("quick", 256, 128)},

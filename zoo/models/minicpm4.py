@@ -33,7 +33,7 @@ from typing import Any
 
 from zoo.config import ZooConfig
 from zoo.models import llama
-from zoo.models.family import Family, Preset
+from zoo.models.family import Family, Preset, RefConfig, check_reference_fields
 
 CITATION = """@article{minicpm4,
   title={{MiniCPM4}: Ultra-Efficient {LLMs} on End Devices},
@@ -49,12 +49,13 @@ ARCH = "MiniCPMForCausalLM"
 
 
 def detect(cfg: dict[str, Any]) -> bool:
-    return cfg.get("model_type") == "minicpm" or (ARCH in (cfg.get("architectures") or [])
+    archs = cfg.get("architectures")
+    return cfg.get("model_type") == "minicpm" or (isinstance(archs, list) and ARCH in archs
                                                    and cfg.get("model_type") in (None, "minicpm"))
 
 
 def _rope(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling")
+    scaling = RefConfig(cfg, "minicpm").dict("rope_scaling", None)
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -62,8 +63,12 @@ def _rope(cfg: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if kind != "longrope":
         return {**scaling, "rope_type": kind}
-    max_pos = cfg.get("max_position_embeddings", 2048)
-    orig = scaling["original_max_position_embeddings"]
+    max_pos = RefConfig(cfg, "minicpm").int("max_position_embeddings", 2048)
+    ref = RefConfig(scaling, "minicpm", "rope_scaling.")
+    orig = ref.int("original_max_position_embeddings")
+    for name in ("long_factor", "short_factor"):
+        if not isinstance(scaling.get(name), list):
+            raise ref.fail(name, scaling.get(name), "a list of numbers")
     long = max_pos > orig  # the hub's cache is built for max_position_embeddings
     return {"rope_type": "longrope", "long_factor": list(scaling["long_factor"]),
             "short_factor": list(scaling["long_factor"] if long else scaling["short_factor"]),
@@ -79,39 +84,54 @@ def sparse_args(sparse_config: dict[str, Any], variant: str = "v2") -> dict[str,
     return {**SPARSE_DEFAULTS, **sparse_config, "variant": variant}
 
 
+# config.json fields the reader uses (MiniCPM's configuration_minicpm.py; mup_denominator is "only used for Eagle
+# Head", auto_map names the remote code, which is never run); anything else is refused
+FIELDS = frozenset({"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings", "rope_theta",
+                    "rope_scaling", "scale_emb", "dim_model_base", "scale_depth", "tie_word_embeddings",
+                    "attention_bias", "sparse_config", "pad_token_id", "bos_token_id", "eos_token_id",
+                    "initializer_range", "pretraining_tp", "mup_denominator", "auto_map"})
+
+
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    H, D, L = cfg["num_attention_heads"], cfg["hidden_size"], cfg["num_hidden_layers"]
-    act = cfg.get("hidden_act", "silu")
+    check_reference_fields(cfg, FIELDS, "minicpm")
+    ref = RefConfig(cfg, "minicpm")
+    H, D, L = ref.int("num_attention_heads"), ref.int("hidden_size"), ref.int("num_hidden_layers")
+    ref.int("pretraining_tp", 1)
+    act = ref.str("hidden_act", "silu")
     if act not in llama.HF_ACTIVATIONS:
         raise ValueError(f"minicpm config: hidden_act={act!r} is not supported; supported: "
                          f"{sorted(llama.HF_ACTIVATIONS)}")
     if D % H:
         raise ValueError(f"minicpm config: hidden_size={D} is not divisible by num_attention_heads={H}")
-    bias = bool(cfg.get("attention_bias", False))
-    attention = {"num_heads": H, "num_kv_heads": cfg.get("num_key_value_heads") or H, "head_dim": D // H,
+    bias = ref.bool("attention_bias", False)
+    attention = {"num_heads": H, "num_kv_heads": ref.int("num_key_value_heads", H), "head_dim": D // H,
                  "qkv_bias": bias, "o_bias": bias}
-    sparse = cfg.get("sparse_config")
+    sparse = ref.dict("sparse_config", None)
     mixers = "attention"
     if sparse is not None:
         args = sparse_args(sparse)
         mixers = "infllmv2(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
-    mup = {k: cfg.get(k, 1) for k in ("scale_emb", "dim_model_base", "scale_depth")}
-    return ZooConfig.from_dict({
-        "vocab_size": cfg["vocab_size"], "d_model": D, "n_layers": L, "mixers": mixers,
-        "mlp": {"intermediate_size": cfg["intermediate_size"], "activation": llama.HF_ACTIVATIONS[act]},
-        "mixer_defaults": {"attention": attention},
-        "norm": "rmsnorm", "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-        "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)),
-        "embedding_scale": float(mup["scale_emb"]),
-        "residual_scale": float(mup["scale_depth"]) / math.sqrt(L),
-        "logit_scale": float(mup["dim_model_base"]) / D,
-        "rope_theta": float(cfg.get("rope_theta", 10000.0)), "rope_scaling": _rope(cfg),
-        "max_position_embeddings": cfg.get("max_position_embeddings", 2048),
-        "initializer_range": cfg.get("initializer_range", 0.02),
-        "pad_token_id": cfg.get("pad_token_id"), "bos_token_id": cfg.get("bos_token_id", 1),
-        "eos_token_id": cfg.get("eos_token_id", 2), "family": "minicpm4",
-        "extra": {"minicpm": {**mup, "rope_scaling": copy.deepcopy(cfg.get("rope_scaling"))}},
-    })
+    mup = {k: ref.float(k, 1.0) for k in ("scale_emb", "dim_model_base", "scale_depth")}  # positive finite numbers
+    try:
+        return ZooConfig.from_dict({
+            "vocab_size": ref.int("vocab_size"), "d_model": D, "n_layers": L, "mixers": mixers,
+            "mlp": {"intermediate_size": ref.int("intermediate_size"), "activation": llama.HF_ACTIVATIONS[act]},
+            "mixer_defaults": {"attention": attention},
+            "norm": "rmsnorm", "norm_eps": ref.float("rms_norm_eps", 1e-6),
+            "tie_embeddings": ref.bool("tie_word_embeddings", True),
+            "embedding_scale": float(mup["scale_emb"]),
+            "residual_scale": float(mup["scale_depth"]) / math.sqrt(L),
+            "logit_scale": float(mup["dim_model_base"]) / D,
+            "rope_theta": ref.float("rope_theta", 10000.0), "rope_scaling": _rope(cfg),
+            "max_position_embeddings": ref.int("max_position_embeddings", 2048),
+            "initializer_range": ref.float("initializer_range", 0.02, positive=False),
+            "pad_token_id": ref.token_id("pad_token_id"), "bos_token_id": cfg.get("bos_token_id", 1),
+            "eos_token_id": cfg.get("eos_token_id", 2), "family": "minicpm4",
+            "extra": {"minicpm": {**mup, "rope_scaling": copy.deepcopy(cfg.get("rope_scaling"))}},
+        })
+    except ValueError as e:
+        raise ValueError(f"minicpm config: {e}") from None
 
 
 def enable_sparse(config: ZooConfig, sparse_config: dict[str, Any] | None = None, *, variant: str = "v2",
@@ -199,4 +219,5 @@ FAMILY = Family(
     presets=PRESETS,
     model_card="minicpm4",
     citations=(llama.CITATION, CITATION),
+    positions_past_max="warn",  # RoPE (LongRoPE) extrapolates past the configured length; warned once per model
 )

@@ -10,7 +10,7 @@ from typing import Any
 
 from zoo.config import ZooConfig
 from zoo.models import llama
-from zoo.models.family import Family, refuse_layers
+from zoo.models.family import Family, RefConfig, refuse_layers
 
 CITATION = """@article{jiang2023mistral,
   title={Mistral {7B}},
@@ -25,10 +25,9 @@ def detect(cfg: dict[str, Any]) -> bool:
 
 
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    window = cfg.get("sliding_window")
-    mixers = f"sliding_window(window={int(window)})" if window else "attention"
-    config = llama.config_from_reference({**cfg, "zoo_mixers": mixers})
-    return config.replace(family="mistral")
+    window = RefConfig(cfg, "mistral").int("sliding_window", None)
+    mixers = {"mixer": "sliding_window", "mixer_args": {"window": window}} if window else "attention"
+    return llama.reference_config(cfg, "mistral", mixers, llama.FIELDS | {"sliding_window"})
 
 
 def config_to_reference(config: ZooConfig) -> dict[str, Any]:
@@ -60,4 +59,5 @@ FAMILY = Family(
     presets={},
     model_card="mistral",
     citations=(CITATION,),
+    positions_past_max="warn",  # RoPE extrapolates (full-attention configs); warned once per model
 )

@@ -35,7 +35,7 @@ import torch
 
 from zoo.config import ZooConfig
 from zoo.layers.s4 import CITATIONS
-from zoo.models.family import Family, Preset, StateDict, refuse_layers, rename_keys
+from zoo.models.family import Family, Preset, RefConfig, StateDict, check_reference_fields, refuse_layers, rename_keys
 
 # reference -> zoo prefixes; "blocks.{i}" are the reference's residual blocks, re-indexed by from_reference
 KEY_TABLE = [
@@ -58,6 +58,9 @@ LAYER_ARGS = ("d_state", "channels", "l_max", "mode", "init", "rank", "n_ssm", "
 IGNORED = ("_name_", "dropout", "tie_dropout", "lr", "wd", "verbose", "transposed", "layer", "initializer",
            "weight_norm", "drop_kernel", "deterministic", "backend", "dt_fast")
 ALIASES = {"measure": "init", "postact": "final_act"}  # deprecated reference names
+# SequenceModel fields that do not change the forward pass (training / layout only); every other unknown one is refused
+MODEL_NEUTRAL = ("_name_", "transposed", "dropout", "tie_dropout", "track_norms", "dropinp")
+FFN_FIELDS = ("_name_", "expand", "activation", "dropout", "tie_dropout", "transposed", "initializer", "d_output")
 NEUTRAL = {"gate": (None,), "bottleneck": (None,), "mult_act": (None, "id"), "gate_act": (None, "id"),
            "bidirectional": (False,), "bandlimit": (None,), "is_real": (False,)}
 
@@ -86,37 +89,69 @@ def _s4_args(ly: dict[str, Any], i: int) -> dict[str, Any]:
     return args
 
 
+def _ffn_mlp(ly: dict[str, Any], i: int, d: int) -> dict[str, Any]:
+    ref = RefConfig(ly, "s4", f"model.layer[{i}].")
+    check_reference_fields(ly, FFN_FIELDS, "s4", f"config.json model.layer[{i}] (ffn)")
+    if ly.get("d_output") not in (None, d):
+        raise ref.fail("d_output", ly["d_output"], f"null or d_model={d} (a residual block)")
+    act = ref.str("activation", "gelu")
+    if act not in ("gelu", "relu", "silu"):
+        raise ValueError(f"s4 reference config: ffn layer {i} activation={act!r} is not supported")
+    size = ref.float("expand", 2.0) * d
+    if size != int(size):
+        raise ref.fail("expand", ly["expand"], f"a multiple of 1/d_model={d} (expand * d_model is the FFN width)")
+    return {"intermediate_size": int(size), "activation": act, "gated": False, "bias": True}
+
+
 def config_from_reference(cfg: dict[str, Any]) -> ZooConfig:
-    model = cfg["model"]
-    if not model.get("prenorm", True):
+    top = RefConfig(cfg, "s4")
+    model, ref = cfg["model"], RefConfig(cfg["model"], "s4", "model.")
+    check_reference_fields(model, (*MODEL_NEUTRAL, "d_model", "n_layers", "prenorm", "norm", "residual", "n_repeat",
+                                   "layer", "bidirectional", "pool"), "s4", "config.json model")
+    if not ref.bool("prenorm", True):
         raise ValueError("s4 reference config: model.prenorm=false (post-norm) has no zoo counterpart")
-    norm = model.get("norm", "layer")
-    norm = norm.get("_name_", "layer") if isinstance(norm, dict) else norm
+    if ref.bool("bidirectional", False) or model.get("pool") is not None:
+        raise ValueError("s4 reference config: model.bidirectional / model.pool have no counterpart in a causal LM")
+    norm, eps = model.get("norm", "layer"), 1e-5
+    if isinstance(norm, dict):
+        nref = RefConfig(norm, "s4", "model.norm.")
+        check_reference_fields(norm, ("_name_", "eps", "elementwise_affine"), "s4", "config.json model.norm")
+        if not nref.bool("elementwise_affine", True):
+            raise ValueError("s4 reference config: model.norm.elementwise_affine=false is not supported")
+        norm, eps = norm.get("_name_", "layer"), nref.float("eps", 1e-5)
     if norm != "layer":
         raise ValueError(f"s4 reference config: model.norm={norm!r} is not supported (only 'layer')")
     if model.get("residual", "R") not in ("R", None) or model.get("n_repeat", 1) != 1:
         raise ValueError("s4 reference config: only the plain residual ('R') and n_repeat=1 are supported")
-    d = model["d_model"]
+    d = ref.int("d_model")
+    n_layers = ref.int("n_layers", 1)
+    vocab = top.int("vocab_size")
     pattern = model["layer"] if isinstance(model["layer"], list) else [model["layer"]]
-    flat = pattern * model.get("n_layers", 1)
-    layers: list[dict[str, Any]] = []
-    for i, ly in enumerate(flat):
-        name = ly.get("_name_")
+    if len(pattern) * n_layers > 1_000_000:
+        raise ValueError(f"s4 reference config: model.n_layers={n_layers} x {len(pattern)} layers is absurd")
+    kinds = []  # each pattern entry converted once (the pattern repeats n_layers times)
+    for i, ly in enumerate(pattern):
+        name = ly.get("_name_") if isinstance(ly, dict) else None
         if name == "s4":
-            layers.append({"mixer": "s4", "mixer_args": _s4_args(ly, i), "mlp": None})
-        elif name in ("ffn", "ff") and layers and layers[-1]["mlp"] is None:
-            act = ly.get("activation", "gelu")
-            if act not in ("gelu", "relu", "silu"):
-                raise ValueError(f"s4 reference config: ffn layer {i} activation={act!r} is not supported")
-            layers[-1]["mlp"] = {"intermediate_size": int(ly.get("expand", 2) * d), "activation": act,
-                                 "gated": False, "bias": True}
+            kinds.append(("s4", _s4_args(ly, i)))
+        elif name in ("ffn", "ff"):
+            kinds.append(("ffn", _ffn_mlp(ly, i, d)))
+        else:
+            kinds.append((name, None))
+    flat = [kinds[i % len(kinds)] for i in range(len(kinds) * n_layers)]
+    layers: list[dict[str, Any]] = []
+    for i, (name, args) in enumerate(flat):
+        if name == "s4":
+            layers.append({"mixer": "s4", "mixer_args": dict(args), "mlp": None})
+        elif name == "ffn" and layers and layers[-1]["mlp"] is None:
+            layers[-1]["mlp"] = dict(args)
         else:
             raise ValueError(f"s4 reference config: layer {i} ({name!r}) cannot be placed: zoo blocks are an s4 "
                              f"mixer optionally followed by one ffn")
     return ZooConfig.from_dict({
-        "vocab_size": cfg["vocab_size"], "d_model": d, "n_layers": len(layers), "layers": layers,
-        "norm": "layernorm", "norm_eps": 1e-5, "tie_embeddings": bool(cfg.get("tie_embeddings", True)),
-        "family": "s4", "extra": {"reference_layers": [ly.get("_name_") for ly in flat]},
+        "vocab_size": vocab, "d_model": d, "n_layers": len(layers), "layers": layers,
+        "norm": "layernorm", "norm_eps": eps, "tie_embeddings": top.bool("tie_embeddings", True),
+        "family": "s4", "extra": {"reference_layers": [name for name, _ in flat]},
     })
 
 
@@ -273,5 +308,8 @@ FAMILY = Family(
     reference_weights_name="pytorch_model.bin",
     model_card="s4",
     shardable=False,  # the reference reads one torch.load file
+    # no position encoding: the SSM is defined at every length (past l_max the reference's convolution mode truncates
+    # its kernel to l_max taps while the zoo keeps the full SSM: see zoo/layers/s4.py), so no position limit
+    positions_past_max="allow",
     citations=CITATIONS,
 )
