@@ -123,6 +123,10 @@ def _local_mask(bs: int, local: int, G: int, dtype: torch.dtype, device: torch.d
 
 
 class _BlockSparseCPU(torch.autograd.Function):
+    """Query blocks in ranges of ``group`` (the vertical groups' ranges): each range's queries are folded, its key
+    windows taken as views of ``k, v`` (a small padded copy only where a window leaves ``[0, T)``), so no folded or
+    padded copy of a whole tensor exists; the output is written in its final ``[B, T, H, D]`` layout."""
+
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rule: LocalStrideRule, scale: float,  # type: ignore[override]
                 group: int) -> Tensor:
@@ -130,43 +134,34 @@ class _BlockSparseCPU(torch.autograd.Function):
         Hkv = k.shape[1]
         G, bs, local = H // Hkv, rule.block_size, rule.local_blocks
         nb = -(-T // bs)
-        Tp, padl = nb * bs, (local - 1) * bs
         plan = _Plan(rule, nb, Hkv, q.device, group)
+        vgroups = {qb0: (qb1, L) for qb0, qb1, L in plan.groups}
         lmask = _local_mask(bs, local, G, q.dtype, q.device)
-        outs, lses = [], []
+        o = q.new_empty(B, nb * bs, H, D)
+        lse_f = q.new_empty(B, nb, Hkv, G * bs)
         for r in range(B):
-            qf = _fold(q[r], Hkv, G, nb, bs, Tp)  # [nb, Hkv, G*bs, D]
-            kp = F.pad(k[r], (0, 0, padl, Tp - T))  # [Hkv, padl + Tp, D]
-            vp = F.pad(v[r], (0, 0, padl, Tp - T))
-            kw = kp.unfold(1, local * bs, bs).permute(1, 0, 3, 2)  # [nb, Hkv, local*bs, D] windows (views)
-            vw = vp.unfold(1, local * bs, bs).permute(1, 0, 3, 2)
-            first = min(nb, local - 1)  # blocks whose window reaches before token 0
-            o_l, lse_l = _local_parts(qf, kw, vw, lmask, first, bs, scale)
-            out, lse = o_l, lse_l
             if plan.groups:
-                kv, vv = _gather_vertical(k[r], plan, T, Tp), _gather_vertical(v[r], plan, T, Tp)
-                for qb0, qb1, L in plan.groups:
-                    mask = plan.vertical_mask(qb0, qb1, L, q.dtype)
-                    kpre = kv[:, :L * bs].expand(qb1 - qb0, Hkv, L * bs, D)
-                    vpre = vv[:, :L * bs].expand(qb1 - qb0, Hkv, L * bs, D)
-                    o_v, lse_v = _flash(qf[qb0:qb1], kpre, vpre, attn_mask=mask, scale=scale)
-                    lse_v = lse_v.masked_fill(plan.empty_rows(qb0, qb1), NEG_INF)
-                    lo, lsel = out[qb0:qb1], lse[qb0:qb1]
-                    new = torch.logaddexp(lsel, lse_v)
-                    out[qb0:qb1] = lo * (lsel - new).exp_()[..., None] + o_v * (lse_v - new).exp_()[..., None]
-                    lse[qb0:qb1] = new
-            outs.append(out)
-            lses.append(lse)
-            del qf, kp, vp, kw, vw  # the row's folded / padded copies go before the next row (and the unfold)
-        # [B, nb, Hkv, G*bs, D], [B, nb, Hkv, G*bs]; one row (the usual case) needs no stacked copy
-        out_f, lse_f = (outs[0][None], lses[0][None]) if B == 1 else (torch.stack(outs), torch.stack(lses))
-        del outs, lses
-        o = _unfold(out_f, H, T)
-        del out_f
-        # the output itself is saved (refolded per row in the backward), not a second, folded copy of it
-        ctx.save_for_backward(q, k, v, o, lse_f)
+                kv, vv = _gather_vertical(k[r], plan, T), _gather_vertical(v[r], plan, T)
+            for c0 in range(0, nb, group):
+                c1 = min(nb, c0 + group)
+                qf = _fold_range(q[r], Hkv, G, bs, c0, c1)  # [n, Hkv, G*bs, D]
+                kw, vw = _windows(k[r], c0, c1, bs, local), _windows(v[r], c0, c1, bs, local)
+                out, lse = _flash(qf, kw, vw, attn_mask=_range_local_mask(lmask, c0, c1, bs, local), scale=scale)
+                if c0 in vgroups:
+                    c1_, L = vgroups[c0]
+                    kpre = kv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
+                    vpre = vv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
+                    o_v, lse_v = _flash(qf, kpre, vpre, attn_mask=plan.vertical_mask(c0, c1, L, q.dtype), scale=scale)
+                    lse_v = lse_v.masked_fill(plan.empty_rows(c0, c1), NEG_INF)
+                    new = torch.logaddexp(lse, lse_v)
+                    out = out * (lse - new).exp_()[..., None] + o_v * (lse_v - new).exp_()[..., None]
+                    lse = new
+                o[r, c0 * bs:c1 * bs] = _unfold_range(out, G).transpose(0, 1)  # [n*bs, H, D]
+                lse_f[r, c0:c1] = lse
+        res = o[:, :T].transpose(1, 2)  # [B, H, T, D] laid out as [B, T, H, D]
+        ctx.save_for_backward(q, k, v, res, lse_f)  # the output itself (refolded per range in the backward)
         ctx.rule, ctx.scale, ctx.group = rule, scale, group
-        return o
+        return res
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -177,66 +172,79 @@ class _BlockSparseCPU(torch.autograd.Function):
         Hkv = k.shape[1]
         G, bs, local = H // Hkv, rule.block_size, rule.local_blocks
         nb = -(-T // bs)
-        Tp, padl, W = nb * bs, (local - 1) * bs, local * bs
+        padl = (local - 1) * bs
         plan = _Plan(rule, nb, Hkv, q.device, group)
+        vgroups = {qb0: (qb1, L) for qb0, qb1, L in plan.groups}
         lmask = _local_mask(bs, local, G, q.dtype, q.device)
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for r in range(B):
-            qf, gf = _fold(q[r], Hkv, G, nb, bs, Tp), _fold(g[r], Hkv, G, nb, bs, Tp)
-            out, lse = _fold(o[r], Hkv, G, nb, bs, Tp), lse_f[r]  # padded query rows: out 0, their gradient 0
-            kp = F.pad(k[r], (0, 0, padl, Tp - T))
-            vp = F.pad(v[r], (0, 0, padl, Tp - T))
-            kw = kp.unfold(1, W, bs).permute(1, 0, 3, 2)
-            vw = vp.unfold(1, W, bs).permute(1, 0, 3, 2)
-            dqf = torch.zeros_like(qf)
-            dkp = k.new_zeros(Hkv, padl + Tp, D)
-            dvp = v.new_zeros(Hkv, padl + Tp, D)
-            first = min(nb, local - 1)
-            for c0 in range(0, nb, group):  # local part, a group of query blocks at a time
+            dkp = k.new_zeros(Hkv, padl + nb * bs, D)  # key gradients, left-padded like the windows' rows
+            dvp = v.new_zeros(Hkv, padl + nb * bs, D)
+            if plan.groups:
+                kv, vv = _gather_vertical(k[r], plan, T), _gather_vertical(v[r], plan, T)
+                dkv, dvv = torch.zeros_like(kv), torch.zeros_like(vv)
+            for c0 in range(0, nb, group):
                 c1 = min(nb, c0 + group)
-                m = lmask.expand(c1 - c0, 1, G * bs, W)
-                if c0 < first:
-                    m = _left_masked(m, c0, bs, padl)
-                gq, gk, gv = _flash_bwd(gf[c0:c1], qf[c0:c1], kw[c0:c1], vw[c0:c1], out[c0:c1], lse[c0:c1], 0.0,
-                                        False, attn_mask=m, scale=scale)
-                dqf[c0:c1] += gq
+                qf, gf = _fold_range(q[r], Hkv, G, bs, c0, c1), _fold_range(g[r], Hkv, G, bs, c0, c1)
+                out, lse = _fold_range(o[r], Hkv, G, bs, c0, c1), lse_f[r, c0:c1]  # padded rows: out 0, grad 0
+                kw, vw = _windows(k[r], c0, c1, bs, local), _windows(v[r], c0, c1, bs, local)
+                gq, gk, gv = _flash_bwd(gf, qf, kw, vw, out, lse, 0.0, False,
+                                        attn_mask=_range_local_mask(lmask, c0, c1, bs, local), scale=scale)
                 _overlap_add(dkp, gk, c0, bs, local)
                 _overlap_add(dvp, gv, c0, bs, local)
+                if c0 in vgroups:
+                    c1_, L = vgroups[c0]
+                    kpre = kv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
+                    vpre = vv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
+                    gq2, gk2, gv2 = _flash_bwd(gf, qf, kpre, vpre, out, lse, 0.0, False,
+                                               attn_mask=plan.vertical_mask(c0, c1, L, q.dtype), scale=scale)
+                    gq = gq + gq2
+                    dkv[:, :L * bs] += gk2.sum(0)
+                    dvv[:, :L * bs] += gv2.sum(0)
+                rows = _unfold_range(gq, G)  # [H, n*bs, D]
+                dq[r, :, c0 * bs:min(T, c1 * bs)] = rows[:, :min(T, c1 * bs) - c0 * bs]
             if plan.groups:
-                kv, vv = _gather_vertical(k[r], plan, T, Tp), _gather_vertical(v[r], plan, T, Tp)
-                dkv, dvv = torch.zeros_like(kv), torch.zeros_like(vv)
-                for qb0, qb1, L in plan.groups:
-                    mask = plan.vertical_mask(qb0, qb1, L, q.dtype)
-                    kpre = kv[:, :L * bs].expand(qb1 - qb0, Hkv, L * bs, D)
-                    vpre = vv[:, :L * bs].expand(qb1 - qb0, Hkv, L * bs, D)
-                    gq, gk, gv = _flash_bwd(gf[qb0:qb1], qf[qb0:qb1], kpre, vpre, out[qb0:qb1], lse[qb0:qb1], 0.0,
-                                            False, attn_mask=mask, scale=scale)
-                    dqf[qb0:qb1] += gq
-                    dkv[:, :L * bs] += gk.sum(0)
-                    dvv[:, :L * bs] += gv.sum(0)
                 _scatter_vertical(dkp, dkv, plan, padl)
                 _scatter_vertical(dvp, dvv, plan, padl)
-            dq[r] = _unfold(dqf[None], H, T)[0]
             dk[r] = dkp[:, padl:padl + T]
             dv[r] = dvp[:, padl:padl + T]
         return dq, dk, dv, None, None, None
 
 
-def _fold(x: Tensor, Hkv: int, G: int, nb: int, bs: int, Tp: int) -> Tensor:
-    """``[H, T, D]`` -> ``[nb, Hkv, G * bs, D]`` (right-padded to ``Tp``): query blocks, GQA heads in the rows."""
+def _fold_range(x: Tensor, Hkv: int, G: int, bs: int, c0: int, c1: int) -> Tensor:
+    """Query blocks ``c0..c1`` of ``x [H, T, D]`` -> ``[c1 - c0, Hkv, G * bs, D]`` (zero rows past ``T``): GQA heads
+    folded into the rows."""
     H, T, D = x.shape
-    x = F.pad(x, (0, 0, 0, Tp - T)) if Tp != T else x
-    return x.unflatten(0, (Hkv, G)).unflatten(2, (nb, bs)).permute(2, 0, 1, 3, 4).reshape(nb, Hkv, G * bs, D)
+    n = c1 - c0
+    seg = x[:, c0 * bs:min(T, c1 * bs)]
+    if seg.shape[1] != n * bs:
+        seg = F.pad(seg, (0, 0, 0, n * bs - seg.shape[1]))
+    return seg.unflatten(0, (Hkv, G)).unflatten(2, (n, bs)).permute(2, 0, 1, 3, 4).reshape(n, Hkv, G * bs, D)
 
 
-def _unfold(xf: Tensor, H: int, T: int) -> Tensor:
-    """Inverse of :func:`_fold` over a batch: ``[B, nb, Hkv, G * bs, D]`` -> ``[B, H, T, D]`` laid out as
-    ``[B, T, H, D]``."""
-    B, nb, Hkv, Gbs, D = xf.shape
-    G = H // Hkv
+def _unfold_range(xf: Tensor, G: int) -> Tensor:
+    """Inverse of :func:`_fold_range`: ``[n, Hkv, G * bs, D]`` -> ``[H, n * bs, D]``."""
+    n, Hkv, Gbs, D = xf.shape
     bs = Gbs // G
-    o = xf.view(B, nb, Hkv, G, bs, D).permute(0, 1, 4, 2, 3, 5).reshape(B, nb * bs, H, D)
-    return o[:, :T].transpose(1, 2)
+    return xf.view(n, Hkv, G, bs, D).permute(1, 2, 0, 3, 4).reshape(Hkv * G, n * bs, D)
+
+
+def _windows(x: Tensor, c0: int, c1: int, bs: int, local: int) -> Tensor:
+    """The key windows of query blocks ``c0..c1``: ``[c1 - c0, Hkv, local * bs, D]``, window ``c`` = rows ``[(c -
+    local + 1) * bs, (c + 1) * bs)`` of ``x [Hkv, T, D]`` (zeros outside ``[0, T)``, masked). A view of ``x`` when
+    the windows stay inside it, else a padded copy of just these rows."""
+    T = x.shape[1]
+    lo, hi = (c0 - local + 1) * bs, c1 * bs
+    seg = x[:, max(lo, 0):min(hi, T)]
+    if lo < 0 or hi > T:
+        seg = F.pad(seg, (0, 0, max(-lo, 0), max(hi - T, 0)))
+    return seg.unfold(1, local * bs, bs).permute(1, 0, 3, 2)
+
+
+def _range_local_mask(lmask: Tensor, c0: int, c1: int, bs: int, local: int) -> Tensor:
+    """The local masks of query blocks ``c0..c1`` (keys before token 0 masked for the first blocks)."""
+    m = lmask.expand(c1 - c0, 1, *lmask.shape)
+    return _left_masked(m, c0, bs, (local - 1) * bs) if c0 < local - 1 else m
 
 
 def _left_masked(m: Tensor, c0: int, bs: int, padl: int) -> Tensor:
@@ -247,27 +255,11 @@ def _left_masked(m: Tensor, c0: int, bs: int, padl: int) -> Tensor:
     return m.masked_fill(b[None, None, None, :] < lo[:, None, None, None], NEG_INF)
 
 
-def _local_parts(qf: Tensor, kw: Tensor, vw: Tensor, lmask: Tensor, first: int, bs: int, scale: float
-                 ) -> tuple[Tensor, Tensor]:
-    nb, Hkv, R, D = qf.shape
-    W = kw.shape[2]
-    out = qf.new_empty(nb, Hkv, R, D)
-    lse = qf.new_empty(nb, Hkv, R)
-    padl = W - bs
-    for c0, c1 in ((0, first), (first, nb)):
-        if c1 <= c0:
-            continue
-        m = lmask.expand(c1 - c0, 1, R, W)
-        if c0 == 0:
-            m = _left_masked(m, 0, bs, padl)
-        out[c0:c1], lse[c0:c1] = _flash(qf[c0:c1], kw[c0:c1], vw[c0:c1], attn_mask=m, scale=scale)
-    return out, lse
-
-
-def _gather_vertical(x: Tensor, plan: _Plan, T: int, Tp: int) -> Tensor:
+def _gather_vertical(x: Tensor, plan: _Plan, T: int) -> Tensor:
     """``[Hkv, T, D]`` -> each head's vertical blocks in order, ``[Hkv, nv * bs, D]`` (a copy of 1/stride of x)."""
     Hkv, _, D = x.shape
-    xb = F.pad(x, (0, 0, 0, Tp - T)).view(Hkv, plan.nb, plan.bs, D)
+    Tp = plan.nb * plan.bs
+    xb = (F.pad(x, (0, 0, 0, Tp - T)) if Tp != T else x).view(Hkv, plan.nb, plan.bs, D)
     idx = plan.blocks.to(x.device)[..., None, None].expand(Hkv, plan.nv, plan.bs, D)
     return torch.gather(xb, 1, idx).reshape(Hkv, plan.nv * plan.bs, D)
 
