@@ -42,14 +42,55 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
         main(["frobnicate"])
 
 
-def test_demo_runs_offline(capsys):
+TINY_DEMO = {"name": "tiny-demo", "base": "default", "data": {"corpus": "stdlib", "passkey_rows": 1},
+             "finetune": {"steps": 2, "batch_size": 2, "seq_len": 128},
+             "variants": [{"name": "attention"},
+                          {"name": "window", "swap": "all: sliding_window(window=16)", "finetune": True}],
+             "evaluations": [{"kind": "loss", "length": 64, "windows": 1},
+                             {"kind": "passkey", "lengths": [256], "depths": [0.5], "samples": 1}]}
+
+
+def test_demo_runs_offline(tmp_path, single_thread):
+    """The demo's code path (the packaged default model, an ablation, the table and plots) on a tiny spec."""
     from zoo.demo import run_demo
 
-    result = run_demo(steps=30, print_fn=lambda s: None)
-    assert result["reload_identical"]
-    assert result["losses"][-1] < result["losses"][0]
-    assert result["reused"] > 0 and len(result["samples"]) == 2
-    assert zoo.list_mixers()
+    lines = []
+    result = run_demo(tmp_path, spec=TINY_DEMO, progress=False, print_fn=lines.append)
+    out = "\n".join(lines)
+    assert "| attention |" in out and "| window |" in out and "passkey ≤256" in out
+    assert f"plot:   {tmp_path / 'loss_vs_position.png'}" in out and (tmp_path / "accuracy_vs_length.png").is_file()
+    assert [r["cell"] for r in result["run"].records] == ["attention/loss", "attention/passkey", "window/loss",
+                                                          "window/passkey"]
+    assert result["run"].records[2]["variant_info"]["finetune"]["steps"] == 2
+
+
+def test_the_packaged_demo_uses_no_mixer_names_in_code():
+    import inspect
+
+    import zoo.demo
+
+    source = inspect.getsource(zoo.demo)
+    assert not [name for name in zoo.list_mixers() if name in source]
+
+
+def test_swap_and_eval_commands(tmp_path, capsys, single_thread):
+    assert main(["swap", "default", str(tmp_path / "sw"), "every 2nd from 1: sliding_window(window=8)"]) == 0
+    out = capsys.readouterr().out
+    assert "  1: attention -> sliding_window(window=8)" in out and "  0: attention\n" in out
+    assert zoo.from_pretrained(tmp_path / "sw").config.layers[3].mixer == "sliding_window"
+    assert main(["swap", "default", str(tmp_path / "no"), "longgen", "--dry-run"]) == 0
+    assert not (tmp_path / "no").exists()
+    assert main(["swap", "default", str(tmp_path / "no"), "0: nope"]) == 2
+    assert "unknown mixer 'nope'" in capsys.readouterr().err
+    assert main(["eval", "passkey", str(tmp_path / "sw"), "--lengths", "128", "--depths", "0.5", "--samples",
+                 "1"]) == 0
+    assert '"train_length": 256' in capsys.readouterr().out
+    assert main(["eval", "loss", "default", "--length", "32", "--windows", "1", "--bucket", "16"]) == 0
+    assert "in_distribution" in capsys.readouterr().out
+    assert main(["eval", "efficiency", "default", "--lengths", "16", "--decode-tokens", "1", "--repeats", "1"]) == 0
+    assert main(["eval", "mqar", "--mixer", "attention=", "--steps", "1", "--train-length", "16", "--eval-lengths",
+                 "16", "--pairs", "2", "--vocab-size", "16", "--d-models", "16"]) == 0
+    assert "attention | 16 | 16 |" in capsys.readouterr().out
 
 
 def test_unknown_model_lists_the_presets(capsys):

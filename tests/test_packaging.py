@@ -1,5 +1,5 @@
-"""The wheel carries what the package reads at run time (model-card templates): a non-editable install saves a
-checkpoint with its family's card."""
+"""The wheel carries what the package reads at run time (model-card templates, the default model, the demo's
+ablation spec): a non-editable install saves a checkpoint with its family's card and loads the default model."""
 
 import subprocess
 import sys
@@ -14,10 +14,17 @@ assert zoo.__file__.startswith(sys.argv[1]), zoo.__file__  # the installed copy,
 cfg = zoo.ZooConfig.from_dict({"vocab_size": 64, "d_model": 32, "n_layers": 2, "family": "mistral",
                                "mixers": "sliding_window(window=8)", "mixer_defaults": {"attention": {"num_heads": 4}}})
 zoo.create_model(cfg).save_pretrained(sys.argv[2])
+import torch
+from zoo.assets import DEMO_SPEC, default_model
+from zoo.ablation import load_spec
+model = default_model()
+assert model.config.extra["train_length"] > 0
+model(torch.zeros(1, 4, dtype=torch.long))
+load_spec(DEMO_SPEC)
 """
 
 
-def test_wheel_install_saves_with_the_familys_card(tmp_path):
+def test_wheel_install_has_the_cards_the_default_model_and_the_demo_spec(tmp_path):
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-2000:]
@@ -26,6 +33,10 @@ def test_wheel_install_saves_with_the_familys_card(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)  # what pip install puts into site-packages
     assert sorted(p.name for p in (site / "zoo" / "models" / "cards").iterdir()) == sorted(
         p.name for p in (ROOT / "zoo" / "models" / "cards").iterdir())
+    assets = site / "zoo" / "assets"
+    assert (assets / "demo.yaml").is_file()
+    assert sorted(p.name for p in (assets / "default_model").iterdir()) == sorted(
+        p.name for p in (ROOT / "zoo" / "assets" / "default_model").iterdir())
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(site), str(tmp_path / "ckpt")], capture_output=True,
                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""The ``zoo`` command: list, info, generate, convert, publish, demo, bench."""
+"""The ``zoo`` command: list, info, generate, convert, publish, swap, eval, ablate, demo, bench, dna, train,
+consolidate."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from pathlib import Path
 import torch
 
 import zoo
+from zoo.ablation.cli import add_ablation_commands
 from zoo.genomics import add_dna_commands
 from zoo.models.lm import state_bytes_per_token
 from zoo.registry import list_formats
+from zoo.tokenizers import load_tokenizer
+from zoo.train_run import add_train_commands
 
 
 def _load(name: str, *, meta: bool = False) -> zoo.ZooForCausalLM:
     """``meta``: a preset's architecture on the meta device (nothing materialised); otherwise weights are loaded:
-    a checkpoint directory, a hub id, or a preset name (its published checkpoint)."""
+    a checkpoint directory, a hub id, a preset name (its published checkpoint), or "default" (the embedded model)."""
+    if name == "default" and not Path(name).exists():
+        return zoo.default_model()
     if meta and name in zoo.list_presets() and not Path(name).exists():
         with torch.device("meta"):
             return zoo.create_model(name)
@@ -41,30 +47,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {i:3d}  {layer.spec_string:<48} {mlp:<12} state bytes/token {bpt:,.0f}")
     print(f"state bytes per token of context (fp32, all layers): {sum(per_token):,.0f}")
     return 0
-
-
-def load_tokenizer(path: str | Path | None):
-    """The tokenizer shipped with a checkpoint directory: GENERator's DNA k-mers (``zoo.tokenizers``), else any
-    other tokenizer files through transformers' ``AutoTokenizer``; ``ByteTokenizer`` when the directory has none."""
-    from zoo.checkpoint import tokenizer_files
-
-    path = Path(path) if path else None
-    files = tokenizer_files(path) if path else []
-    tok_cfg = path / "tokenizer_config.json" if path else None
-    if tok_cfg is not None and tok_cfg.is_file() and '"DNAKmerTokenizer"' in tok_cfg.read_text():
-        from zoo.tokenizers import DNAKmerTokenizer  # GENERator's 6-mer tokenizer, without its remote code
-
-        return DNAKmerTokenizer.from_pretrained(path)
-    if files:
-        try:
-            from transformers import AutoTokenizer  # optional: only for checkpoints that ship a tokenizer
-        except ImportError:
-            raise ValueError(f"{path} ships a tokenizer ({', '.join(f.name for f in files)}), which needs "
-                             "transformers: pip install 'long-context-zoo[hf]'") from None
-        return AutoTokenizer.from_pretrained(path)
-    from zoo.tokenizers import ByteTokenizer
-
-    return ByteTokenizer()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,10 +92,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from zoo.demo import run_demo
+    from zoo.demo import demo_spec, run_demo
 
-    result = run_demo(steps=args.steps, threads=args.threads)
-    return 0 if result["reload_identical"] else 1
+    run_demo(args.out, spec=demo_spec(args.spec) if args.spec else None, threads=args.threads,
+             progress=not args.no_progress)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -177,15 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a preset without a published checkpoint (publishes random weights)")
     s.add_argument("--atol", type=float, default=1e-5, help="validation tolerance (x max(1, max|logits|))")
     s.set_defaults(fn=cmd_publish)
-    s = sub.add_parser("demo", help="offline CPU demo: build, train briefly, save/reload, generate, swap layers")
-    s.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    s = sub.add_parser("demo", help="offline CPU demo: a layer-swap ablation of the embedded default model")
+    s.add_argument("--out", default="zoo-demo", help="results directory (default ./zoo-demo; reruns resume)")
+    s.add_argument("--spec", default=None, help="another ablation spec file (default: the packaged demo.yaml)")
     s.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (default 1: the demo's tensors are tiny; more threads only add stalls)")
+                   help="intra-op threads (default 1: the model is small; more threads only add stalls)")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_demo)
     # Every argument after "bench" (options included, -h too) goes to zoo.bench.cli, imported only when run.
     s = sub.add_parser("bench", help="benchmarks against the references (zoo bench -h)", add_help=False)
     s.set_defaults(fn=cmd_bench, bench_args=[])
     add_dna_commands(sub)
+    add_ablation_commands(sub)
+    add_train_commands(sub)
     return p
 
 

@@ -1,33 +1,34 @@
-"""State-collapse study on a small Mamba-2 LM (Stuffed Mamba, arXiv 2410.07145), runnable on a CPU in minutes.
+"""State-collapse study on a small Mamba-2 LM (Stuffed Mamba, arXiv 2410.07145), on a CPU, as a ``zoo ablate`` run.
 
-1. Train a tiny Mamba-2 LM on short synthetic sequences with a passkey flavour: filler "sentences" (fixed token
-   patterns in random order), a needle ``KEY d1..dk KEY`` at a random depth, and a final query ``QUERY d1..dk``.
-2. Evaluate far beyond the training length, with each training-free mitigation on and off: per-position loss on
-   the filler (in buckets) and passkey retrieval accuracy (all k digits argmax-correct, teacher forced).
-3. Write ``results.md`` (Markdown tables), ``results.csv`` and plots into a results directory.
+1. Train a tiny Mamba-2 LM from scratch on the synthetic passkey task (:class:`zoo.eval.passkey.SyntheticPasskey`:
+   filler "sentences" over a 64-token vocabulary, a ``KEY d1 d2 KEY`` needle at a random depth, ``QUERY d1 d2`` at
+   the end) at ``train_len`` tokens, with a length curriculum (short rows first, so the retrieval circuit forms
+   before the distances grow), until passkey retrieval is learned at the training length.
+2. The ablation: the base against the training-free mitigations as swap variants of its Mamba-2 layers
+   (``decay_scale``, ``input_scale``, ``dt_scale``, ``state_norm_threshold`` calibrated per layer and head,
+   ``state_window``; weights reused: only the mixer arguments change), evaluated far beyond the training length
+   by passkey accuracy (lengths x depths) and by the loss on the filler by position (the collapse signature).
+3. The report (``results.md``, ``results.csv``, ``loss_vs_position.png``, ``accuracy_vs_length.png``) comes from
+   :mod:`zoo.ablation`; ``training.md`` holds the base's training log. Rerunning resumes (the trained base is
+   kept in ``base/``, finished cells are skipped).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import math
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import zoo
+from zoo.ablation import run_ablation
+from zoo.eval.passkey import SyntheticPasskey, evaluate_passkey, passkey_batches
 from zoo.models.mamba2 import calibrate_state_norm
-
-# token ids
-N_DIGITS_VOCAB = 10
-DIGIT0, KEY, QUERY = 1, 11, 12
-FILLER0 = 13
+from zoo.train import TrainConfig, Trainer
 
 
 @dataclass
@@ -38,51 +39,21 @@ class Setup:
     d_state: int = 32
     headdim: int = 16
     chunk_size: int = 32
-    n_sentences: int = 8
-    sentence_len: int = 6
     n_digits: int = 2
     train_len: int = 256
-    batch_size: int = 16
-    steps: int = 700
+    curriculum: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # lengths, equal shares of steps
+    batch_size: int = 32
+    steps: int = 1500
     lr: float = 3e-3
     answer_weight: float = 20.0
     eval_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384])
-    eval_samples: int = 16
-    bucket: int = 256
+    eval_depths: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95])
+    eval_samples: int = 2  # per (length, depth)
+    loss_length: int = 16384
     seed: int = 0
 
-
-class PasskeyData:
-    """Filler sentences (fixed random word patterns) in random order, one needle, one query at the end."""
-
-    def __init__(self, s: Setup, seed: int) -> None:
-        self.s = s
-        g = torch.Generator().manual_seed(1234)  # the filler "language" is fixed across runs
-        n_words = s.vocab_size - FILLER0
-        self.sentences = torch.randint(0, n_words, (s.n_sentences, s.sentence_len), generator=g) + FILLER0
-        self.g = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch: int, length: int, depth: float | None = None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
-        """``ids [B, L]``, ``answer_pos [B, k]`` (positions whose next token is a digit of the key), ``is_filler``."""
-        s, k = self.s, self.s.n_digits
-        body = length - (k + 2) - (k + 1)  # room for filler
-        n_sent = -(-body // s.sentence_len)
-        order = torch.randint(0, s.n_sentences, (batch, n_sent), generator=self.g)
-        filler = self.sentences[order].flatten(1)[:, :body]  # [B, body]
-        digits = torch.randint(0, N_DIGITS_VOCAB, (batch, k), generator=self.g) + DIGIT0
-        ids = torch.empty(batch, length, dtype=torch.long)
-        is_filler = torch.zeros(batch, length, dtype=torch.bool)
-        for b in range(batch):
-            d = depth if depth is not None else float(torch.rand((), generator=self.g))
-            at = int(round(d * body))
-            needle = torch.cat([torch.tensor([KEY]), digits[b], torch.tensor([KEY])])
-            row = torch.cat([filler[b, :at], needle, filler[b, at:], torch.tensor([QUERY]), digits[b]])
-            ids[b] = row
-            is_filler[b, :at] = True
-            is_filler[b, at + k + 2: body + k + 2] = True
-        answer_pos = torch.arange(length - k - 1, length - 1).expand(batch, k)
-        return ids, answer_pos, is_filler
+    def task(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "vocab_size": self.vocab_size, "n_digits": self.n_digits}
 
 
 def build_model(s: Setup) -> zoo.ZooForCausalLM:
@@ -90,169 +61,111 @@ def build_model(s: Setup) -> zoo.ZooForCausalLM:
         "vocab_size": s.vocab_size, "d_model": s.d_model, "n_layers": s.n_layers, "mixers": "mamba2", "mlp": None,
         "mixer_defaults": {"mamba2": {"d_state": s.d_state, "headdim": s.headdim, "chunk_size": s.chunk_size}},
         "tie_embeddings": True, "residual_in_fp32": True, "family": "mamba2", "name": "state-collapse-tiny",
-        "max_position_embeddings": max(s.eval_lengths),
-    })
+        "max_position_embeddings": max(s.eval_lengths)})
     return zoo.create_model(cfg)
 
 
-def token_losses(model: zoo.ZooForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token loss ``[B, L-1]`` and argmax predictions ``[B, L-1]`` (parallel forward)."""
-    logits = model(ids).logits[:, :-1].float()
-    loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    return loss, logits.argmax(-1)
-
-
-def train(s: Setup, log: list[str]) -> zoo.ZooForCausalLM:
+def train_base(s: Setup, log: list[str], progress: bool = True) -> zoo.ZooForCausalLM:
     torch.manual_seed(s.seed)
     model = build_model(s)
-    data = PasskeyData(s, seed=s.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps)))
-    model.train()
-    bar = tqdm(range(s.steps), desc="train", unit="step")
-    t0 = time.time()
-    for step in bar:
-        ids, ans, _ = data.sample(s.batch_size, s.train_len)
-        loss_tok, _ = token_losses(model, ids)
-        w = torch.ones_like(loss_tok)
-        w.scatter_(1, ans, s.answer_weight)
-        loss = (loss_tok * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == s.steps - 1:
-            acc = (loss_tok.gather(1, ans) < math.log(2)).float().mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", digit_acc=f"{acc:.2f}")
-            log.append(f"step {step}: loss {loss.item():.4f}, answer-digit confidence>0.5 {acc:.2f}")
-    log.append(f"training: {s.steps} steps x {s.batch_size} x {s.train_len} tokens in {time.time() - t0:.0f} s")
+    task = SyntheticPasskey(vocab_size=s.vocab_size, n_digits=s.n_digits)
+    stages = [L for L in s.curriculum if L <= s.train_len] or [s.train_len]
+    if stages[-1] != s.train_len:
+        stages.append(s.train_len)
+    counter = {"batch": 0}
+
+    def length() -> int:  # equal shares of the steps per stage
+        k = min(len(stages) - 1, counter["batch"] * len(stages) // s.steps)
+        counter["batch"] += 1
+        return stages[k]
+
+    data = passkey_batches(task, length, s.batch_size, generator=torch.Generator().manual_seed(s.seed),
+                           answer_weight=s.answer_weight)
+
+    def stage(step: int) -> int:
+        return stages[min(len(stages) - 1, (step - 1) * len(stages) // s.steps)]
+
+    def evaluate(m, step: int) -> dict:
+        out = {}
+        for L in dict.fromkeys([stage(step), s.train_len]):
+            res = evaluate_passkey(m, task, lengths=[L], depths=[0.1, 0.5, 0.9], samples=8, seed=99, progress=False)
+            out[f"passkey@{L}"] = res.summary[f"accuracy@{L}"]
+        return out
+
+    cfg = TrainConfig(steps=s.steps, lr=s.lr, warmup_steps=50, weight_decay=0.01, min_lr_ratio=0.05,
+                      eval_every=max(1, s.steps // 10))
+    res = Trainer(model, config=cfg).fit(data, eval_fn=evaluate, progress=progress, desc="train base")
+    for e in res.evals:
+        i = e["step"] - 1
+        recent = res.losses[max(0, i - 20):i + 1]
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k.startswith("passkey"))
+        log.append(f"step {e['step']}: length {stage(e['step'])}, loss {sum(recent) / len(recent):.4f}, {scores}")
+    log.append(f"training: {s.steps} steps x batch {s.batch_size}, curriculum {stages}, {res.seconds:.0f} s")
+    model.config.extra = {"train_length": s.train_len, "setup": asdict(s), "training_log": log}
     return model.eval()
 
 
-def variants(s: Setup, model: zoo.ZooForCausalLM, data: PasskeyData) -> dict[str, dict[str, Any]]:
-    """Mitigation settings (mixer args for every layer). The state-norm thresholds are calibrated per layer and
-    head on training-length prompts (x2, as the released code's default multiplier)."""
-    calib, _, _ = data.sample(8, s.train_len)
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def variants(s: Setup, model: zoo.ZooForCausalLM) -> list[dict[str, Any]]:
+    """The mitigations as swap variants. The state-norm thresholds are calibrated per layer and head on
+    training-length prompts (x2, the released code's default multiplier)."""
+    g = torch.Generator().manual_seed(999)
+    task = SyntheticPasskey(vocab_size=s.vocab_size, n_digits=s.n_digits)
+    calib = torch.stack([task.sample(s.train_len, float(torch.rand((), generator=g)), g)[0] for _ in range(8)])
     thr = calibrate_state_norm(copy.deepcopy(model), calib, multiplier=2.0, apply=False)
+    per_layer = "; ".join(f"{i}: mamba2(state_norm_threshold={[_round(v) for v in t]})" for i, t in thr.items())
+    c = _round(1 - 1 / s.train_len)
+    return [
+        {"name": "baseline"},
+        {"name": f"decay_scale={c}", "swap": f"all: mamba2(decay_scale={c})"},
+        {"name": "input_scale=0.7", "swap": "all: mamba2(input_scale=0.7)"},
+        {"name": "dt_scale=0.5 (LongMamba)", "swap": "all: mamba2(dt_scale=0.5)"},
+        {"name": "state_norm (calibrated x2)", "swap": per_layer},
+        {"name": f"state_window={s.train_len}", "swap": f"all: mamba2(state_window={s.train_len})"},
+    ]
+
+
+def ablation_spec(s: Setup, model: zoo.ZooForCausalLM) -> dict[str, Any]:
     return {
-        "baseline": {},
-        f"decay_scale={1 - 1 / s.train_len:.4f}": {"decay_scale": 1 - 1 / s.train_len},
-        "input_scale=0.7": {"input_scale": 0.7},
-        "dt_scale=0.5 (LongMamba)": {"dt_scale": 0.5},
-        "state_norm (calibrated x2)": {"state_norm_threshold": thr},
-        f"state_window={s.train_len}": {"state_window": s.train_len},
+        "name": "state_collapse",
+        "description": (
+            f"A {s.n_layers}-layer Mamba-2 (d_model {s.d_model}, d_state {s.d_state}, headdim {s.headdim}, chunk "
+            f"{s.chunk_size}), trained from scratch on a {s.n_digits}-digit synthetic passkey task at {s.train_len} "
+            f"tokens (curriculum {s.curriculum}, {s.steps} steps x batch {s.batch_size}), against the Stuffed-Mamba "
+            "training-free mitigations (swap variants of its Mamba-2 layers: same weights, other mixer arguments). "
+            f"Passkey: {len(s.eval_depths)} depths x {s.eval_samples} keys per length, teacher-forced exact match "
+            "(= greedy decoding). Loss: filler-only rows of the task, by position."),
+        "base": f"state-collapse-tiny trained by zoo.experiments.state_collapse ({json.dumps(asdict(s))})",
+        "seed": s.seed, "train_length": s.train_len,
+        "variants": variants(s, model),
+        "evaluations": [
+            {"kind": "passkey", "lengths": s.eval_lengths, "depths": s.eval_depths, "samples": s.eval_samples,
+             "task": s.task(), "batch_size": 4},
+            {"kind": "loss", "length": s.loss_length, "windows": 4, "bucket": s.train_len, "filler": s.task(),
+             "batch_size": 1},
+        ],
     }
 
 
-def apply_variant(model: zoo.ZooForCausalLM, args: dict[str, Any]) -> zoo.ZooForCausalLM:
-    m = copy.deepcopy(model)
-    for i, blk in enumerate(m.layers):
-        mixer = blk.mixer
-        mixer.decay_scale = args.get("decay_scale", 1.0)
-        mixer.input_scale = args.get("input_scale", 1.0)
-        mixer.dt_scale = args.get("dt_scale", 1.0)
-        thr = args.get("state_norm_threshold")
-        mixer.state_norm_threshold = thr[i] if isinstance(thr, dict) else thr
-        mixer.state_window = args.get("state_window")
-    return m
-
-
-@torch.no_grad()
-def evaluate(s: Setup, model: zoo.ZooForCausalLM, vars_: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    total = len(vars_) * len(s.eval_lengths)
-    bar = tqdm(total=total, desc="eval", unit="cfg")
-    for name, args in vars_.items():
-        m = apply_variant(model, args)
-        for L in s.eval_lengths:
-            data = PasskeyData(s, seed=10_000 + L)  # the same samples for every variant
-            correct, losses, fills = 0, [], []
-            for j in range(s.eval_samples):  # evenly spaced needle depths
-                ids, ans, filler = data.sample(1, L, depth=(j + 0.5) / s.eval_samples)
-                loss, pred = token_losses(m, ids)
-                ok = (pred.gather(1, ans) == ids[:, 1:].gather(1, ans)).all(1)
-                correct += int(ok.sum())
-                losses.append(loss[0])
-                fills.append(filler[0, 1:])
-            loss = torch.stack(losses)  # [n, L-1]
-            fill = torch.stack(fills)
-            nb = (L - 1) // s.bucket
-            for b in range(max(nb, 1)):
-                sl = slice(b * s.bucket, min((b + 1) * s.bucket, L - 1))
-                f = fill[:, sl]
-                rows.append({"variant": name, "length": L, "bucket_start": b * s.bucket,
-                             "filler_loss": float((loss[:, sl] * f).sum() / f.sum().clamp_min(1)),
-                             "passkey_acc": correct / s.eval_samples})
-            bar.update(1)
-            bar.set_postfix(variant=name[:16], L=L, acc=f"{correct / s.eval_samples:.2f}")
-    bar.close()
-    return rows
-
-
-def write_report(s: Setup, rows: list[dict[str, Any]], log: list[str], out: Path, variant_args: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    names = list(dict.fromkeys(r["variant"] for r in rows))
-    Ls = s.eval_lengths
-    acc = {(r["variant"], r["length"]): r["passkey_acc"] for r in rows}
-    # loss vs position on the longest length
-    Lmax = max(Ls)
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-    for n in names:
-        pts = [(r["bucket_start"], r["filler_loss"]) for r in rows if r["variant"] == n and r["length"] == Lmax]
-        ax[0].plot([p[0] for p in pts], [p[1] for p in pts], label=n)
-        ax[1].plot(Ls, [acc[(n, L)] for L in Ls], marker="o", label=n)
-    for a in ax:
-        a.axvline(s.train_len, color="gray", ls="--", lw=1)
-        a.set_xscale("log", base=2)
-    ax[0].set(xlabel="position (bucket start)", ylabel=f"filler loss (nats), L={Lmax}",
-              title="per-position loss beyond the training length")
-    ax[1].set(xlabel="context length", ylabel="passkey accuracy", title="passkey retrieval", ylim=(-0.05, 1.05))
-    ax[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "state_collapse.png", dpi=110)
-    plt.close(fig)
-    # markdown
-    lines = ["# State collapse in a tiny Mamba-2 (zoo reproduction, CPU)", "",
-             f"Model: {s.n_layers} x mamba2 (d_model {s.d_model}, d_state {s.d_state}, headdim {s.headdim}, "
-             f"chunk {s.chunk_size}), trained on length {s.train_len} for {s.steps} steps x batch {s.batch_size}; "
-             f"{s.n_digits}-digit passkey, {s.eval_samples} samples per length at evenly spaced depths "
-             f"(teacher-forced: all digits argmax-correct). Seed {s.seed}.", "",
-             "Produced by `python scripts/state_collapse.py`; raw numbers in `results.csv`, plot `state_collapse.png`.",
-             "", "## Passkey accuracy", "",
-             "| variant | " + " | ".join(str(L) for L in Ls) + " |", "|---|" + "---:|" * len(Ls)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{acc[(n, L)]:.2f}" for L in Ls) + " |")
-    lines += ["", f"## Mean filler loss (nats) by position bucket, length {Lmax}", ""]
-    starts = sorted({r["bucket_start"] for r in rows if r["length"] == Lmax})
-    show = [b for b in starts if b in (0, s.train_len) or (b & (b - 1) == 0) or b == starts[-1]]
-    lines += ["| variant | " + " | ".join(f"@{b}" for b in show) + " |", "|---|" + "---:|" * len(show)]
-    fl = {(r["variant"], r["bucket_start"]): r["filler_loss"] for r in rows if r["length"] == Lmax}
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{fl[(n, b)]:.3f}" for b in show) + " |")
-    lines += ["", "## Settings", ""]
-    for n, a in variant_args.items():
-        shown = {k: ("per-layer, per-head (calibrated)" if k == "state_norm_threshold" else v) for k, v in a.items()}
-        lines.append(f"- `{n}`: {shown or 'no mitigation'}")
-    lines += ["", "## Training log", "", "```", *log, "```", ""]
-    (out / "results.md").write_text("\n".join(lines))
-
-
-def run(s: Setup, out: str | Path) -> Path:
+def run(s: Setup, out: str | Path, *, progress: bool = True) -> Path:
     out = Path(out)
-    log: list[str] = []
-    model = train(s, log)
-    vars_ = variants(s, model, PasskeyData(s, seed=999))
-    rows = evaluate(s, model, vars_)
-    write_report(s, rows, log, out, vars_)
+    base_dir = out / "base"
+    recipe = asdict(s)
+    model = None
+    if (base_dir / "config.json").is_file():
+        model = zoo.from_pretrained(base_dir)
+        if model.config.extra.get("setup") != recipe:
+            model = None  # trained with other settings: train again
+    if model is None:
+        log: list[str] = []
+        t0 = time.perf_counter()
+        model = train_base(s, log, progress)
+        model.config.extra["train_seconds"] = round(time.perf_counter() - t0)
+        model.save_pretrained(base_dir)
+    log = model.config.extra.get("training_log", [])
+    (out / "training.md").write_text("# Training the base model\n\n```\n" + "\n".join(log) + "\n```\n")
+    run_ablation(ablation_spec(s, model), out, base_model=model, progress=progress)
     return out

@@ -11,6 +11,11 @@ Shapes: ``x [B, T, d_model] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> o [B, T, H
 Parameter names follow transformers' Llama: ``q_proj, k_proj, v_proj, o_proj`` (+ ``q_norm, k_norm``), so
 every attention variant of the zoo (sliding window, sinks, block-sparse) reuses these weights as they are.
 The cache stores keys after RoPE, in arrival order; a query at cache index ``n`` sees slots ``<= n``.
+
+Sequence parallelism (DeepSpeed-Ulysses, :meth:`Attention.forward_sequence_parallel`): each of ``R`` ranks
+projects its ``T/R`` tokens (RoPE at their global positions), an all-to-all trades sequence slices for head slices
+(``[B, H, T/R, D] -> [B, H/R, T, D]``), every rank attends its heads over the whole sequence, and the inverse
+all-to-all brings the outputs back to sequence slices before ``o_proj``. Exact because heads never interact.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class Attention(Mixer):
     supports_packing = True
     dtypes = ("float16", "bfloat16")
     state_growth = "linear"
+    sequence_parallel = True
     bench_cases = (BenchCase(
         args={"full": {"d_model": 768, "num_heads": 12, "num_kv_heads": 4, "head_dim": 64},
               "quick": {"d_model": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}},
@@ -188,7 +194,7 @@ class Attention(Mixer):
             positions = default_positions(x, state.length if state is not None else 0)
         q, k, v = self.project(x, positions)
         if state is None:
-            o = self.attend(q, k, v, key_valid=attention_mask, seq_idx=seq_idx)
+            o = self.attend_parallel(q, k, v, positions, attention_mask, seq_idx)
         else:
             valid = attention_mask.bool() if attention_mask is not None else x.new_ones(B, T, dtype=torch.bool)
             state.has_padding = state.has_padding or (attention_mask is not None and not bool(valid.all()))
@@ -197,6 +203,41 @@ class Attention(Mixer):
             o = self.attend(q, state.k[:, :, : state.length], state.v[:, :, : state.length],
                             key_valid=state.valid[:, : state.length] if state.has_padding else None, q_offset=offset)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
+                        seq_idx: Tensor | None = None, *, kv_heads: Tensor | None = None) -> Tensor:
+        """The stateless attention of projected ``q [B, h, T, D]``, ``k, v [B, h_kv, T, D]`` (any head subset with
+        the layer's query/KV head ratio, or ratio 1) at ``positions [B, T]``; ``attention_mask``, ``seq_idx``
+        ``[B, T]``; ``kv_heads [h_kv]``: the layer's KV-head index of each KV head given (None: all of them, in
+        order; only patterns that differ per head read it). Returns ``o [B, h, T, D]``."""
+        return self.attend(q, k, v, key_valid=attention_mask, seq_idx=seq_idx)
+
+    def check_sequence_parallel(self, size: int) -> None:
+        super().check_sequence_parallel(size)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        if H % size or (Hkv % size and size % Hkv):
+            raise ValueError(f"{self.mixer_name}: sequence parallelism over {size} ranks needs num_heads={H} "
+                             f"divisible by {size} and num_kv_heads={Hkv} divisible by it or dividing it")
+
+    def forward_sequence_parallel(self, x: Tensor, *, positions: Tensor, attention_mask: Tensor | None,
+                                  seq_idx: Tensor | None, comm: Any) -> Tensor:
+        """Ulysses (module docstring): ``x [B, T/R, d]`` -> ``y [B, T/R, d]``; KV heads are repeated to the query
+        heads first when there are fewer of them than ranks."""
+        B, Tl, _ = x.shape
+        q, k, v = self.project(x, positions)  # [B, H, T/R, D], [B, Hkv, T/R, D]
+        kv_heads = torch.arange(self.num_kv_heads, device=x.device)  # the KV head of each k/v head
+        if self.num_kv_heads % comm.size:
+            group = self.num_heads // self.num_kv_heads
+            k, v = (t.repeat_interleave(group, 1) for t in (k, v))
+            kv_heads = kv_heads.repeat_interleave(group)
+        q, k, v = (comm.seq_to_heads(t) for t in (q, k, v))  # [B, H/R, T, D], [B, Hkv/R, T, D]
+        n = k.shape[1]
+        o = self.attend_parallel(q, k, v, comm.gather_seq(positions),
+                                 None if attention_mask is None else comm.gather_seq(attention_mask),
+                                 None if seq_idx is None else comm.gather_seq(seq_idx),
+                                 kv_heads=kv_heads[comm.rank * n:(comm.rank + 1) * n])
+        o = comm.heads_to_seq(o)  # [B, H, T/R, D]
+        return self.o_proj(o.transpose(1, 2).reshape(B, Tl, -1))
 
     def attend(
         self,

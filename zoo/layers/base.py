@@ -21,6 +21,11 @@ A mixer describes itself with class attributes (see "Adding a mixer" in the READ
 suite (``zoo.testing.check_mixer``), the benchmarks and the demo iterate over the registry and never branch on
 a mixer's name: ``example_args``, ``demo_args``, ``supports_packing``, ``dtypes``, ``state_growth``,
 ``boundaries``, ``flops``, ``bench_cases`` and ``citations``.
+
+Sequence parallelism (:mod:`zoo.distributed.sequence_parallel`): a mixer class that sets
+``sequence_parallel = True`` implements :meth:`Mixer.forward_sequence_parallel`, the parallel forward of one rank's
+slice of the sequence that equals (forward and backward) the matching slice of the one-rank forward. The flag is
+read from the class's own namespace, not inherited: a subclass that changes the computation declares it again.
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ class Mixer(nn.Module):
     bench_cases: ClassVar[tuple[BenchCase, ...]] = ()
     # BibTeX entries of the papers behind the mixer (model cards list them for every mixer a model uses).
     citations: ClassVar[tuple[str, ...]] = ()
+    # Implements forward_sequence_parallel (declared per class: see the module docstring).
+    sequence_parallel: ClassVar[bool] = False
 
     @classmethod
     def resolved_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +161,12 @@ class Mixer(nn.Module):
     def check_args(cls, d_model: int, kwargs: dict[str, Any]) -> None:
         """Raise ``ValueError`` for inconsistent sizes at config time (override per mixer)."""
 
+    def derive_from(self, old: nn.Module) -> bool:
+        """Initialise this mixer's weights from ``old``, the mixer it replaces in ``zoo.swap_layers(...,
+        init="derive")`` (after the name-and-shape reuse). Return False when there is no derivation from that kind
+        of mixer (the default); raise ``ValueError`` when there is one but these sizes do not allow it."""
+        return False
+
     def forward(
         self,
         x: Tensor,
@@ -168,6 +181,21 @@ class Mixer(nn.Module):
     def init_state(
         self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str, max_length: int | None = None
     ) -> State:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sequence parallelism
+    def check_sequence_parallel(self, size: int) -> None:
+        """Raise ``ValueError`` unless this mixer, with its arguments, runs sequence-parallel over ``size`` ranks.
+        Subclasses add their own conditions (head counts, unsupported options) after ``super()``'s check."""
+        if not type(self).__dict__.get("sequence_parallel", False):
+            raise ValueError(f"mixer {self.mixer_name or type(self).__name__!r} does not implement sequence "
+                             "parallelism (forward_sequence_parallel)")
+
+    def forward_sequence_parallel(self, x: Tensor, *, positions: Tensor, attention_mask: Tensor | None,
+                                  seq_idx: Tensor | None, comm: Any) -> Tensor:
+        """The parallel forward of this rank's slice ``x [B, T/R, D]`` of a sequence split over ``R`` ranks
+        (``comm``: a :class:`zoo.distributed.sequence_parallel.SequenceComm`); ``positions``, ``attention_mask``
+        and ``seq_idx`` are this slice's columns of the global ones. Returns ``y [B, T/R, D]``."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -111,6 +111,7 @@ class InfLLMv2(Attention):
         reference="mixer:attention",
         description="InfLLM-v2 (MiniCPM4 sparse_config, one GQA group of 16) against dense causal attention"),)
     citations = Attention.citations + (CITATION,)
+    sequence_parallel = True  # Ulysses slices of whole KV-head groups: selection and attention stay per group
     query_tile: int | None = None  # torch sparse path schedule for prefill (None: chosen from the union sizes)
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, kernel_size: int = 32, kernel_stride: int = 16,
@@ -263,6 +264,24 @@ class InfLLMv2(Attention):
                 positions = state.next_pos[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
             o = self._step(*self._project(x, positions), positions, real, state)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def check_sequence_parallel(self, size: int) -> None:
+        super().check_sequence_parallel(size)
+        if self.num_kv_heads % size:
+            raise ValueError(f"infllmv2: sequence parallelism over {size} ranks needs num_kv_heads={self.num_kv_heads} "
+                             f"divisible by {size} (a KV head's query group selects its blocks together)")
+
+    def forward_sequence_parallel(self, x: Tensor, *, positions: Tensor, attention_mask: Tensor | None,
+                                  seq_idx: Tensor | None, comm: Any) -> Tensor:
+        """Ulysses (as :meth:`Attention.forward_sequence_parallel`) with whole KV-head groups per rank: every rank
+        compresses, scores, selects and attends for its groups over the whole sequence."""
+        if seq_idx is not None:
+            raise ValueError("infllmv2 does not support packed sequences (seq_idx)")
+        B, Tl, _ = x.shape
+        parts = [comm.seq_to_heads(t) for t in self._project(x, positions)]  # q, k, v, qs, ks over all tokens
+        real = None if attention_mask is None else comm.gather_seq(attention_mask).bool()
+        o = comm.heads_to_seq(self._parallel(*parts, real))
+        return self.o_proj(o.transpose(1, 2).reshape(B, Tl, -1))
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, qs: Tensor, ks: Tensor, real: Tensor | None) -> Tensor:
         """Whole sequences, computed in position space: padded tokens are moved behind the real ones (so they are

@@ -14,6 +14,11 @@ The parallel path is the chunked SSD scan (``zoo.kernels.ssd``); with a state th
 recurrent step. A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
 ``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
 
+Sequence parallelism (:meth:`Mamba2.forward_sequence_parallel`, ``zoo.distributed``): rank ``r`` of ``R`` scans its
+segment from the state the earlier segments leave, computed from each segment's zero-start final state and total
+decay (the recurrence is linear); the conv reads the previous rank's last ``d_conv - 1`` inputs. Gradients flow
+back across ranks through the same collectives.
+
 State-collapse mitigations (Chen et al., "Stuffed Mamba", arXiv 2410.07145 v1), all off by default, and then
 bit-for-bit neutral (the code paths are skipped, not multiplied by 1):
 
@@ -91,6 +96,7 @@ class Mamba2(Mixer):
     supports_packing = True
     dtypes = ("float16", "bfloat16")
     state_growth = "constant"
+    sequence_parallel = True  # state passing across ranks (forward_sequence_parallel)
     bench_cases = (BenchCase(
         args={"full": {"d_model": 768, "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1,
                        "chunk_size": 256},
@@ -243,6 +249,47 @@ class Mamba2(Mixer):
         if self.rmsnorm:
             self.norm.weight.fill_(1.0)
 
+    @torch.no_grad()
+    def derive_from(self, old: nn.Module) -> bool:
+        """Initialise from an attention layer ("The Mamba in the Llama", Wang et al., arXiv 2408.15237).
+
+        Causal attention without the softmax, ``y_t = sum_{s<=t} (q_t . k_s) v_s``, is the SSD recurrence with
+        ``C = q``, ``B = k``, ``x = v`` and no decay. So: the x rows of ``in_proj`` <- ``W_v`` (head ``h`` reads
+        its KV head), B <- ``W_k``, C <- ``W_q`` (group ``g``: the mean over its query heads; exact with
+        ``ngroups = num_heads``), ``out_proj`` <- ``W_o``; the conv starts as the identity and ``D = 0``
+        (attention has no skip); z, dt and A keep their initialisation. Needs ``headdim = head_dim`` and
+        ``nheads = num_heads`` (``d_ssm = num_heads * head_dim``); a ``d_state`` below ``head_dim`` takes the first
+        ``d_state`` dimensions, a larger one leaves the rest as initialised. Any layer with ``q_proj, k_proj,
+        v_proj, o_proj`` and ``num_heads, num_kv_heads, head_dim`` qualifies."""
+        if not all(isinstance(getattr(old, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return False
+        Hq, Hkv, Dh = old.num_heads, old.num_kv_heads, old.head_dim
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        if P != Dh or H != Hq:
+            raise ValueError(f"mamba2 derive_from attention ({Hq} heads x {Dh}): needs headdim={Dh} and "
+                             f"nheads={Hq} (d_ssm={Hq * Dh}, e.g. mamba2(headdim={Dh}, d_ssm={Hq * Dh}) or "
+                             f"expand={Hq * Dh}/d_model), got headdim={P}, nheads={H}")
+        d = self.in_proj.weight.shape[1]
+        kv = torch.arange(Hq) // (Hq // Hkv)  # the KV head each query head reads
+        Wq = old.q_proj.weight.view(Hq, Dh, d)
+        Wk = old.k_proj.weight.view(Hkv, Dh, d)[kv]  # [Hq, Dh, d]
+        Wv = old.v_proj.weight.view(Hkv, Dh, d)[kv]
+        n = min(N, Dh)
+        W = self.in_proj.weight  # rows [z0, x0, z, x, B, C, dt]
+        x0 = 2 * self.d_mlp + self.d_ssm
+        W[x0:x0 + self.d_ssm] = Wv.reshape(H * P, d)
+        b0 = x0 + self.d_ssm
+        W[b0:b0 + G * N].view(G, N, d)[:, :n] = Wk.view(G, Hq // G, Dh, d).mean(1)[:, :n]
+        c0 = b0 + G * N
+        W[c0:c0 + G * N].view(G, N, d)[:, :n] = Wq.view(G, Hq // G, Dh, d).mean(1)[:, :n]
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.zero_()
+        self.D.zero_()
+        self.out_proj.weight[:, self.d_mlp:] = old.o_proj.weight
+        return True
+
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> Mamba2State:
@@ -279,7 +326,7 @@ class Mamba2(Mixer):
             raise ValueError("mamba2: state_norm_threshold with seq_idx (packed documents) is not supported: the "
                              "renormalisation points would not restart at each document")
         if state is not None and T == 1 and mask is None and not self.state_window and not torch.is_grad_enabled():
-            return decode_step_(self, x, state), state  # the lean in-place step
+            return decode_step_(self, x, state), state  # the lean in-place step (zoo.layers.mamba2_ops)
         plain = mask is None and seq_idx is None and not self.state_window and self._thresholds(x) is None
         if plain and self.tile_len and T > self.tile_len and x.device.type == "cpu":
             return self._tiled(x, state), state
@@ -288,19 +335,15 @@ class Mamba2(Mixer):
     def _forward(self, x: Tensor, state: Mamba2State | None, mask: Tensor | None, seq_idx: Tensor | None) -> Tensor:
         """One piece: the reference path of every mode."""
         Bsz, T, _ = x.shape
-        H = self.nheads
+        H, P = self.nheads, self.headdim
         previous = copy.copy(state) if state is not None and mask is not None else None
-        zxbcdt = self.in_proj(x)  # [B, T, d_in_proj]
-        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
-        if mask is not None:
-            xBC = xBC * mask[..., None].to(xBC.dtype)
-        prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)
+        z0, x0, z, xBC, dt = self._in_proj(x, mask)
+        prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2)  # [B, K-1, conv_dim]
         if state is not None:
-            full = xBC if T >= self.d_conv else torch.cat([prev, xBC], dim=1)
-            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype, copy=True,
-                                                                            memory_format=torch.contiguous_format)
-        xBC = causal_conv(xBC, prev, self._conv_weight(xBC.dtype), self._conv_bias(xBC.dtype), seq_idx=seq_idx)
-        xs, Bm, Cm, dt, off, A, D, zg = self._ssm_inputs(xBC, dt, z, mask)
+            full = torch.cat([prev.to(xBC.dtype), xBC], dim=1)
+            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype)
+        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, seq_idx), dt, mask)
+        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
         if state is not None and T == 1:
             y = self._step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
             if zg is not None:
@@ -313,60 +356,7 @@ class Mamba2(Mixer):
             state.seen = state.seen + (T if mask is None else mask.sum(1))
         if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
             state.keep_rows(~mask.any(1), previous)
-        return self.out_proj(self._gate(y.reshape(Bsz, T, self.d_ssm), z, z0, x0).to(x.dtype))
-
-    def _conv_weight(self, dtype: torch.dtype) -> Tensor:
-        return self.conv1d.weight[:, 0].t().to(dtype)  # [K, C]
-
-    def _conv_bias(self, dtype: torch.dtype) -> Tensor | None:
-        return None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
-
-    def _ssm_inputs(self, xBC: Tensor, dt: Tensor, z: Tensor, mask: Tensor | None) -> tuple:
-        """The scan's inputs from the conv output and the raw ``dt``: ``x [B, T, H, P]``, ``B, C [B, T, G, N]``,
-        ``dt [B, T, H]`` (softplus, limits, scale, padding), the log-decay offset, ``A``, ``D``, the gate ``z``
-        when there is no norm to apply it."""
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        xs, Bm, Cm = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
-        xs, Bm, Cm = xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
-        acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
-        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
-        if self.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(*self.dt_limit)
-        if self.dt_scale != 1.0:
-            dt = dt * self.dt_scale
-        if mask is not None:
-            dt = dt * mask[..., None]
-        if self.input_scale != 1.0:
-            Bm = Bm * self.input_scale
-        off = None
-        if self.decay_scale != 1.0:
-            off = torch.full_like(dt, math.log(self.decay_scale))
-            if mask is not None:
-                off = off * mask[..., None]
-        A = -torch.exp(self.A_log.to(acc))  # [H]
-        D = self.D.view(H, P) if self.D_has_hdim else self.D
-        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
-        return xs, Bm, Cm, dt, off, A, D, zg
-
-    def _gate(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
-        """``[B, T, d_ssm]`` scan output -> the out_proj input ``[B, T, d_inner]`` (gated norm, MLP part)."""
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        if self.d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
-        return y
-
-    def _mix(self, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
-        ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
-        state after the tile."""
-        L = zxbcdt.shape[1]
-        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
-        xBC = causal_conv(xBC, prev, self._conv_weight(xBC.dtype), self._conv_bias(xBC.dtype))
-        xs, Bm, Cm, dt, off, A, D, zg = self._ssm_inputs(xBC, dt, z, None)
-        y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, initial_states=h0,
-                              dA_offset=off)
-        return self._gate(y.reshape(zxbcdt.shape[0], L, self.d_ssm), z, z0, x0), h
+        return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype)
 
     def _tiled(self, x: Tensor, state: Mamba2State | None) -> Tensor:
         """The parallel forward / prefill of an unpadded, unpacked call in tiles of ``tile_len`` tokens (CPU)."""
@@ -395,6 +385,142 @@ class Mamba2(Mixer):
             state.ssm_state = h
             state.seen = state.seen + T
         return torch.cat(outs, dim=1)
+
+    def _mix(self, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
+        ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
+        state after the tile (``_out`` without its ``out_proj``, which stays outside the recomputed part)."""
+        H, P = self.nheads, self.headdim
+        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
+        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, None), dt, None)
+        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
+        y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, initial_states=h0,
+                              dA_offset=off)
+        y = y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], self.d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
+        return y, h
+
+    # ------------------------------------------------------------------ sequence parallelism
+    def check_sequence_parallel(self, size: int) -> None:
+        super().check_sequence_parallel(size)
+        if self.state_norm_threshold is not None or self.state_window:
+            raise ValueError("mamba2: sequence parallelism passes a linear state between ranks; state_norm_threshold "
+                             "and state_window are not supported with it")
+
+    def forward_sequence_parallel(self, x: Tensor, *, positions: Tensor, attention_mask: Tensor | None,
+                                  seq_idx: Tensor | None, comm: Any) -> Tensor:
+        """This rank's segment ``x [B, T/R, d]`` of a sequence split over ``R`` ranks, scanned from the previous
+        segments' final state (exact forward and backward; ``comm`` carries the gradients back across ranks).
+
+        The recurrence is linear, so each rank first summarises its segment alone: the final state from a zero
+        start ``S_r = sum_t exp(sum_{u>t} a_u) dt_t x_t B_t^T`` and the decay across it ``d_r = exp(sum_t a_t)``
+        (0 if a document starts inside). ``comm.carry_in`` gathers them and folds the earlier ranks' summaries,
+        ``S_in[r+1] = keep_{r+1} (d_r S_in[r] + S_r)``, into this rank's initial state for the chunked scan. The conv
+        window comes from the previous rank's last ``d_conv - 1`` inputs (``comm.from_previous``)."""
+        Bsz, T, _ = x.shape
+        H, P, G, K = self.nheads, self.headdim, self.ngroups, self.d_conv
+        if T < max(K - 1, 1):
+            raise ValueError(f"mamba2: a sequence-parallel segment of {T} tokens is shorter than the conv window "
+                             f"({K - 1} tokens); use fewer ranks or longer sequences")
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        z0, x0, z, xBC, dt = self._in_proj(x, mask)
+        prev = comm.from_previous(xBC[:, T - (K - 1):])  # [B, K-1, conv_dim], zeros on the first rank
+        prev_seq = None if seq_idx is None else comm.from_previous(seq_idx[:, T - max(K - 1, 1):])
+        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(
+            self._conv(xBC, prev, seq_idx, None if prev_seq is None else prev_seq[:, prev_seq.shape[1] - (K - 1):]),
+            dt, mask)
+        acc = dt.dtype
+        dA = dt * A if off is None else dt * A + off  # [B, T, H]
+        w = torch.exp(dA.flip(1).cumsum(1).flip(1) - dA) * dt  # exp(sum of the later log-decays) dt_t
+        decay = torch.exp(dA.sum(1))  # [B, H]
+        keep = None
+        if seq_idx is not None:  # only the segment's last document reaches its end; a start inside cuts the carry
+            w = w * (seq_idx == seq_idx[:, -1:])[..., None]
+            decay = decay * (seq_idx[:, :1] == seq_idx[:, -1:])
+            keep = seq_idx[:, 0] == prev_seq[:, -1]  # the previous rank's last document continues here
+        xw = (xs.to(acc) * w[..., None]).view(Bsz, T, G, H // G, P)
+        final = torch.einsum("btgjp,btgn->bgjpn", xw, Bm.to(acc)).reshape(Bsz, H, P, self.d_state)
+        init = comm.carry_in(final, decay, keep)  # [B, H, P, N]
+        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
+        y, _ = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, seq_idx=seq_idx,
+                              initial_states=init, dA_offset=off)
+        return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype)
+
+    def _in_proj(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``in_proj`` split into ``z0, x0 [B, T, d_mlp]``, ``z [B, T, d_ssm]``, ``xBC [B, T, conv_dim]`` (the conv
+        input, zero at padded tokens) and the raw ``dt [B, T, H]``."""
+        z0, x0, z, xBC, dt = self.in_proj(x).split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads],
+                                                   dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)
+        return z0, x0, z, xBC, dt
+
+    def _ssm_inputs(self, conv: Tensor, dt: Tensor, mask: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """The conv output ``[B, T, conv_dim]`` and raw ``dt`` -> the scan's ``x [B, T, H, P]``, ``B, C [B, T, G,
+        N]``, ``dt [B, T, H]`` (fp32/fp64, zero at padded tokens), log-decay offset (or None), ``A [H]``, ``D``."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        xs, Bm, Cm = F.silu(conv).split([self.d_ssm, G * N, G * N], dim=-1)
+        xs, Bm, Cm = xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
+        acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        if self.dt_scale != 1.0:
+            dt = dt * self.dt_scale
+        if mask is not None:
+            dt = dt * mask[..., None]
+        if self.input_scale != 1.0:
+            Bm = Bm * self.input_scale
+        off = None
+        if self.decay_scale != 1.0:
+            off = torch.full_like(dt, math.log(self.decay_scale))
+            if mask is not None:
+                off = off * mask[..., None]
+        A = -torch.exp(self.A_log.to(acc))  # [H]
+        D = self.D.view(H, P) if self.D_has_hdim else self.D
+        return xs, Bm, Cm, dt, off, A, D
+
+    def _out(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor, dtype: torch.dtype) -> Tensor:
+        """``y [B, T, d_ssm]`` -> gated norm, the MLP part of ``in_proj`` (``d_ssm < d_inner``), ``out_proj``."""
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
+        return self.out_proj(y.to(dtype))
+
+    def _conv(self, xBC: Tensor, prev: Tensor | None, seq_idx: Tensor | None, prev_seq: Tensor | None = None
+              ) -> Tensor:
+        """Causal depthwise conv of ``xBC [B, T, C]`` (+ bias) after ``prev [B, K-1, C]``, the ``K-1`` inputs before
+        it (None: zeros). ``seq_idx [B, T]``: taps read only their own document; the ``prev`` tokens belong to the
+        documents ``prev_seq [B, K-1]`` (None: the first token's).
+
+        Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
+        K, T = self.d_conv, xBC.shape[1]
+        w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+        if prev_seq is None:  # one buffer accumulated in place, a hand-written backward (zoo.layers.mamba2_ops)
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.dtype)
+            return causal_conv(xBC, None if prev is None else prev.to(xBC.dtype), w, bias, activation=False,
+                               seq_idx=seq_idx)
+        if prev is None:
+            prev = xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim)
+        full = torch.cat([prev.to(xBC.dtype), xBC], dim=1)  # [B, K-1+T, C]
+        seq = None
+        if seq_idx is not None:
+            before = seq_idx[:, :1].expand(-1, K - 1) if prev_seq is None else prev_seq
+            seq = torch.cat([before, seq_idx], dim=1)
+        out = full[:, K - 1:] * w[K - 1]
+        for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
+            tap = full[:, k:k + T]
+            if seq is not None:
+                tap = tap * (seq[:, k:k + T] == seq_idx)[..., None].to(tap.dtype)
+            out = out.addcmul(tap, w[k])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias.to(out.dtype)
+        return out
 
     def _thresholds(self, like: Tensor) -> Tensor | None:
         """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None

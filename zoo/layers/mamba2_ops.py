@@ -158,5 +158,4 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     y = y.view(Bsz, 1, m.d_ssm)
     if not m.rmsnorm:
         y = (y * F.silu(z.to(acc).view(Bsz, 1, m.d_ssm))).to(x.dtype)
-    y = m._gate(y, z[:, None], z0[:, None], x0[:, None])
-    return F.linear(y.to(x.dtype), m.out_proj.weight, m.out_proj.bias)
+    return m._out(y, z[:, None], z0[:, None], x0[:, None], x.dtype)

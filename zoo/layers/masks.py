@@ -231,9 +231,13 @@ def attended_pairs(rule: Rule, T: int, context: int = 0, num_kv_heads: int = 1) 
     return num_kv_heads * local + int(rule.extra_count(i[None, :], h).sum())
 
 
-def extra_candidates(rule: Rule, pos: Tensor, num_kv_heads: int) -> Tensor | None:
-    """``pos [B, T]`` -> ``[B, Hm, T]`` bool: keys the extra term may admit (sinks, vertical blocks), or None."""
-    h = torch.arange(num_kv_heads, device=pos.device)[None, :, None] if rule.per_head else None
+def extra_candidates(rule: Rule, pos: Tensor, num_kv_heads: int, heads: Tensor | None = None) -> Tensor | None:
+    """``pos [B, T]`` -> ``[B, Hm, T]`` bool: keys the extra term may admit (sinks, vertical blocks), or None.
+    ``heads [num_kv_heads]``: the KV-head index of each head (default ``arange``; a subset of heads, e.g. one
+    rank's slice under sequence parallelism)."""
+    if heads is None:
+        heads = torch.arange(num_kv_heads, device=pos.device)
+    h = heads[None, :, None] if rule.per_head else None
     e = rule.extra(pos[:, None, :], h)
     return e if e is None or e.shape[1] > 1 else e.expand(pos.shape[0], 1, pos.shape[1])
 

@@ -160,19 +160,31 @@ class SparseAttention(Attention):
                 else:
                     positions = torch.arange(T, device=x.device).expand(B, T)
             q, k, v = self.project(x, positions)
-            o = None
-            # token index == slot (no padding, no packing): the kernel / pattern-specific paths apply
-            by_slot = attention_mask is None and seq_idx is None and (
-                plain or torch.equal(positions, torch.arange(T, device=x.device).expand(B, T)))
-            if by_slot and q.is_cuda and backend() != "torch":
-                o = self._kernel(q, k, v)
-            if by_slot and o is None:
-                o = self._fast(q, k, v)
-            if o is None:
-                valid = None if attention_mask is None else real
-                o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
-                                      by_slot=by_slot)
+            o = self.attend_parallel(q, k, v, positions, attention_mask, seq_idx, by_slot=True if plain else None)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+    def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
+                        seq_idx: Tensor | None = None, *, kv_heads: Tensor | None = None,
+                        by_slot: bool | None = None) -> Tensor:
+        """The stateless sparse attention of projected ``q [B, h, T, D]``, ``k, v [B, h_kv, T, D]`` at
+        ``positions [B, T]``; ``kv_heads [h_kv]``: the rule's KV-head index of each KV head given (None: all, in
+        order). ``by_slot``: token index == slot (no padding, no packing: the kernel and the pattern-specific paths
+        apply); None = find out."""
+        B, _, T, _ = q.shape
+        if by_slot is None:
+            by_slot = attention_mask is None and seq_idx is None and \
+                torch.equal(positions, torch.arange(T, device=q.device).expand(B, T))
+        head_slice = kv_heads is not None and self.rule.per_head  # the kernel's layouts start at head 0
+        o = None
+        if by_slot and q.is_cuda and backend() != "torch" and not head_slice:
+            o = self._kernel(q, k, v)
+        if by_slot and o is None and not head_slice:  # the pattern paths read heads from 0 too
+            o = self._fast(q, k, v)
+        if o is None:
+            valid = None if attention_mask is None else attention_mask.bool()
+            o = blocked_attention(self.rule, q, k, v, positions, valid, seq_idx, self.scale, self.chunk_size,
+                                  by_slot=by_slot, heads=kv_heads if head_slice else None)
+        return o
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """A pattern-specific torch path for unpadded, unpacked rows (token index = slot), or None."""
@@ -233,6 +245,7 @@ class SlidingWindowAttention(SparseAttention):
     arg_groups = ("attention",)
     example_args = ({"window": 8, "num_sink_tokens": 2}, {"window": 5})
     demo_args = {"window": 32}
+    sequence_parallel = True  # the rule does not depend on the head: Ulysses head slices are exact
     bench_cases = dense_reference_case({"window": 1024, "num_sink_tokens": 0}, {"window": 16, "num_sink_tokens": 4},
                                        "sliding window + sinks")
 
@@ -292,6 +305,7 @@ class BlockSparseAttention(SparseAttention):
                      "head_sliding_offset": 1},
                     {"block_size": 4, "local_blocks": 1, "vertical_stride": 3, "num_dense_heads": 1})
     state_growth = "linear"  # the vertical blocks are kept: N / vertical_stride tokens per KV head
+    sequence_parallel = True  # per-head pattern: each rank's head slice is given its KV-head indices
     bench_cases = dense_reference_case(  # LongGen-style strided blocks
         {"block_size": 64, "local_blocks": 16, "vertical_stride": 8}, {"block_size": 8, "local_blocks": 2,
                                                                        "vertical_stride": 4},
@@ -361,6 +375,7 @@ class BlockDiagonalAttention(SparseAttention):
 
     arg_groups = ("attention",)
     example_args = ({"block_size": 5}, {"block_size": 8})
+    sequence_parallel = True
     bench_cases = dense_reference_case({"block_size": 1024}, {"block_size": 16}, "block-diagonal causal attention")
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, block_size: int,

@@ -31,8 +31,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     return o.reshape(B, H, Tq, D)
 
 
-def _heads(rule: Rule, num_kv_heads: int, device: torch.device) -> Tensor | None:
-    return torch.arange(num_kv_heads, device=device)[None, :, None, None] if rule.per_head else None
+def _heads(rule: Rule, num_kv_heads: int, device: torch.device, heads: Tensor | None = None) -> Tensor | None:
+    if not rule.per_head:
+        return None
+    return (torch.arange(num_kv_heads, device=device) if heads is None else heads)[None, :, None, None]
 
 
 def _compact(cand: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,7 +49,7 @@ def _compact(cand: Tensor) -> tuple[Tensor, Tensor]:
 
 def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor | None,
                       doc: Tensor | None, scale: float, chunk: int, max_elems: int = 1 << 24,
-                      by_slot: bool = False) -> Tensor:
+                      by_slot: bool = False, heads: Tensor | None = None) -> Tensor:
     """Parallel sparse attention by query chunks; memory and time O(T * (chunk + reach + extras)).
 
     Query chunk ``[t0, t0 + chunk)`` reads the key slots ``[t0 - reach, t0 + chunk)`` (the local term never
@@ -55,7 +57,8 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
     distance) plus the gathered extra keys (sinks / vertical blocks) before ``t0 - reach``. Chunks are
     batched (``unfold``) in groups of about ``max_elems`` mask entries, so SDPA sees many independent rows.
     With ``chunk >= T`` this is the plain dense-mask reference. ``pos, valid, doc``: ``[B, T]``;
-    ``by_slot``: the positions are ``arange(T)`` (no padding, no packing).
+    ``by_slot``: the positions are ``arange(T)`` (no padding, no packing). ``heads [Hkv]``: the rule's KV-head
+    index of each head of ``k`` (default ``arange(Hkv)``; a head slice under sequence parallelism).
     """
     B, H, T, D = q.shape
     Hkv, dev = k.shape[1], q.device
@@ -64,7 +67,7 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
     pad = min(rule.reach, (nC - 1) * C)
     Ck = C + pad
     right = nC * C - T
-    h = _heads(rule, Hkv, dev)
+    h = _heads(rule, Hkv, dev, heads)
     h5 = h[:, None] if h is not None else None  # [1, 1, Hkv, 1, 1] against [B, g, Hm, C, Ck]
     valid_given = valid is not None
     if valid is None:
@@ -79,7 +82,7 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
     kdoc_w = docp.unfold(1, Ck, C) if docp is not None else None
     qc = F.pad(q, (0, 0, 0, right)).view(B, H, nC, C, D)
     eye = torch.arange(C, device=dev)[:, None] + pad == torch.arange(Ck, device=dev)[None, :]
-    cand = extra_candidates(rule, pos, Hkv) if nC > 1 else None
+    cand = extra_candidates(rule, pos, Hkv, heads) if nC > 1 else None
     if cand is not None:
         idx, ok = _compact(cand & valid[:, None])  # [B, Hm, M]
         Hm, M = idx.shape[1], idx.shape[2]

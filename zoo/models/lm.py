@@ -12,7 +12,6 @@ Parameter names: ``embedding``, ``layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``norm
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,13 +24,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from zoo import checkpoint, generation
-from zoo.config import LayerSpec, ZooConfig, parse_layer_selector, parse_mixer_spec
+from zoo.config import ZooConfig
 from zoo.layers.base import State, document_positions
 from zoo.layers.mlp import MLP
 from zoo.layers.norm import make_norm
 from zoo.layers.rope import rope_type
 from zoo.limits import check_fits_memory
 from zoo.registry import get_family, get_mixer, list_families
+from zoo.swaps import SwapSpec, swap_config
 
 
 @dataclass
@@ -383,29 +383,53 @@ def state_bytes_per_token(config: ZooConfig, lengths: tuple[int, int] = (64, 128
     return out
 
 
-@torch.no_grad()
-def swap_layers(model: ZooForCausalLM, spec: dict[str, str | dict]) -> ZooForCausalLM:
-    """Replace the mixers of the selected layers: ``swap_layers(model, {"0-11": "sliding_window(window=1024)"})``.
+SWAP_INITS = ("reuse", "fresh", "derive")
+SWAP_TRAINABLE = ("all", "swapped", "swapped_blocks")
 
-    Weights whose names and shapes match are reused (attention variants share all of them); the rest are
-    initialised as in a new model. ``model.config`` is updated, so a save/load round-trips the swapped model.
+
+@torch.no_grad()
+def swap_layers(model: ZooForCausalLM, spec: str | dict | SwapSpec, *, init: str = "reuse",
+                trainable: str = "all") -> ZooForCausalLM:
+    """Replace the mixers of the selected layers: ``swap_layers(model, "0-11: sliding_window(window=1024)")``.
+
+    ``spec``: a swap spec (:mod:`zoo.swaps`: a string such as ``"every 3rd from 1: attention"`` or
+    ``"longgen"``, the dict form ``{"0-11": "sliding_window(window=1024)"}``, or a parsed ``SwapSpec``).
+    ``init``: ``"reuse"`` (default) initialises the new mixers as in a new model, then copies every weight of the
+    old mixer whose name and shape match (attention variants share all of them); ``"fresh"`` copies nothing;
+    ``"derive"`` also lets the new mixer derive its weights from the old one where it knows how
+    (``Mixer.derive_from``; Mamba-2 from attention: C from q, B from k, x from v, out from o, as in "The Mamba in
+    the Llama"), and fails if no swapped layer could. ``trainable``: ``"all"`` (default), ``"swapped"`` (every
+    other parameter gets ``requires_grad=False``: fine-tune only the new mixers) or ``"swapped_blocks"`` (the
+    swapped layers' norms and MLPs train too). ``model.config`` is updated, so a save/load round-trips the
+    swapped model.
     """
-    new_config = copy.deepcopy(model.config)
-    changes: dict[int, LayerSpec] = {}
-    for selector, mixer_spec in spec.items():
-        name, args = parse_mixer_spec(mixer_spec)
-        for i in parse_layer_selector(selector, model.config.n_layers):
-            changes[i] = LayerSpec(name, args, new_config.layers[i].mlp)
-    for i, layer in changes.items():
-        new_config.layers[i] = layer
-    new_config.validate()
-    for i in changes:
+    if init not in SWAP_INITS:
+        raise ValueError(f"swap_layers: init={init!r} is not one of {list(SWAP_INITS)}")
+    if trainable not in SWAP_TRAINABLE:
+        raise ValueError(f"swap_layers: trainable={trainable!r} is not one of {list(SWAP_TRAINABLE)}")
+    new_config, changed = swap_config(model.config, spec)
+    derived = []
+    for i in changed:
         old = model.layers[i].mixer
         new = build_mixer(new_config, i)
         new.apply(model._init_module)
-        old_sd = old.state_dict()
-        reuse = {k: v for k, v in old_sd.items() if k in new.state_dict() and new.state_dict()[k].shape == v.shape}
-        new.load_state_dict(reuse, strict=False)
+        if init != "fresh":
+            old_sd, new_sd = old.state_dict(), new.state_dict()
+            reuse = {k: v for k, v in old_sd.items() if k in new_sd and new_sd[k].shape == v.shape}
+            new.load_state_dict(reuse, strict=False)
+        if init == "derive" and hasattr(new, "derive_from") and new.derive_from(old):
+            derived.append(i)
         model.layers[i].mixer = new.to(device=model.device, dtype=model.dtype)
+    if init == "derive" and changed and not derived:
+        kinds = sorted({f"{model.config.layers[i].mixer} -> {new_config.layers[i].mixer}" for i in changed})
+        raise ValueError(f"swap_layers(init='derive'): none of the swapped mixers ({kinds}) knows how to derive "
+                         "its weights from the mixer it replaces; use init='reuse'")
     model.config = new_config
+    if trainable != "all":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in changed:
+            part = model.layers[i] if trainable == "swapped_blocks" else model.layers[i].mixer
+            for p in part.parameters():
+                p.requires_grad_(True)
     return model

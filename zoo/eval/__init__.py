@@ -1,0 +1,1 @@
+"""Evaluations for layer-swap ablations: loss by position on long text, passkey retrieval, MQAR, efficiency."""
