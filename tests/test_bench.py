@@ -46,6 +46,12 @@ def test_quick_run_succeeds_and_writes_reports(quick_run: tuple[int, Path]) -> N
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "quick.md").read_text()
     assert "| subject | phase | T | zoo ms | reference |" in md and "## Scaling" in md
+    import csv
+
+    report = json.loads((out / "quick.json").read_text())
+    rows = list(csv.DictReader((out / "quick.csv").open()))
+    assert {(r["case"], r["impl"]) for r in rows} >= {(c["id"], i) for c in report["cases"] for i in c["impls"]}
+    assert any(r["impl"] == "floor:gemm" for r in rows)  # the floors measured in the same run
 
 
 def test_quick_json_holds_every_registered_case(quick_run: tuple[int, Path]) -> None:
@@ -92,7 +98,8 @@ def test_memory_of_every_reference_in_fresh_processes(tmp_path: Path) -> None:
     from a zoo module on the meta device) runs in a forkserver child."""
     one_per_reference = {}
     for name, subject in sorted(subjects().items()):
-        one_per_reference.setdefault((subject.kind, subject.reference), name)
+        if "forward" in subject.phases:  # (a decode-only subject, e.g. mamba2_model, has no forward case)
+            one_per_reference.setdefault((subject.kind, subject.reference), name)
     names = ",".join(sorted(one_per_reference.values()))
     assert bench_main(["--quick", "--phases", "forward", "--mixers", names, "--out", str(tmp_path), "--stem", "m",
                        "--no-progress"]) == 0
@@ -354,3 +361,67 @@ def test_timing_summary() -> None:
     t = Timing.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (t.median, t.min, t.max, t.q1, t.q3, t.n) == (3.0, 1.0, 5.0, 2.0, 4.0, 5)
     assert Timing.of([2.0]).median == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- floors, interleaving
+def test_time_interleaved_runs_implementations_in_turns_and_isolates_errors() -> None:
+    from zoo.bench.timing import time_interleaved
+
+    order: list[str] = []
+
+    def boom(_: object) -> None:
+        order.append("bad")
+        raise RuntimeError("no")
+
+    calls = {"a": (lambda _: order.append("a") or 1, None), "bad": (boom, None),
+             "b": (lambda s: order.append("b") or s, lambda: 7)}
+    out = time_interleaved(calls, warmup=1, repeats=3)
+    assert order == ["a", "bad", "b", "a", "b", "a", "b", "a", "b"]  # turns; the failing one dropped at once
+    assert isinstance(out["bad"], RuntimeError)
+    assert out["a"][0].n == out["b"][0].n == 3 and out["b"][1] == 7
+
+
+def test_floors_count_linear_weights_once_and_skip_looked_up_tables() -> None:
+    from zoo.bench.floors import GemmFloorAdapter, gemm_floor_callables, streamed_parameter_bytes
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.table = nn.Embedding(10, 4), nn.Embedding(6, 4)
+            self.lin = nn.Linear(4, 3)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied: streamed once, by the head
+            self.register_buffer("scale", torch.ones(5))
+            self.register_buffer("index", torch.arange(3))
+
+    net = Net()
+    # head/emb 10x4, lin 4x3 + 3, the float buffer 5; the looked-up table and the integer buffer do not count
+    assert streamed_parameter_bytes(net) == 4 * (40 + 12 + 3 + 5)
+    ad = GemmFloorAdapter(net, batch=2)
+    assert [tuple(m.weight.shape) for m in ad.linears] == [(3, 4), (10, 4)]
+    for phase, T in (("forward", 5), ("forward_backward", 5), ("decode", 5)):
+        step, setup = gemm_floor_callables(ad, phase, T)
+        if setup:
+            setup()
+        step(None)
+        assert all(tuple(x.shape) == (2, 1 if phase == "decode" else T, 4) for x in ad.inputs)
+    assert net.lin.weight.grad is not None and net.lin.weight.grad.shape == (3, 4)
+
+
+def test_subject_specs_restrict_phases_and_lengths_per_subject() -> None:
+    import argparse
+
+    from zoo.bench.cli import _subject_specs
+
+    names, plan = _subject_specs("mamba2:forward+decode@1024+4096,attention,mamba2:forward_backward+forward@1024",
+                                 ["attention", "mamba2"])
+    assert names == ["mamba2", "attention", "mamba2"]
+    assert plan == [(["forward", "decode"], [1024, 4096]), (None, None), (["forward_backward", "forward"], [1024])]
+    cases = make_cases(names, ["prefill"], [2048], dtype="float32", device="cpu", size="full", plan=plan)
+    assert [(c.subject, c.phase, c.T) for c in cases] == [("mamba2", "forward", 1024), ("mamba2", "forward", 4096),
+                                                         ("mamba2", "decode", 1024), ("mamba2", "decode", 4096),
+                                                         ("attention", "prefill", 2048),
+                                                         ("mamba2", "forward_backward", 1024)]
+    for bad in ("nope", "mamba2:fly", "mamba2@1k"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _subject_specs(bad, ["mamba2"])

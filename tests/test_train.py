@@ -105,3 +105,14 @@ def test_fit_learns_and_calls_the_eval_hook():
     assert calls == [15, 30, 40] and [e["step"] for e in res.evals] == calls
     assert res.evals[-1]["loss"] < 0.5 * res.losses[0]
     assert res.tokens == 40 * 2 * 24 and not model.training
+
+
+def test_fit_with_zero_steps_trains_nothing_and_negative_steps_are_refused():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seq = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(3))
+    trainer = Trainer(model, config=TrainConfig(steps=5, lr=1e-2))
+    res = trainer.fit(iter(lambda: Batch(seq), None), steps=0, progress=False)
+    assert res.losses == [] and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="steps"):
+        trainer.fit(iter(lambda: Batch(seq), None), steps=-1, progress=False)

@@ -177,7 +177,9 @@ class Trainer:
         ``data``; ``eval_fn(model, step)`` runs every ``eval_every`` steps and after the last one (in eval mode,
         without gradients), its dict is logged in ``result.evals`` and shown on the bar."""
         cfg = self.config
-        steps = steps or cfg.steps
+        steps = cfg.steps if steps is None else steps
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
         it: Iterator[Batch] = iter(data)
         result = TrainResult()
         t0 = time.perf_counter()

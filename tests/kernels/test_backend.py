@@ -13,7 +13,8 @@ import torch
 
 from zoo.kernels.backend import BACKENDS, backend, triton_module, use_triton
 from zoo.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_ref
-from zoo.kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_ref
+from zoo.kernels.gated_rmsnorm import gated_rmsnorm
+from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_inference
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref
 from zoo.layers.masks import sliding_window_layout
 
@@ -42,8 +43,10 @@ def _bsa_args():
 # (dispatcher, reference, Triton module, kernel name, inputs)
 OPS = {
     "ssd": (ssd_chunk_scan, ssd_chunk_scan_ref, "zoo.kernels.ssd.triton", "ssd_chunk_scan_triton", _ssd_args),
-    "gated_rmsnorm": (gated_rmsnorm, gated_rmsnorm_ref, "zoo.kernels.gated_rmsnorm.triton", "gated_rmsnorm_triton",
-                      _rms_args),
+    # inputs without autograd: the torch path is the reference's in-place inference variant (pinned to
+    # gated_rmsnorm_ref in tests/kernels/test_gated_rmsnorm.py)
+    "gated_rmsnorm": (gated_rmsnorm, gated_rmsnorm_inference, "zoo.kernels.gated_rmsnorm.triton",
+                      "gated_rmsnorm_triton", _rms_args),
     "block_sparse_attention": (block_sparse_attention, block_sparse_attention_ref,
                                "zoo.kernels.block_sparse_attention.triton", "block_sparse_attention_triton", _bsa_args),
 }

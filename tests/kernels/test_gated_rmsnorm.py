@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from tests.helpers import run_sm90_compile
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_ref
+from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_inference
 from zoo.kernels.gated_rmsnorm.triton import gated_rmsnorm_triton
 
 
@@ -82,7 +83,26 @@ def test_gated_rmsnorm_ref_matches_formula_and_layer():
         layer = GatedRMSNorm(32, eps=1e-5, group_size=8, norm_before_gate=nbg)
         layer.weight.data.copy_(w)
         torch.testing.assert_close(layer(x, z), ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(gated_rmsnorm(x, w, z, group_size=8), gated_rmsnorm_ref(x, w, z, group_size=8))
+    # the CPU dispatch: the reference under autograd, its in-place inference variant otherwise
+    wg = w.clone().requires_grad_()
+    assert torch.equal(gated_rmsnorm(x, wg, z, group_size=8), gated_rmsnorm_ref(x, wg, z, group_size=8))
+    with torch.no_grad():
+        assert torch.equal(gated_rmsnorm(x, wg, z, group_size=8), gated_rmsnorm_inference(x, w, z, group_size=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_gated_rmsnorm_inference_matches_reference(dtype):
+    """The in-place inference path equals the reference: gate before / after the norm, no gate, bias, groups."""
+    g = torch.Generator().manual_seed(2)
+    x, z = torch.randn(3, 5, 48, generator=g).to(dtype), torch.randn(3, 5, 48, generator=g).to(dtype)
+    w, b = torch.randn(48, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    for kw in ({"z": z}, {"z": z, "norm_before_gate": True}, {"z": None}, {"z": z, "bias": b, "group_size": 16}):
+        z_ = kw.pop("z")
+        ref = gated_rmsnorm_ref(x, w, z_, **kw)
+        out = gated_rmsnorm_inference(x, w, z_, **kw)
+        assert out.dtype == ref.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 @pytest.mark.triton

@@ -87,7 +87,11 @@ class ZooModelAdapter(Adapter):
         return self.module.init_states(self.batch, max_length=max_length)
 
     def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, states=state).logits
+        """The next-token logits: one token through the model's unchecked decode step (no input checks, no host
+        synchronisation), a longer prefill through the checked forward keeping the last position's logits."""
+        if x.shape[1] == 1:
+            return self.module.step(x, state)
+        return self.module(x, states=state, logits_to_keep=1).logits[:, -1]
 
 
 class KernelAdapter(Adapter):

@@ -195,11 +195,14 @@ def gpu_kernels_available(device: str) -> bool:
 
 
 def make_cases(names: list[str], phases: list[str], Ts: list[int], *, dtype: str, device: str, size: str,
-               batch: int = 1) -> list[Case]:
-    """Every (subject, phase, T) the subject supports, ordered by subject, phase, then increasing T."""
+               batch: int = 1, plan: list[tuple[list[str] | None, list[int] | None]] | None = None
+               ) -> list[Case]:
+    """Every (subject, phase, T) the subject supports, ordered by subject, phase, then increasing T. ``plan[i] =
+    (phases, Ts)`` overrides the run's phases / lengths for the entry ``names[i]`` (None: keep the run's); a subject
+    may have several entries (each (subject, phase, T) runs once)."""
     registry = subjects()
-    cases = []
-    for name in names:
+    cases, seen = [], set()
+    for i, name in enumerate(names):
         subject = registry[name]
         refs = [subject.reference] if subject.reference else []
         if gpu_kernels_available(device):
@@ -208,8 +211,15 @@ def make_cases(names: list[str], phases: list[str], Ts: list[int], *, dtype: str
             refs = [r for r in refs if not _gpu_only(r)]
         impls = ("zoo", *dict.fromkeys(refs))
         modules = subject.modules(size, impls)
-        for phase in (p for p in phases if p in subject.phases):
-            for T in sorted(Ts):
+        own_phases, own_Ts = plan[i] if plan else (None, None)
+        lengths = sorted(own_Ts or Ts)
+        if subject.case.lengths and size == "full" and not own_Ts:  # its own lengths, up to the run's largest T
+            lengths = [T for T in sorted(subject.case.lengths) if T <= max(Ts)]
+        for phase in (p for p in (own_phases or phases) if p in subject.phases):
+            for T in lengths:
+                if (name, phase, T) in seen:
+                    continue
+                seen.add((name, phase, T))
                 cases.append(Case(name, phase, T, dtype, device, size, batch, impls,
                                   subject.reference if subject.reference in impls else None, modules))
     return cases

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from zoo.bench.cases import PHASES, make_cases, subjects
-from zoo.bench.machine import gpu_peak_flops, machine_info, measure_gemm_flops
+from zoo.bench.machine import gpu_peak_flops, machine_info, measure_gemm_flops, measure_memory_bandwidth
 from zoo.bench.report import SCHEMA, write_json, write_reports
 from zoo.bench.runner import RunOptions, finished, memory_probe, run_cases, scaling
 
@@ -44,6 +44,31 @@ def _csv(value: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
+def _subject_specs(value: str, allowed: list[str]) -> tuple[list[str], list[tuple[list[str] | None,
+                                                                              list[int] | None]]]:
+    """``NAME[:PHASE+PHASE][@T+T]`` entries (comma list; a subject may come back with other phases / lengths): the
+    subjects, and per entry its own phases and lengths (None: the run's ``--phases`` / T)."""
+    if value == "all":
+        return list(allowed), []
+    names, plan = [], []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        rest, _, lengths = item.partition("@")
+        name, _, phases = rest.partition(":")
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown subject {name!r}; choose from {list(allowed)} or 'all'")
+        ph = [p for p in phases.split("+") if p] or None
+        bad = [p for p in ph or () if p not in PHASES]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown phases {bad} in {item!r}; choose from {list(PHASES)}")
+        try:
+            Ts = [int(t) for t in lengths.split("+") if t] or None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"bad lengths in {item!r}: {e}") from None
+        names.append(name)
+        plan.append((ph, Ts))
+    return names, plan
+
+
 def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -52,7 +77,9 @@ def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="report directory (default bench/results)")
     p.add_argument("--stem", help="report file stem (default <device>-<date>, quick-<device>-<date> with --quick)")
     p.add_argument("--subjects", "--mixers", dest="subjects", default="all", metavar="NAME[,NAME]",
-                   help=f"comma list of subjects or 'all' (default); registered: {', '.join(sorted(subjects()))}")
+                   help="comma list of subjects or 'all' (default); an entry NAME:PHASE+PHASE@T+T restricts that "
+                        "subject to its own phases and lengths (e.g. NAME:forward+decode@1024+16384); registered: "
+                        f"{', '.join(sorted(subjects()))}")
     p.add_argument("--import", dest="imports", default="", metavar="MODULE[,MODULE]",
                    help="import these modules first (they register mixers, families or references)")
     p.add_argument("--list", action="store_true", help="list the subjects (and their references) and exit")
@@ -71,6 +98,9 @@ def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
     p.add_argument("--max-case-seconds", type=float, default=120.0,
                    help="once timing a case (all its implementations) takes longer, the larger T of that "
                         "subject/phase are skipped (default 120)")
+    p.add_argument("--no-floors", action="store_true",
+                   help="do not time the GEMM floor of each case (its linear layers alone) nor measure the memory "
+                        "bandwidth (the weight-streaming floor of decode cases)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the roofline matmul (default 2048; 256 quick)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--fresh", action="store_true",
@@ -117,7 +147,7 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
         _list_subjects()
         return 0
     try:
-        names = _csv(args.subjects, sorted(subjects()))
+        names, plan = _subject_specs(args.subjects, sorted(subjects()))
         phases = _csv(args.phases, PHASES)
     except argparse.ArgumentTypeError as e:
         print(f"zoo bench: {e}", file=sys.stderr)
@@ -141,23 +171,26 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
     if args.quick:
         Ts, size = args.Ts or [64], "quick"
         opts = RunOptions(warmup=0, repeats=1, memory=not args.no_memory, max_case_seconds=float("inf"),
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, floors=not args.no_floors)
     else:
         Ts, T, size = [], args.min_T, "full"
         while T <= args.max_T:
             Ts.append(T)
             T *= 2
         Ts = args.Ts or Ts
-        opts = RunOptions(args.warmup, args.repeats, not args.no_memory, args.max_case_seconds, not args.no_progress)
-    cases = make_cases(names, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch)
+        opts = RunOptions(args.warmup, args.repeats, not args.no_memory, args.max_case_seconds, not args.no_progress,
+                          floors=not args.no_floors)
+    specs = [item.strip() for item in args.subjects.split(",") if item.strip()] if args.subjects != "all" else names
+    cases = make_cases(names, phases, Ts, dtype=dtype, device=str(device), size=size, batch=args.batch,
+                       plan=None if args.quick else plan)
     now = dt.datetime.now(dt.timezone.utc)
     stem = args.stem or f"{'quick-' if args.quick else ''}{device.type}-{now.strftime('%Y-%m-%d')}"
     json_path = args.out / f"{stem}.json"
     options = {"mode": "quick" if args.quick else "full", "device": device.type, "warmup": opts.warmup,
                "repeats": opts.repeats, "decode_repeats": opts.repeats_for("decode"), "batch": args.batch,
-               "dtype": dtype, "Ts": Ts, "subjects": names, "phases": phases, "memory": opts.memory,
+               "dtype": dtype, "Ts": Ts, "subjects": specs, "phases": phases, "memory": opts.memory,
                "max_case_seconds": opts.max_case_seconds, "decode_steps": opts.decode_steps,
-               "spread_limit": opts.spread_limit}
+               "spread_limit": opts.spread_limit, "floors": opts.floors}
 
     old, why_not = (None, None) if args.fresh else _resume(json_path, options)
     if why_not:
@@ -176,6 +209,9 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
         probe.idle_bytes  # noqa: B018 - wait for the server (and the idle baseline): nothing timed runs beside it
     machine["gemm"] = measure_gemm_flops(device, getattr(torch, dtype), n=args.gemm_n or (256 if args.quick else 2048))
     machine["peak_flops"] = gpu_peak_flops(device)
+    if opts.floors:
+        machine["memory_bandwidth"] = measure_memory_bandwidth(device, 2**26 if args.quick else None)
+        opts.bandwidth = machine["memory_bandwidth"]["best_bytes_per_s"]
     this_run = {"started": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "argv": list(argv) if argv is not None else sys.argv[1:],
                 "load_average_start": machine["load_average_start"], "gemm": machine["gemm"]}

@@ -83,3 +83,21 @@ def measure_gemm_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     timing, _ = time_calls(lambda _: a @ b, warmup=2, repeats=repeats, device=device)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "median_s": timing.median,
             "flops_per_s": 2 * n**3 / timing.median, "best_flops_per_s": 2 * n**3 / timing.min}
+
+
+def measure_memory_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> dict[str, Any]:
+    """Read bandwidth in bytes/s: a sum over an fp32 buffer much larger than the last-level cache (``nbytes``,
+    default 1 GiB on CPU -- at most an eighth of the machine's memory -- and 2 GiB on GPU), median and best of
+    ``repeats``. It is the denominator of the weight-streaming floor of a decode step (parameter bytes / bandwidth)."""
+    if nbytes is None:
+        nbytes = 2**31 if device.type == "cuda" else 2**30
+        try:
+            with open("/proc/meminfo") as f:
+                nbytes = min(nbytes, int(f.readline().split()[1]) * 1024 // 8)
+        except (OSError, ValueError, IndexError):
+            pass
+    buf = torch.ones(max(1, nbytes // 4), device=device, dtype=torch.float32)
+    timing, _ = time_calls(lambda _: buf.sum(), warmup=1, repeats=repeats, device=device)
+    n = buf.numel() * 4
+    return {"bytes": n, "repeats": repeats, "median_s": timing.median, "bytes_per_s": n / timing.median,
+            "best_bytes_per_s": n / timing.min}

@@ -1,9 +1,11 @@
 """Reports of a run: ``<stem>.json`` (every raw number + machine info; rewritten after every case, so a killed
-run leaves its finished cases), ``<stem>.md`` (ratio tables, flagged cases) and PNG plots (time vs T on log-log
-axes per subject; decode ms/token vs context per subject)."""
+run leaves its finished cases), ``<stem>.md`` (ratio tables, flagged cases), ``<stem>.csv`` (one row per case and
+implementation, floors included) and PNG plots (time vs T on log-log axes per subject; decode ms/token vs context
+per subject)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -50,6 +52,27 @@ def _case_load(r: dict[str, Any]) -> str:
     return f"{load['start'][0]:.1f}→{load['end'][0]:.1f}" if load else "–"
 
 
+def floor_of(r: dict[str, Any]) -> tuple[str, float] | None:
+    """The floor shown beside a case's ratio: the weight-streaming floor of a decode step, else the GEMM floor
+    (``(kind, seconds)``), or None when the run measured none."""
+    floors = r.get("floor") or {}
+    for kind in (("stream", "gemm") if r.get("phase") == "decode" else ("gemm",)):
+        f = floors.get(kind)
+        if f and f.get("status") == "ok":
+            t = f["time_s"]
+            return kind, (t["median"] if isinstance(t, dict) else t)
+    return None
+
+
+def _floor_cells(r: dict[str, Any], z: dict[str, Any]) -> tuple[str, str]:
+    f = floor_of(r)
+    if f is None:
+        return "–", "–"
+    kind, t = f
+    ratio = f"{z['time_s']['median'] / t:.2f}" if z.get("status") == "ok" else "–"
+    return f"{t * 1e3:.3g} ({kind})", ratio
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     gemm = m["gemm"]
@@ -65,6 +88,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Measured GEMM ({gemm['dtype']}, {gemm['n']}^3, best of {gemm['repeats']}): {roof / 1e9:.4g} GFLOP/s "
         f"(median {gemm['flops_per_s'] / 1e9:.4g})"
         + "".join(f"; vendor peak {k}: {v / 1e12:.0f} TFLOP/s" for k, v in m.get("peak_flops", {}).items()) + ".",
+        *([f"Measured read bandwidth ({m['memory_bandwidth']['bytes'] / 2**20:.0f} MiB summed, best of "
+           f"{m['memory_bandwidth']['repeats']}): {m['memory_bandwidth']['best_bytes_per_s'] / 1e9:.3g} GB/s "
+           f"(median {m['memory_bandwidth']['bytes_per_s'] / 1e9:.3g})."] if m.get("memory_bandwidth") else []),
+        *([f"Command: `zoo bench {' '.join(report['argv'])}`."] if report.get("argv") else []),
         f"Load average (1/5/15 min) at start {_load(m.get('load_average_start'))}, at end "
         f"{_load(m.get('load_average_end'))} (other processes on the machine).",
         f"Mode: {report['mode']}; warm-up {opts['warmup']}, repeats {opts['repeats']} "
@@ -81,12 +108,15 @@ def markdown(report: dict[str, Any]) -> str:
         "median / zoo median (> 1: zoo faster). GFLOP/s from the analytic FLOP counts (% of the measured GEMM). "
         "Memory: MB above an idle process (CPU) or CUDA peak above the pre-call allocation (GPU). "
         "max|Δ|: largest absolute difference of the forward outputs (same weights). load: the 1-minute load "
-        f"average before→after the case. ⚠: the case is flagged (timing spread (max−min)/median above "
+        f"average before→after the case. floor: the machine's floor for the case, measured in the same run -- "
+        f"(gemm) the zoo implementation's linear layers alone on the case's shapes (timed in turns with the "
+        f"implementations), (stream) for a decode step the bytes of its weights / the measured read bandwidth; "
+        f"zoo/floor = zoo median / floor. ⚠: the case is flagged (timing spread (max−min)/median above "
         f"{100 * spread_limit:.0f}%, or a load above the core count): see the list below the table.",
         "",
-        "| subject | phase | T | zoo ms | reference | ref ms | speedup | zoo GFLOP/s | ref GFLOP/s | zoo MB | ref MB "
-        "| max\\|Δ\\| | load | status |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| subject | phase | T | zoo ms | reference | ref ms | speedup | floor ms | zoo/floor | zoo GFLOP/s "
+        "| ref GFLOP/s | zoo MB | ref MB | max\\|Δ\\| | load | status |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["cases"]:
         z = r["impls"].get("zoo", {})
@@ -96,11 +126,29 @@ def markdown(report: dict[str, Any]) -> str:
         speed = f"**{r['speedup']:.2f}**" if "speedup" in r else "–"
         diff = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "–"
         status = r["status"] + (" ⚠" if r.get("flags") else "")
+        floor_ms, floor_ratio = _floor_cells(r, z)
         lines.append(
             f"| {r['subject']} | {r['phase']} | {r['T']} | {_ms(z) if zok else '–'} | {ref_name} | "
-            f"{_ms(ref) if rok else '–'} | {speed} | {_gflops(z, roof) if zok else '–'} | "
+            f"{_ms(ref) if rok else '–'} | {speed} | {floor_ms} | {floor_ratio} | {_gflops(z, roof) if zok else '–'} | "
             f"{_gflops(ref, roof) if rok else '–'} | {_mb(z) if zok else '–'} | {_mb(ref) if rok else '–'} | "
             f"{diff} | {_case_load(r)} | {status} |")
+    dec = [r for r in report["cases"] if r["phase"] == "decode" and (r.get("floor") or {}).get("stream")
+           and r["impls"].get("zoo", {}).get("status") == "ok"]
+    if dec:
+        lines += ["", "## Decode against its floors", "",
+                  "gemv: the step's linear layers alone on one token, in a loop (their weights stay in cache when they "
+                  "fit); stream: the bytes of the weights a step reads / the measured read bandwidth (weights from "
+                  "memory).", "",
+                  "| subject | context | zoo ms | gemv floor ms | zoo/gemv | weight MB | stream floor ms "
+                  "| zoo/stream |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in dec:
+            zt = r["impls"]["zoo"]["time_s"]["median"]
+            g, st = r["floor"].get("gemm", {}), r["floor"]["stream"]
+            gt = g["time_s"]["median"] if g.get("status") == "ok" else None
+            lines.append(f"| {r['subject']} | {r['T']} | {zt * 1e3:.3g} | {f'{gt * 1e3:.3g}' if gt else '–'} | "
+                         f"{f'{zt / gt:.2f}' if gt else '–'} | {st['bytes'] / 2**20:.0f} | {st['time_s'] * 1e3:.3g} | "
+                         f"{zt / st['time_s']:.2f} |")
     flagged = [r for r in report["cases"] if r.get("flags")]
     if flagged:
         lines += ["", f"## Flagged cases ({len(flagged)} of {len(report['cases'])})", "",
@@ -171,10 +219,43 @@ def plots(report: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     return written
 
 
+CSV_COLUMNS = ("case", "subject", "phase", "T", "impl", "status", "median_s", "min_s", "max_s", "repeats", "spread",
+               "mem_bytes", "speedup", "load_start", "load_end", "flags")
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (case, implementation), and one per floor measured (impl ``floor:gemm`` / ``floor:stream``)."""
+    rows = []
+    for r in report["cases"]:
+        load = r.get("load_average") or {}
+        base = {"case": r["id"], "subject": r["subject"], "phase": r["phase"], "T": r["T"],
+                "load_start": (load.get("start") or [None])[0], "load_end": (load.get("end") or [None])[0],
+                "flags": "; ".join(r.get("flags") or [])}
+        entries = [(impl, e) for impl, e in r["impls"].items()]
+        entries += [(f"floor:{kind}", f) for kind, f in (r.get("floor") or {}).items()]
+        for impl, e in entries:
+            t = e.get("time_s")
+            t = t if isinstance(t, dict) else ({"median": t, "min": t, "max": t, "n": None} if t else {})
+            rows.append({**base, "impl": impl, "status": e.get("status"), "median_s": t.get("median"),
+                         "min_s": t.get("min"), "max_s": t.get("max"), "repeats": t.get("n"),
+                         "spread": e.get("spread"), "mem_bytes": e.get("mem_bytes"),
+                         "speedup": r.get("speedup") if impl == "zoo" else None})
+    return rows
+
+
+def write_csv(report: dict[str, Any], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(csv_rows(report))
+    return path
+
+
 def write_reports(report: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = write_json(report, out_dir / f"{stem}.json")
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown(report))
+    csv_path = write_csv(report, out_dir / f"{stem}.csv")
     pngs = plots(report, out_dir, stem)
-    return {"json": json_path, "markdown": md_path, "plots": pngs}
+    return {"json": json_path, "markdown": md_path, "csv": csv_path, "plots": pngs}

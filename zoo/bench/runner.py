@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 import zoo
 from zoo.bench.cases import UNAVAILABLE, Case, build, case_flops, make_input, phase_callables, subjects
+from zoo.bench.floors import GemmFloorAdapter, gemm_floor_callables, streamed_parameter_bytes
 from zoo.bench.memory import MemoryProbe
-from zoo.bench.timing import fit_exponent, time_calls
+from zoo.bench.timing import fit_exponent, time_interleaved
 
 DECODE_MIN_REPEATS = 10  # single-token steps are cheap: time at least this many (medians of tiny ops are noisy)
 SPREAD_LIMIT = 0.2
+FLOOR = "floor:gemm"  # the GEMM floor's entry while timing (stored under result['floor'])
 
 
 @dataclass
@@ -43,6 +45,8 @@ class RunOptions:
     max_case_seconds: float = 120.0  # of timing (all implementations of a case), memory probes excluded
     progress: bool = True
     spread_limit: float = SPREAD_LIMIT
+    floors: bool = True  # time the GEMM floor of every case (the zoo implementation's linear layers alone)
+    bandwidth: float | None = None  # measured read bandwidth, bytes/s: the weight-streaming floor of decode cases
 
     def repeats_for(self, phase: str) -> int:
         return max(self.repeats, DECODE_MIN_REPEATS) if phase == "decode" and self.repeats > 1 else self.repeats
@@ -123,6 +127,7 @@ def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[st
         adapters = {}
     device = torch.device(case.device)
     outputs: dict[str, Any] = {}
+    prepared: dict[str, tuple[Any, Any]] = {}
     for impl, ad in adapters.items():
         entry: dict[str, Any] = {"scope": ad.scope}
         result["impls"][impl] = entry
@@ -131,28 +136,64 @@ def run_case(case: Case, opts: RunOptions, probe: MemoryProbe | None) -> dict[st
             continue
         try:
             x = make_input(case, ad, opts.decode_steps)
-            step, setup = phase_callables(case, ad, x, opts.decode_steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            t0 = time.perf_counter()
-            timing, out = time_calls(step, setup=setup, warmup=opts.warmup, repeats=opts.repeats_for(case.phase),
-                                     device=device)
-            entry["wall_s"] = time.perf_counter() - t0
-            entry["status"] = "ok"
-            entry["time_s"] = timing.to_dict()
-            entry["spread"] = spread(entry["time_s"])
-            entry["flops"] = case_flops(case, ad)
-            entry["flops_per_s"] = entry["flops"] / timing.median
-            if device.type == "cuda":
-                entry.update(mem_status="ok", mem_bytes=torch.cuda.max_memory_allocated(device) - before,
-                             mem_method="cuda_max_allocated_delta")
-            if case.phase == "forward" and ad.scope == "layer":
-                outputs[impl] = out
-            del out, step, setup, x
+            prepared[impl] = phase_callables(case, ad, x, opts.decode_steps)
+            del x
         except Exception as e:  # noqa: BLE001
             entry["status"] = "skipped: does not fit" if _is_oom(e) else f"error: {_short(e)}"
+    floor_ad = None
+    zoo_ad = adapters.get("zoo")
+    if opts.floors and zoo_ad is not None and zoo_ad.module is not None and "zoo" in prepared:
+        floor_ad = GemmFloorAdapter(zoo_ad.module, case.batch)
+        if floor_ad.linears:
+            prepared[FLOOR] = gemm_floor_callables(floor_ad, case.phase, case.T)
+    reps = opts.repeats_for(case.phase)
+    if device.type == "cuda":  # one implementation at a time: the CUDA peak memory is per implementation
+        timed: dict[str, Any] = {}
+        for impl, call in prepared.items():
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            timed[impl] = time_interleaved({impl: call}, warmup=opts.warmup, repeats=reps, device=device)[impl]
+            if impl in result["impls"]:
+                result["impls"][impl].update(wall_s=time.perf_counter() - t0, mem_status="ok",
+                                             mem_bytes=torch.cuda.max_memory_allocated(device) - before,
+                                             mem_method="cuda_max_allocated_delta")
+    else:  # in turns (ratios survive a change of load during the case)
+        t0 = time.perf_counter()
+        timed = time_interleaved(prepared, warmup=opts.warmup, repeats=reps, device=device)
+        wall = time.perf_counter() - t0
+    total = sum(sum(r[0].samples) for r in timed.values() if not isinstance(r, BaseException)) or 1.0
+    for impl, r in timed.items():
+        if impl == FLOOR:
+            if isinstance(r, BaseException):
+                result["floor"] = {"gemm": {"status": f"error: {_short(r)}"}}
+            else:
+                result["floor"] = {"gemm": {"status": "ok", "time_s": r[0].to_dict(),
+                                            "linears": len(floor_ad.linears) if floor_ad else 0}}
+            continue
+        entry = result["impls"][impl]
+        if isinstance(r, BaseException):
+            entry["status"] = "skipped: does not fit" if _is_oom(r) else f"error: {_short(r)}"
+            continue
+        timing, out = r
+        ad = adapters[impl]
+        if device.type != "cuda":  # the case's wall time shared by the implementations in proportion
+            entry["wall_s"] = wall * sum(timing.samples) / total
+        entry["status"] = "ok"
+        entry["time_s"] = timing.to_dict()
+        entry["spread"] = spread(entry["time_s"])
+        entry["flops"] = case_flops(case, ad)
+        entry["flops_per_s"] = entry["flops"] / timing.median
+        if case.phase == "forward" and ad.scope == "layer":
+            outputs[impl] = out
+    del timed, prepared
+    if case.phase == "decode" and opts.bandwidth and zoo_ad is not None and zoo_ad.module is not None:
+        nbytes = streamed_parameter_bytes(zoo_ad.module)
+        result.setdefault("floor", {})["stream"] = {"status": "ok", "bytes": nbytes,
+                                                    "bandwidth_bytes_per_s": opts.bandwidth,
+                                                    "time_s": nbytes / opts.bandwidth}
+    del floor_ad, zoo_ad
     del adapters
     if probe is not None and device.type == "cpu":
         for impl, entry in result["impls"].items():

@@ -68,6 +68,50 @@ def time_calls(step: Callable[[Any], Any], *, setup: Callable[[], Any] | None = 
     return Timing.of(samples), result
 
 
+def time_interleaved(calls: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]], *, warmup: int = 1,
+                     repeats: int = 5, device: torch.device | str = "cpu"
+                     ) -> dict[str, tuple[Timing, Any] | BaseException]:
+    """Time several implementations in turns: every warm-up call of each, then repeat ``r`` of each before repeat
+    ``r + 1`` of any, so that a change of load or clock during the case touches all of them alike (their ratios are
+    what the reports compare). ``calls[name] = (step, setup)`` as :func:`time_calls`. An implementation that raises
+    is dropped from the turns and reported by its exception; the others go on."""
+    device = torch.device(device)
+    out: dict[str, tuple[Timing, Any] | BaseException] = {}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    results: dict[str, Any] = {}
+
+    def call(name: str, timed: bool) -> None:
+        step, setup = calls[name]
+        try:
+            arg = setup() if setup else None
+            synchronize(device)
+            if timed and device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                results[name] = step(arg)
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                results[name] = step(arg)
+                synchronize(device)
+                if timed:
+                    samples[name].append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - reported per implementation
+            out[name] = e
+
+    for timed, n in ((False, warmup), (True, repeats)):
+        for _ in range(n):
+            for name in calls:
+                if name not in out:
+                    call(name, timed)
+    for name in calls:
+        if name not in out:
+            out[name] = (Timing.of(samples[name]), results.get(name))
+    return out
+
+
 def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     """Least-squares slope of ``log y`` against ``log x`` (``y ~ c x^k`` -> ``k``); ``None`` with < 2 usable points."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y is not None and y > 0]

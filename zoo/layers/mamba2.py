@@ -43,10 +43,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.base import BenchCase, Mixer, State
+from zoo.layers.mamba2_ops import causal_conv, decode_step_
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
 
@@ -306,17 +308,34 @@ class Mamba2(Mixer):
         return st
 
     # ------------------------------------------------------------------ forward
+    # On the CPU a parallel forward / prefill longer than this runs in tiles of this many tokens (the conv window
+    # and the SSM state carried between them), so that the elementwise passes over [tile, d_in_proj] stay in cache;
+    # with autograd each tile's inner part is recomputed in the backward (activation memory of one tile).
+    # None: one piece (the reference path).
+    tile_len: int | None = 1024
+    tile_checkpoint: bool = True  # recompute each tile's inner part in the backward (False: keep activations)
+
     def forward(self, x: Tensor, *, positions: Tensor | None = None, state: Mamba2State | None = None,
                 attention_mask: Tensor | None = None, seq_idx: Tensor | None = None
                 ) -> tuple[Tensor, Mamba2State | None]:
-        Bsz, T, _ = x.shape
-        H, P = self.nheads, self.headdim
+        T = x.shape[1]
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         if seq_idx is not None and state is not None and self.state_window:
             raise ValueError("mamba2: state_window with seq_idx is supported in the parallel forward only")
         if seq_idx is not None and self.state_norm_threshold is not None:
             raise ValueError("mamba2: state_norm_threshold with seq_idx (packed documents) is not supported: the "
                              "renormalisation points would not restart at each document")
+        if state is not None and T == 1 and mask is None and not self.state_window and not torch.is_grad_enabled():
+            return decode_step_(self, x, state), state  # the lean in-place step (zoo.layers.mamba2_ops)
+        plain = mask is None and seq_idx is None and not self.state_window and self._thresholds(x) is None
+        if plain and self.tile_len and T > self.tile_len and x.device.type == "cpu":
+            return self._tiled(x, state), state
+        return self._forward(x, state, mask, seq_idx), state
+
+    def _forward(self, x: Tensor, state: Mamba2State | None, mask: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+        """One piece: the reference path of every mode."""
+        Bsz, T, _ = x.shape
+        H, P = self.nheads, self.headdim
         previous = copy.copy(state) if state is not None and mask is not None else None
         z0, x0, z, xBC, dt = self._in_proj(x, mask)
         prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2)  # [B, K-1, conv_dim]
@@ -337,7 +356,52 @@ class Mamba2(Mixer):
             state.seen = state.seen + (T if mask is None else mask.sum(1))
         if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
             state.keep_rows(~mask.any(1), previous)
-        return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype), state
+        return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype)
+
+    def _tiled(self, x: Tensor, state: Mamba2State | None) -> Tensor:
+        """The parallel forward / prefill of an unpadded, unpacked call in tiles of ``tile_len`` tokens (CPU)."""
+        Bsz, T, _ = x.shape
+        K, L = self.d_conv, self.tile_len
+        lo = 2 * self.d_mlp + self.d_ssm  # xBC's columns in zxbcdt: [lo, lo + conv_dim)
+        if state is not None:
+            prev, h = state.conv_state[..., 1:].transpose(1, 2).to(x.dtype), state.ssm_state
+        else:
+            prev, h = x.new_zeros(Bsz, K - 1, self.conv_dim), None
+        grad = torch.is_grad_enabled()
+        outs = []
+        for t0 in range(0, T, L):
+            zxbcdt = self.in_proj(x[:, t0:t0 + L])
+            if grad and self.tile_checkpoint:
+                y, h = torch.utils.checkpoint.checkpoint(self._mix, zxbcdt, prev, h, use_reentrant=False)
+            else:
+                y, h = self._mix(zxbcdt, prev, h)
+            xBC = zxbcdt[..., lo:lo + self.conv_dim]
+            window = xBC if xBC.shape[1] >= K else torch.cat([prev, xBC], dim=1)
+            prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
+            outs.append(self.out_proj(y.to(x.dtype)))
+        if state is not None:
+            state.conv_state = window[:, -K:].transpose(1, 2).to(state.conv_state.dtype, copy=True,
+                                                                 memory_format=torch.contiguous_format)
+            state.ssm_state = h
+            state.seen = state.seen + T
+        return torch.cat(outs, dim=1)
+
+    def _mix(self, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
+        ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
+        state after the tile (``_out`` without its ``out_proj``, which stays outside the recomputed part)."""
+        H, P = self.nheads, self.headdim
+        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
+        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, None), dt, None)
+        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
+        y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, initial_states=h0,
+                              dA_offset=off)
+        y = y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], self.d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if self.d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
+        return y, h
 
     # ------------------------------------------------------------------ sequence parallelism
     def check_sequence_parallel(self, size: int) -> None:
@@ -437,6 +501,10 @@ class Mamba2(Mixer):
         Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
         K, T = self.d_conv, xBC.shape[1]
         w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+        if prev_seq is None:  # one buffer accumulated in place, a hand-written backward (zoo.layers.mamba2_ops)
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.dtype)
+            return causal_conv(xBC, None if prev is None else prev.to(xBC.dtype), w, bias, activation=False,
+                               seq_idx=seq_idx)
         if prev is None:
             prev = xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim)
         full = torch.cat([prev.to(xBC.dtype), xBC], dim=1)  # [B, K-1+T, C]

@@ -69,6 +69,14 @@ class SlidingWindowRule:
         S = self.num_sink_tokens
         return torch.where(p < S, p, S + (p - S).remainder(self.window))
 
+    # Once the ring holds ring_size tokens of consecutive positions, every slot is visible to the newest query
+    # (the sinks, and the window ending at it): a decode step then attends to the whole ring without a mask.
+    ring_all_visible = True
+
+    def ring_slot_int(self, p: int) -> int:
+        S = self.num_sink_tokens
+        return p if p < S else S + (p - S) % self.window
+
     def kernel_args(self, kernel_block: int) -> tuple[int | None, int]:
         return self.window, self.num_sink_tokens
 

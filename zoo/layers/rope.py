@@ -208,7 +208,21 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``cos.shape[-1]`` channels of ``x: [B, H, T, D]``; the rest pass through."""
     rd = cos.shape[-1]
+    if rd == x.shape[-1] and cos.dtype == x.dtype and not (torch.is_grad_enabled() and (
+            x.requires_grad or cos.requires_grad or sin.requires_grad)):
+        return _rotary_inference(x, cos, sin)
     if rd == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
     xr, xp = x[..., :rd], x[..., rd:]
     return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+def _rotary_inference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` without autograd, written half by half into one buffer of ``x``'s layout
+    (two passes instead of five, no concatenated copy): ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``."""
+    h = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1).addcmul_(x2, sin[..., :h], value=-1)
+    torch.mul(x2, cos[..., h:], out=o2).addcmul_(x1, sin[..., h:])
+    return out

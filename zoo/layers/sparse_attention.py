@@ -33,13 +33,10 @@ from torch import Tensor
 
 from zoo.kernels.backend import backend
 from zoo.layers.attention import Attention
-from zoo.layers.base import BenchCase, document_positions
+from zoo.layers.base import BenchCase, default_positions, document_positions
 from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
-from zoo.layers.sparse_ops import (
-    SparseKVCache,
-    block_diagonal_attention,
-    blocked_attention,
-)
+from zoo.layers.sparse_cpu import block_sparse_attention_cpu, block_sparse_supported, window_attention
+from zoo.layers.sparse_ops import SparseKVCache, block_diagonal_attention, blocked_attention
 from zoo.registry import register_mixer
 
 LONGFORMER = """@article{beltagy2020longformer,
@@ -125,21 +122,34 @@ class SparseAttention(Attention):
             if seq_idx is not None:
                 raise ValueError("seq_idx (packed sequences) is supported by the parallel forward only, "
                                  "not with a state")
-            if positions is None:  # standalone use: rows without padding before this call
-                positions = state.length + (real.long().cumsum(1) - 1).clamp(min=0)
             # a decode step (one real token per row, no autograd): in-place write, then attend; no host sync
             decode = T == 1 and attention_mask is None and not torch.is_grad_enabled()
-            outs = []
-            for t0 in range(0, T, self.prefill_chunk):
-                sl = slice(t0, t0 + self.prefill_chunk)
-                q, k, v = self.project(x[:, sl], positions[:, sl])
-                if decode:
-                    state.write_step(self.rule, k, v, positions[:, sl])
-                    outs.append(state.attend(self.rule, q, None, None, positions[:, sl], real[:, sl], self.scale))
-                    continue
-                outs.append(state.attend(self.rule, q, k, v, positions[:, sl], real[:, sl], self.scale))
-                state.write(self.rule, k, v, positions[:, sl], real[:, sl])
-            o = torch.cat(outs, dim=2)
+            if positions is None:  # standalone use: rows without padding before this call
+                positions = (default_positions(x, state.length) if attention_mask is None
+                             else state.length + (real.long().cumsum(1) - 1).clamp(min=0))
+            if attention_mask is not None:
+                state.padded = True
+            if decode:
+                q, k, v = self.project(x, positions)
+                o = state.full_ring_step(self.rule, q, k, v, self.scale)
+                if o is not None:
+                    return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+                state.write_step(self.rule, k, v, positions)
+                o = state.attend(self.rule, q, None, None, positions, real, self.scale)
+                return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+            q, k, v = self.project(x, positions)
+            o = None
+            if (T > self.window_fast_min and state.length == 0 and attention_mask is None
+                    and not torch.is_grad_enabled()):  # into an empty cache: the parallel fast path, then write
+                o = self._prefill_fast(q, k, v, positions, state)
+            if o is None:
+                outs = []
+                for t0 in range(0, T, self.prefill_chunk):
+                    sl = slice(t0, t0 + self.prefill_chunk)
+                    q_, k_, v_ = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+                    outs.append(state.attend(self.rule, q_, k_, v_, positions[:, sl], real[:, sl], self.scale))
+                    state.write(self.rule, k_, v_, positions[:, sl], real[:, sl])
+                o = torch.cat(outs, dim=2)
         else:
             plain = positions is None and attention_mask is None and seq_idx is None
             if positions is None:
@@ -168,7 +178,7 @@ class SparseAttention(Attention):
         o = None
         if by_slot and q.is_cuda and backend() != "torch" and not head_slice:
             o = self._kernel(q, k, v)
-        if by_slot and o is None:
+        if by_slot and o is None and not head_slice:  # the pattern paths read heads from 0 too
             o = self._fast(q, k, v)
         if o is None:
             valid = None if attention_mask is None else attention_mask.bool()
@@ -179,6 +189,24 @@ class SparseAttention(Attention):
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """A pattern-specific torch path for unpadded, unpacked rows (token index = slot), or None."""
         return None
+
+    # a prefill into an empty cache longer than this takes the parallel fast path (then writes the cache)
+    window_fast_min = 256
+
+    def _prefill_fast(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, state: SparseKVCache
+                      ) -> Tensor | None:
+        """A prefill of unpadded rows into an empty cache through the pattern's parallel fast path (no autograd):
+        ``o [B, H, T, D]`` with the cache written, or None (nothing done) when the pattern has no fast path or the
+        positions are not the slots (a check made once per prefill, never in a decode step)."""
+        B, T = positions.shape
+        if not torch.equal(positions, torch.arange(T, device=q.device).expand(B, T)):
+            return None
+        o = self._kernel(q, k, v) if q.is_cuda and backend() != "torch" else None
+        o = self._fast(q, k, v) if o is None else o
+        if o is None:
+            return None
+        state.write(self.rule, k, v, positions, torch.ones(B, T, dtype=torch.bool, device=q.device))
+        return o
 
     def _kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """The block-sparse Triton kernel (another module; optional) on an unpadded batch, or None."""
@@ -256,7 +284,11 @@ class SlidingWindowAttention(SparseAttention):
         gqa = self.num_heads != self.num_kv_heads
         if q.shape[2] <= self.window:  # the window covers everything: causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        if self.num_sink_tokens == 0 and not torch.is_grad_enabled():  # chunks over strided key windows
+            return window_attention(q, k, v, self.window, self.scale, self.window_chunk)
         return None
+
+    window_chunk = 64  # query chunk of the CPU window path (masked pairs per chunk: chunk / (chunk + window))
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, window={self.window}, num_sink_tokens={self.num_sink_tokens}"
@@ -323,6 +355,11 @@ class BlockSparseAttention(SparseAttention):
 
     def kernel_block(self) -> int | None:
         return self.block_size if self.block_size >= 16 else None
+
+    def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        if q.shape[2] > self.block_size * self.local_blocks and block_sparse_supported(self._rule, q):
+            return block_sparse_attention_cpu(q, k, v, self._rule, self.scale)  # the active blocks only
+        return None
 
     def extra_repr(self) -> str:
         r = self._rule

@@ -156,6 +156,7 @@ class SparseKVCache(State):
     vpos: Tensor
     length: int = 0
     vlen: int = 0
+    padded: bool = False  # a call with an attention mask wrote into it (positions may then lag the slots)
 
     @property
     def nbytes(self) -> int:
@@ -212,6 +213,20 @@ class SparseKVCache(State):
         Hb = max(p.shape[1] for p in parts_m)
         mask = torch.cat([p.expand(B, Hb, T, -1) for p in parts_m], dim=-1)
         return masked_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, scale)
+
+    def full_ring_step(self, rule: Rule, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor | None:
+        """The decode step of a rule whose full ring is all visible (``rule.ring_all_visible``): when no padded
+        call has written into the cache and the ring is full after this token, write ``k, v [B, Hkv, 1, D]`` into
+        the slot of position ``length`` (a host-side index: no scatter, no sync) and attend to the whole ring
+        without a mask. Returns None (nothing written) when that does not apply."""
+        if not getattr(rule, "ring_all_visible", False) or self.padded or self.length + 1 < rule.ring_size:
+            return None
+        slot = rule.ring_slot_int(self.length)
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        self.pos[:, :, slot] = self.length
+        self.length += 1
+        return F.scaled_dot_product_attention(q, self.k, self.v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def write_step(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """In-place write of one real token per row (``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``), O(Hkv * D).

@@ -220,8 +220,8 @@ class HFCausalLMAdapter(_HFCacheAdapter):
     def forward(self, x: Tensor) -> Tensor:
         return self.module(x, use_cache=False).logits
 
-    def step(self, x: Tensor, state: Any) -> Tensor:
-        return self.module(x, cache=state, use_cache=True).logits
+    def step(self, x: Tensor, state: Any) -> Tensor:  # the next-token logits, as the zoo model's step
+        return self.module(x, cache=state, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def _one_layer_config(attn: nn.Module) -> ZooConfig:

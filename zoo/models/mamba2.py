@@ -455,6 +455,40 @@ def _bench_hybrid(size: str, vocab: int, inter: int) -> dict[str, Any]:
                        {"mixer": "attention", "mixer_args": drop(heads), "mlp": {"intermediate_size": inter}}]}
 
 
+class HFMamba2ModelAdapter(HFMamba2Adapter):
+    """transformers ``Mamba2ForCausalLM`` (torch path off-GPU) continued through a ``DynamicCache``; a step returns
+    the last token's logits (``logits_to_keep=1``), as the zoo model's decode step and prefill do."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x, use_cache=False).logits
+
+    def step(self, x: Tensor, state: Any) -> Tensor:
+        return self.module(x, cache=state, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+@register_reference("transformers_mamba2_model", preload=("transformers", "transformers.modeling_utils",
+                                                           "transformers.models.mamba2.modeling_mamba2"))
+def bench_transformers_mamba2_model(zoo_model: nn.Module, args: dict[str, Any], batch: int) -> Adapter:
+    """transformers Mamba2ForCausalLM (torch path off-GPU) with the zoo model's weights."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    cfg = Mamba2Config(**config_to_transformers(zoo_model.config))
+    ref = Mamba2ForCausalLM(cfg)
+    sd = TRANSFORMERS_FORMAT.state_dict_to_reference(zoo_model.state_dict(), zoo_model.config)
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd.get("lm_head.weight", sd["backbone.embeddings.weight"])
+    load_same_weights(ref, sd, what="transformers Mamba2ForCausalLM")
+    return HFMamba2ModelAdapter(ref, cfg)
+
+
+def _bench_stack(size: str) -> dict[str, Any]:
+    """The mamba2-130m shape (24 x 768, vocab 50288) with random weights; 2 x 64 in the quick size."""
+    cfg = PRESETS["mamba2-130m"].config if size == "full" else {
+        **PRESETS["mamba2-130m"].config, "d_model": 64, "n_layers": 2, "vocab_size": 256,
+        "mixer_defaults": {"mamba2": {"norm_eps": 1e-5, "d_state": 16, "headdim": 16, "chunk_size": 16}}}
+    return {k: v for k, v in cfg.items() if k not in ("extra",)}
+
+
 # export-only variant for the transformers layout (``zoo convert --to mamba2-transformers``)
 TRANSFORMERS_FORMAT = Family(
     name="mamba2-transformers", detect=lambda cfg: cfg.get("model_type") == "mamba2",
@@ -474,7 +508,12 @@ FAMILY = Family(
     bench_cases=(BenchCase(
         kind="model", name="hybrid_model", reference=None,
         args={"full": _bench_hybrid("full", 4096, 2048), "quick": _bench_hybrid("quick", 256, 128)},
-        description="ZooForCausalLM with [mamba2, attention + MLP] blocks (no reference)"),),
+        description="ZooForCausalLM with [mamba2, attention + MLP] blocks (no reference)"),
+        BenchCase(
+            kind="model", name="mamba2_model", reference="transformers_mamba2_model", phases=("decode",),
+            lengths=(1024, 4096), args={"full": _bench_stack("full"), "quick": _bench_stack("quick")},
+            description="the mamba2-130m shape (24 x 768, random weights) vs transformers Mamba2ForCausalLM: "
+                        "decode against the weight-streaming floor")),
 )
 
 

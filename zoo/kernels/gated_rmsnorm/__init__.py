@@ -4,15 +4,18 @@
 
 Dispatch (:mod:`zoo.kernels.backend`): the Triton kernel for CUDA tensors, the reference otherwise;
 ``ZOO_BACKEND=torch`` forces the reference, ``ZOO_BACKEND=triton`` the kernel (CPU tensors under
-``TRITON_INTERPRET=1``). No fallback: every call the reference takes, the kernel takes.
+``TRITON_INTERPRET=1``). No fallback: every call the reference takes, the kernel takes. On the torch path a call
+without autograd (no tensor requiring grad, or grad mode off) runs
+:func:`~zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference` (the same math in one buffer, in place).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from zoo.kernels.backend import triton_module, use_triton
-from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_ref
+from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_inference, gated_rmsnorm_ref
 
 __all__ = ["gated_rmsnorm", "gated_rmsnorm_ref"]
 
@@ -34,4 +37,6 @@ def gated_rmsnorm(
         kernels = triton_module("zoo.kernels.gated_rmsnorm.triton")
         if kernels is not None:
             return kernels.gated_rmsnorm_triton(x, weight, z, **kw)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z, bias))):
+        return gated_rmsnorm_inference(x, weight, z, **kw)
     return gated_rmsnorm_ref(x, weight, z, **kw)

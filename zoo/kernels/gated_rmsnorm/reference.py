@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gated_rmsnorm_ref"]
+__all__ = ["gated_rmsnorm_inference", "gated_rmsnorm_ref"]
 
 
 def gated_rmsnorm_ref(
@@ -43,3 +43,34 @@ def gated_rmsnorm_ref(
     if z is not None and norm_before_gate:
         out = out * F.silu(z.to(acc))
     return out.to(dtype)
+
+
+def gated_rmsnorm_inference(
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """:func:`gated_rmsnorm_ref` without autograd (the CPU path of inference): one buffer updated in place, the
+    mean of squares from ``vector_norm`` (no squared copy); same arguments and result (to rounding)."""
+    dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    d = x.shape[-1]
+    group_size = group_size or d
+    if z is not None and not norm_before_gate:
+        u = F.silu(z.to(acc)).mul_(x)
+    else:
+        u = x.to(acc, copy=True)
+    ug = u.unflatten(-1, (d // group_size, group_size))
+    ms = torch.linalg.vector_norm(ug, dim=-1, keepdim=True).square_().div_(group_size)
+    ug.mul_(ms.add_(eps).rsqrt_())
+    u.mul_(weight.to(acc))
+    if bias is not None:
+        u.add_(bias.to(acc))
+    if z is not None and norm_before_gate:
+        u.mul_(F.silu(z.to(acc)))
+    return u.to(dtype)

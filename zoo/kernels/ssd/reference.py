@@ -32,6 +32,8 @@ Extras used by the Mamba-2 layer's state-collapse mitigations (all off by defaul
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,14 +112,14 @@ def ssd_chunk_scan_ref(
     dA = dt.to(acc) * A.to(acc)  # [B, T, H]
     if dA_offset is not None:
         dA = dA + dA_offset.to(acc)
-    xdt = x.to(acc) * dt.to(acc)[..., None]  # [B, T, H, P]
+    xf, dtf = x.to(acc), dt.to(acc)  # [B, T, H, P], [B, T, H]
     Bf, Cf = B.to(acc), C.to(acc)
     seq = seq_idx
     rmask = renorm_mask
     if shifted:
         sh = (chunk_offset % chunk_size).long()
         Tp = -(-(T + int(sh.max())) // Q) * Q
-        xdt, dA, Bf, Cf = (_shift_rows(t, sh, Tp) for t in (xdt, dA, Bf, Cf))
+        xf, dtf, dA, Bf, Cf = (_shift_rows(t, sh, Tp) for t in (xf, dtf, dA, Bf, Cf))
         if seq is not None:  # no-op shift tokens: give them the neighbouring document id
             seq = torch.cat([seq[:, :1].expand(Bsz, int(sh.max())), seq, seq[:, -1:].expand(Bsz, Tp)], 1)
             seq = _unshift_rows(seq, int(sh.max()) - sh, Tp)
@@ -127,7 +129,7 @@ def ssd_chunk_scan_ref(
         Tp = -(-T // Q) * Q
         if Tp != T:
             pad = Tp - T
-            xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+            xf, dtf = F.pad(xf, (0, 0, 0, 0, 0, pad)), F.pad(dtf, (0, 0, 0, pad))
             dA = F.pad(dA, (0, 0, 0, pad))
             Bf, Cf = F.pad(Bf, (0, 0, 0, 0, 0, pad)), F.pad(Cf, (0, 0, 0, 0, 0, pad))
             if seq is not None:
@@ -135,31 +137,39 @@ def ssd_chunk_scan_ref(
             if rmask is not None:
                 rmask = F.pad(rmask.bool(), (0, pad))
     nc = Tp // Q
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_states, dA_offset))
 
     # ---- chunked views
-    xdt_c = xdt.view(Bsz, nc, Q, H, P)
+    x_c = xf.view(Bsz, nc, Q, H, P)
+    dt_c = dtf.view(Bsz, nc, Q, H).transpose(2, 3)  # [B, c, H, Q]
     B_c = Bf.view(Bsz, nc, Q, G, N).transpose(2, 3)  # [B, c, G, Q, N]
     C_c = Cf.view(Bsz, nc, Q, G, N).transpose(2, 3)  # [B, c, G, Q, N]
     Acs = dA.view(Bsz, nc, Q, H).transpose(2, 3).cumsum(-1)  # [B, c, H, Q]
 
     # ---- 1. intra-chunk: M = (C B^T) * exp(segsum) (causal), Y_diag = M @ (dt x)
-    CB = torch.matmul(C_c, B_c.transpose(-1, -2))  # [B, c, G, Q, Q]
+    # The causal (and same-document) mask goes on C B^T (one [Q, Q] per group, not per head); the log-decays
+    # Acs_l - Acs_s are <= 0 below the diagonal (Acs is non-increasing), clamping the rest to 0 keeps exp finite.
     causal = torch.ones(Q, Q, dtype=torch.bool, device=dev).tril()
     Lmask = causal if seq is None else causal & (seq.view(Bsz, nc, 1, Q, 1) == seq.view(Bsz, nc, 1, 1, Q))
-    M = (Acs[..., :, None] - Acs[..., None, :]).masked_fill_(~Lmask, float("-inf")).exp_()  # [B, c, H, Q, Q]
-    M = (M.view(Bsz, nc, G, hg, Q, Q) * CB[:, :, :, None]).view(Bsz, nc, H, Q, Q)
-    y = torch.matmul(M, xdt_c.permute(0, 1, 3, 2, 4))  # [B, c, H, Q, P]
-    del M, CB
+    CB = torch.matmul(C_c, B_c.transpose(-1, -2)).masked_fill_(~Lmask, 0.0)  # [B, c, G, Q, Q]
+    M = torch.sub(Acs[..., :, None], Acs[..., None, :]).clamp_max_(0.0).exp_().view(Bsz, nc, G, hg, Q, Q)
+    M = (M * CB[:, :, :, None] if track else M.mul_(CB[:, :, :, None])).view(Bsz, nc, H, Q, Q)
+    if track:
+        xdt = x_c.transpose(2, 3) * dt_c[..., None]  # dt x [B, c, H, Q, P]
+    else:  # written head-major in the same pass (the batched GEMM then reads it without a copy)
+        xdt = torch.mul(x_c.transpose(2, 3), dt_c[..., None], out=x_c.new_empty(Bsz, nc, H, Q, P))
+    y = torch.matmul(M, xdt)  # [B, c, H, Q, P]
+    del M, CB, xdt
     y = y.permute(0, 1, 3, 2, 4)  # [B, c, Q, H, P]
 
     # ---- 2. chunk states: S_c = sum_s exp(Acs_last - Acs_s) dt_s x_s (outer) B_s, per group as one GEMM
-    decay_end = torch.exp(Acs[..., -1:] - Acs)  # [B, c, H, Q]
+    w_end = torch.exp(Acs[..., -1:] - Acs) * dt_c  # [B, c, H, Q]
     if seq is not None:
         seq_c = seq.view(Bsz, nc, Q)
-        decay_end = decay_end * (seq_c == seq_c[..., -1:])[:, :, None].to(acc)
-    xw = xdt_c * decay_end.transpose(2, 3)[..., None]  # [B, c, Q, H, P]
+        w_end = w_end * (seq_c == seq_c[..., -1:])[:, :, None].to(acc)
+    xw = x_c * w_end.transpose(2, 3)[..., None]  # [B, c, Q, H, P]
     xw = xw.view(Bsz, nc, Q, G, hg * P).permute(0, 1, 3, 4, 2)  # [B, c, G, hg*P, Q]
-    S_c = torch.matmul(xw, B_c).view(Bsz, nc, H, P, N)  # [B, c, H, P, N]
 
     # ---- 3. inter-chunk state passing (sequential over chunks)
     S = (initial_states.to(acc) if initial_states is not None
@@ -180,21 +190,19 @@ def ssd_chunk_scan_ref(
             ends = torch.arange(1, nc + 1, device=dev) * Q
             fire = fire & (ends[None, :] <= (T + sh)[:, None])
         fire = fire & (torch.arange(1, nc + 1, device=dev) % every == 0)[None, :]
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_states))
-    S_prev = None if track else S_c.new_empty(Bsz, nc, H, P, N)
-    S_in = []
-    for c in range(nc):
-        if track:
+    if state_norm_threshold is None:  # [B, c, H, P, N]: the state entering each chunk; the final state
+        S_prev, S = chunk_states(xw, B_c, chunk_decay, S)
+    else:  # renormalised at boundaries: sequential, per-chunk pieces unbound once (not indexed per chunk)
+        S_c = torch.matmul(xw, B_c).view(Bsz, nc, H, P, N)  # [B, c, H, P, N]
+        S_cs, decays, fires = S_c.unbind(1), chunk_decay.unbind(1), fire.unbind(1)
+        S_in = []
+        for c in range(nc):
             S_in.append(S)
-        else:
-            S_prev[:, c] = S
-        S = S_c[:, c].addcmul(chunk_decay[:, c, :, None, None], S)
-        if state_norm_threshold is not None:
+            S = S_cs[c].addcmul(decays[c][:, :, None, None], S)
             norm = torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True)
             scale = torch.clamp(thr / norm.clamp_min(torch.finfo(acc).tiny), max=1.0)
-            S = torch.where(fire[:, c, None, None, None], S * scale, S)
-    if track:
-        S_prev = torch.stack(S_in, 1)  # [B, c, H, P, N]: state entering each chunk
+            S = torch.where(fires[c][:, None, None, None], S * scale, S)
+        S_prev = torch.stack(S_in, 1)
 
     # ---- 4. off-diagonal output: y_l += exp(Acs_l) C_l . S_prev, per group as one GEMM
     Sg = S_prev.view(Bsz, nc, G, hg * P, N)
@@ -209,7 +217,92 @@ def ssd_chunk_scan_ref(
 
     if D is not None:
         Dv = D.to(acc).view(H, -1)  # [H, 1] or [H, P]
-        y = y.addcmul(x.to(acc), Dv)
+        y = y.addcmul(x.to(acc), Dv) if track or shifted else y.addcmul_(x.to(acc), Dv)
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(out_dtype), S
+
+
+# ---------------------------------------------------------------------------------------------- inter-chunk scan
+def _scan_(u: Tensor, a: Tensor, s0: Tensor, reverse: bool = False) -> Tensor:
+    """In-place inclusive linear scan along dim 1 of ``u [B, n, H, ...]`` with decays ``a [B, n, H]``:
+    ``u[c] <- a[c] * u[c -/+ 1] + u[c]`` (forward: from ``u[-1] = s0``; reverse: from ``u[n] = s0``).
+
+    Blocked, so it issues ~``2 sqrt(n)`` elementwise calls instead of ``n``: inside blocks of ``k`` steps the scan
+    runs for all blocks at once from a zero entry (``k`` calls), the block entries are chained (``n / k`` calls),
+    then every element gets its block entry times its decay from the block start (one call). The leftover
+    ``n mod k`` steps (at the end, or the start when reversed) run one by one. Returns ``u``."""
+    n = u.shape[1]
+    if n == 0:
+        return u
+    k = max(1, round(math.sqrt(n))) if n > 32 else n + 1  # short scans: one step at a time, one pass
+    nb = n // k
+    m = nb * k
+    lo = n - m if reverse else 0  # the blocked part is [lo, lo + m)
+    ex = (...,) + (None,) * (u.dim() - a.dim())  # a[B, ., H] against u[B, ., H, P, N]
+    if nb:
+        U = u[:, lo:lo + m].unflatten(1, (nb, k))  # [B, nb, k, H, ...] (a view)
+        Av = a[:, lo:lo + m].unflatten(1, (nb, k))  # [B, nb, k, H]
+        steps = range(k - 2, -1, -1) if reverse else range(1, k)
+        for i in steps:  # local scans from a zero entry, all blocks at once
+            U[:, :, i].addcmul_(Av[:, :, i][ex], U[:, :, i + 1 if reverse else i - 1])
+        # decay from each block's entry to each element (inclusive of the element's own step)
+        d = (Av.flip(2).cumprod(2).flip(2) if reverse else Av.cumprod(2))  # [B, nb, k, H]
+        e = torch.empty_like(U[:, :, 0])  # [B, nb, H, ...]: the state entering each block
+        s, last = s0, (0 if reverse else k - 1)
+        for b in (range(nb - 1, -1, -1) if reverse else range(nb)):
+            e[:, b] = s
+            s = U[:, b, last].addcmul(d[:, b, last][ex], s)
+        U.addcmul_(d[(...,) + (None,) * (U.dim() - d.dim())], e[:, :, None])
+    else:
+        s = s0
+    rest = range(lo - 1, -1, -1) if reverse else range(m, n)
+    for c in rest:
+        u[:, c].addcmul_(a[:, c][ex], s)
+        s = u[:, c]
+    return u
+
+
+class _ChunkStates(torch.autograd.Function):
+    """Chunk states and their passing in one buffer ``buf [B, n + 1, H, P, N]``: the per-group GEMM writes
+    ``S_c = xw @ B_c`` into ``buf[:, 1:]``, the scan runs there in place from ``buf[:, 0] = s0``, so ``buf[:, c]``
+    is the state entering chunk ``c`` and ``buf[:, n]`` the final state (no copy of the chunk states).
+
+    Backward (the same scan in reverse, no per-chunk autograd nodes): ``G[n] = g_final``,
+    ``G[c] = g_prev[c] + a[c] G[c + 1]``; ``dS_c[c] = G[c + 1]``, ``da[c] = <G[c + 1], S_in[c]>``, ``ds0 = G[0]``,
+    then the GEMM's two gradients."""
+
+    @staticmethod
+    def forward(ctx, xw: Tensor, B_c: Tensor, a: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        Bsz, n, H = a.shape
+        G, Q, N = B_c.shape[2:]
+        buf = s0.new_empty(Bsz, n + 1, *s0.shape[1:])
+        torch.matmul(xw, B_c, out=buf[:, 1:].view(Bsz, n, G, -1, N))
+        buf[:, 0] = s0
+        _scan_(buf[:, 1:], a, s0)
+        ctx.save_for_backward(xw, B_c, a, buf)
+        return buf[:, :n], buf[:, n].clone()  # the final state outlives the buffer (a decode state)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_prev: Tensor, g_final: Tensor):  # type: ignore[override]
+        xw, B_c, a, buf = ctx.saved_tensors
+        Bsz, n, H = a.shape
+        G, Q, N = B_c.shape[2:]
+        Gr = torch.empty_like(g_prev)  # Gr[c] = dL/dS_in[c + 1] = dL/dS_c[c]
+        Gr[:, n - 1] = g_final
+        Gr[:, :-1] = g_prev[:, 1:]
+        _scan_(Gr[:, :-1], a[:, 1:], g_final, reverse=True)
+        g_s0 = g_prev[:, 0].addcmul(a[:, 0][..., None, None], Gr[:, 0])
+        Gg = Gr.view(Bsz, n, G, -1, N)
+        g_xw = torch.matmul(Gg, B_c.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        g_B = torch.matmul(xw.transpose(-1, -2), Gg) if ctx.needs_input_grad[1] else None
+        g_a = Gr.mul_(buf[:, :n]).sum((-2, -1)) if ctx.needs_input_grad[2] else None
+        return g_xw, g_B, g_a, g_s0
+
+
+def chunk_states(xw: Tensor, B_c: Tensor, a: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """``S_c = xw @ B_c`` (``xw [B, n, G, hg*P, Q]``, ``B_c [B, n, G, Q, N]``, viewed ``[B, n, H, P, N]``), then the
+    recurrence ``S_in[c + 1] = a[c] S_in[c] + S_c[c]`` from ``S_in[0] = s0``: returns the states entering each chunk
+    ``[B, n, H, P, N]`` and the final state ``[B, H, P, N]``."""
+    return _ChunkStates.apply(xw, B_c, a, s0)
