@@ -139,7 +139,51 @@ def test_packaged_demo_spec_is_valid():
 
     s = load_spec(DEMO_SPEC)
     assert [v.name for v in s.variants] == ["attention", "sliding_window", "mamba2", "longgen"]
-    assert {e.kind for e in s.evaluations} == {"loss", "passkey"}
+    assert {e.kind for e in s.evaluations} == {"loss", "mqar"}
+
+
+def test_packaged_demo_mqar_swaps_fit_the_mqar_model():
+    """The demo's retrieval evaluation (MQAR, trained from scratch per variant) resolves every variant's swap
+    (its own or the spec's scaled override) against the MQAR base model, without training anything."""
+    from zoo.assets import DEMO_SPEC
+    from zoo.eval.mqar import MQARSetup, base_config
+    from zoo.swaps import swap_config
+
+    s = load_spec(DEMO_SPEC)
+    params = dict(next(e for e in s.evaluations if e.kind == "mqar").params)
+    swaps = params.pop("swaps")
+    setup = MQARSetup(**params)
+    assert max(setup.eval_lengths) > max(setup.train_lengths)  # it measures past the training length
+    for v in s.variants:
+        spec = swaps.get(v.name, v.swap)
+        for d in setup.d_models:
+            cfg = base_config(setup, d)
+            if spec:
+                cfg = swap_config(cfg, spec)[0]
+            zoo.create_model(cfg)
+
+
+def _mqar_ctx(swap, **spec_extra):
+    from zoo.ablation.evaluations import EvalContext
+
+    spec = parse_spec({"variants": [{"name": "a"}, {"name": "w", "swap": swap}],
+                       "evaluations": [{"kind": "mqar"}], **spec_extra})
+    return EvalContext(spec=spec, variant=spec.variants[1], model=lambda: None, tokenizer=None, train_length=None,
+                       corpus=lambda split: [])
+
+
+def test_mqar_evaluation_uses_the_swaps_override():
+    from zoo.ablation.evaluations import get_evaluation
+
+    tiny = {"vocab_size": 32, "n_pairs": 2, "d_models": [16], "train_lengths": [16], "eval_lengths": [16, 32],
+            "steps": 1, "batch_size": 2, "eval_samples": 2}
+    run = get_evaluation("mqar")
+    own = run(_mqar_ctx("all: sliding_window(window=64)"), **tiny)["rows"]
+    scaled = run(_mqar_ctx("all: sliding_window(window=64)"), swaps={"w": "all: sliding_window(window=4)"},
+                 **tiny)["rows"]
+    assert scaled[1]["state_bytes"] < own[1]["state_bytes"]  # the override's window 4 is used, not 64
+    with pytest.raises(ValueError, match=r"mqar: swaps names unknown variant\(s\) \['x'\]"):
+        run(_mqar_ctx(None), swaps={"x": None}, **tiny)
 
 
 def test_state_collapse_experiment_on_tiny_sizes(tmp_path):

@@ -47,20 +47,25 @@ TINY_DEMO = {"name": "tiny-demo", "base": "default", "data": {"corpus": "stdlib"
              "variants": [{"name": "attention"},
                           {"name": "window", "swap": "all: sliding_window(window=16)", "finetune": True}],
              "evaluations": [{"kind": "loss", "length": 64, "windows": 1},
-                             {"kind": "passkey", "lengths": [256], "depths": [0.5], "samples": 1}]}
+                             {"kind": "mqar", "vocab_size": 32, "n_pairs": 2, "d_models": [16],
+                              "train_lengths": [16], "eval_lengths": [16, 32], "steps": 2, "batch_size": 4,
+                              "eval_samples": 8, "swaps": {"window": "all: sliding_window(window=8)"}}]}
 
 
 def test_demo_runs_offline(tmp_path, single_thread):
-    """The demo's code path (the packaged default model, an ablation, the table and plots) on a tiny spec."""
+    """The demo's code path (the packaged default model, an ablation with the loss and the MQAR retrieval, the
+    table and plots) on a tiny spec."""
     from zoo.demo import run_demo
 
     lines = []
     result = run_demo(tmp_path, spec=TINY_DEMO, progress=False, print_fn=lines.append)
     out = "\n".join(lines)
-    assert "| attention |" in out and "| window |" in out and "passkey ≤256" in out
+    assert "| attention |" in out and "| window |" in out and "mqar ≤16" in out and "mqar >16" in out
+    assert "mqar: accuracy at lengths ≤16, the training length (in distribution)" in out  # the legend
+    assert "attention none; window `all: sliding_window(window=8)`." in (tmp_path / "results.md").read_text()
     assert f"plot:   {tmp_path / 'loss_vs_position.png'}" in out and (tmp_path / "accuracy_vs_length.png").is_file()
-    assert [r["cell"] for r in result["run"].records] == ["attention/loss", "attention/passkey", "window/loss",
-                                                          "window/passkey"]
+    assert [r["cell"] for r in result["run"].records] == ["attention/loss", "attention/mqar", "window/loss",
+                                                          "window/mqar"]
     assert result["run"].records[2]["variant_info"]["finetune"]["steps"] == 2
 
 

@@ -114,12 +114,22 @@ def eval_passkey(ctx: EvalContext, *, lengths: list[int] | None = None,
 
 
 @register_evaluation("mqar")
-def eval_mqar(ctx: EvalContext, **params: Any) -> dict:
-    """MQAR trained from scratch with the variant's swap spec on the MQAR base model (``MQARSetup`` fields)."""
+def eval_mqar(ctx: EvalContext, *, swaps: dict[str, str | None] | None = None, **params: Any) -> dict:
+    """MQAR trained from scratch with the variant's swap spec on the MQAR base model (``MQARSetup`` fields).
+    ``swaps``: variant name -> the swap spec to use here instead of the variant's own (the MQAR base is smaller
+    than the ablation's base, so sizes such as windows or head counts may need scaling; ``None`` = the MQAR base
+    as it is)."""
     from zoo.eval.mqar import MQARSetup, run_mqar
 
+    names = {v.name for v in ctx.spec.variants}
+    bad = sorted(set(swaps or {}) - names)
+    if bad:
+        raise ValueError(f"mqar: swaps names unknown variant(s) {bad}; variants: {sorted(names)}")
+    swap = (swaps or {}).get(ctx.variant.name, ctx.variant.swap)
     setup = MQARSetup(**{"seed": ctx.spec.seed, **_params(MQARSetup, params, "mqar")})
-    return run_mqar({ctx.variant.name: ctx.variant.swap}, setup, progress=ctx.progress)
+    out = run_mqar({ctx.variant.name: swap}, setup, progress=ctx.progress)
+    out["summary"]["swap"] = swap  # the architecture trained here, for the report
+    return out
 
 
 @register_evaluation("efficiency")

@@ -48,6 +48,24 @@ def summary_columns(records: list[dict]) -> list[tuple[str, str, str]]:
     return cols
 
 
+def summary_legend(records: list[dict]) -> list[str]:
+    """One line per summary column pair saying what was measured."""
+    out = []
+    for name, recs in _by_eval(records).items():
+        kind, s = recs[0]["kind"], recs[0]["summary"]
+        T = s.get("train_length")
+        if "in_distribution" not in s or not T:
+            continue
+        if kind == "loss":
+            out.append(f"{name}: mean next-token loss (nats per token) at positions before the training length {T} "
+                       f"(in distribution) and from {T} to {s.get('length', '?')}.")
+        elif kind in ACCURACY_KINDS:
+            longer = sorted({r["length"] for r in recs[0]["rows"] if r["length"] > T})
+            out.append(f"{name}: accuracy at lengths ≤{T}, the training length (in distribution), "
+                       f"and its mean over the longer lengths {', '.join(map(str, longer))}.")
+    return out
+
+
 def markdown(spec: AblationSpec, records: list[dict], files: dict[str, Path]) -> str:
     variants = [v.name for v in spec.variants]
     cell = {(r["variant"], r["evaluation"]): r for r in records}
@@ -78,6 +96,9 @@ def markdown(spec: AblationSpec, records: list[dict], files: dict[str, Path]) ->
                 x = x / 1024
             vals.append(_fmt(x, 1 if key in ("forward_tokens_per_s", "state_bytes") else 3))
         lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    legend = summary_legend(records)
+    if legend:
+        lines += [""] + legend
     for name, recs in _by_eval(records).items():
         lines += ["", f"## {name} ({recs[0]['kind']})", ""] + detail_table(recs, variants)
         load = [r["meta"].get("load_average") for r in recs]
@@ -121,6 +142,11 @@ def detail_table(recs: list[dict], variants: list[str]) -> list[str]:
         T = recs[0]["summary"].get("train_length")
         note = ["Accuracy by length" + (f" (training length {T})" if T else "")
                 + (", averaged over needle depths" if kind == "passkey" else "") + ".", ""]
+        if kind == "mqar":
+            note[0] += (" Each variant is trained from scratch on the task: the MQAR base model (attention) with "
+                        "the swap " + "; ".join(f"{v} " + (f"`{by_v[v]['summary']['swap']}`" if by_v[v]["summary"]
+                                                            .get("swap") else "none") for v in variants if v in by_v)
+                        + ".")
         return note + head + body
     if kind == "efficiency":
         lengths = [r["length"] for r in recs[0]["rows"]]

@@ -10,8 +10,9 @@ that the passkey evaluation of an ablation can measure a learned skill. Measured
 29 min on a shared 2-core CPU at load 4-12): held-out loss 1.21 nats/byte at 256, but passkey retrieval was NOT
 learned: 0.00 exact match at 256, per-digit accuracy at chance (~0.1-0.2), even for the key's short-range repeat
 inside the needle, i.e. no copy (induction) circuit formed in this budget. A 400-step passkey-only curriculum
-(128 -> 256 tokens, lr 1e-3) on top did not change that either. The demo's passkey column therefore shows an
-unlearned task for every variant; a longer run (or a narrower task) is what it needs. The settings, the seed,
+(128 -> 256 tokens, lr 1e-3) on top did not change that either. The demo (``zoo/assets/demo.yaml``) therefore
+measures retrieval with MQAR trained from scratch per variant (a narrower task its attention baseline learns in
+the demo's budget), not with passkey on this model; a longer run is what passkey needs. The settings, the seed,
 the Python version (whose stdlib is the corpus) and the scores at each evaluation are recorded in
 ``config.extra``.
 """
