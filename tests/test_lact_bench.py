@@ -27,6 +27,13 @@ def test_bench_writes_its_report(tmp_path):
     assert "FLOP utilisation" in text and "Decode time per token" in text
 
 
+def test_bench_with_one_part_writes_its_report(tmp_path):
+    s = Setup(d_model=32, num_attn_heads=4, num_lact_heads=2, w0_w2_low_rank=4, window_size=16, chunk_size=16,
+              chunk_sizes=[16], repeats=1, gemm_n=64, threads=1)
+    out = run(s, tmp_path / "lact", parts=("utilisation",))  # the empty forward/decode panels once broke the plot
+    assert (out / "lact.png").is_file() and "FLOP utilisation" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("m,n", [(6, 6), (4, 9), (9, 4)])
 def test_muon_flop_count_matches_the_iteration(m, n):
     """Count the multiply-adds of newton_schulz5 with a FLOP-counting mode, against the formula."""

@@ -216,13 +216,16 @@ def write_report(s: Setup, info: dict[str, Any], util: list[dict[str, Any]], fwd
         ax[0].plot([r["chunk_size"] for r in pts], [100 * r["update_utilisation"] for r in pts], marker="o",
                    label=f"update{' + Muon' if muon else ''}")
     ax[0].axhline(50, color="gray", ls="--", lw=1)
-    ax[0].set(xscale="log", xlabel="chunk size", ylabel="% of measured fp32 GEMM FLOP/s", title="TTT update")
+    ax[0].set(xscale="log" if util else "linear", xlabel="chunk size", ylabel="% of measured fp32 GEMM FLOP/s",
+              title="TTT update")
     ax[0].legend(fontsize=8)
     ax[1].plot([r["T"] for r in fwd], [r["s_median"] for r in fwd], marker="o")
-    ax[1].set(xscale="log", yscale="log", xlabel="T", ylabel="seconds", title="layer forward (median)")
+    log = "log" if fwd else "linear"  # a part left out (--parts) leaves its panel empty
+    ax[1].set(xscale=log, yscale=log, xlabel="T", ylabel="seconds", title="layer forward (median)")
     ax[2].plot([r["context"] for r in dec], [r["steady_ms_median"] for r in dec], marker="o", label="steady (median)")
     ax[2].plot([r["context"] for r in dec], [r["amortised_ms"] for r in dec], marker="s", label="amortised")
-    ax[2].set(xscale="log", xlabel="context", ylabel="ms / token", title="decode", ylim=(0, None))
+    ax[2].set(xscale="log" if dec else "linear", xlabel="context", ylabel="ms / token", title="decode",
+              ylim=(0, None))
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "lact.png", dpi=110)
