@@ -134,17 +134,19 @@ def _sliding(**kw) -> SlidingWindowAttention:
     return SlidingWindowAttention(D_MODEL, 0, num_heads=4, num_kv_heads=2, **kw).double()
 
 
-@pytest.mark.parametrize("T,window,chunk", [(50, 7, 8), (64, 20, 8), (9, 4, 16), (33, 3, 4), (40, 1, 8)])
-def test_window_attention_matches_masked_reference(T, window, chunk):
-    """The strided-window prefill (one shared additive mask; only the first chunks get their own) == the masked
-    blocked reference, GQA, ragged last chunk, window below / above the chunk."""
+@pytest.mark.parametrize("T,window,chunk,group", [(50, 7, 8, 32), (64, 20, 8, 3), (9, 4, 16, 1), (33, 3, 4, 2),
+                                                  (40, 1, 8, 2), (61, 30, 4, 5), (12, 20, 4, 2), (70, 16, 16, 1)])
+def test_window_attention_matches_masked_reference(T, window, chunk, group):
+    """The strided-window prefill (the first ``window`` queries causal, then chunks under one shared band mask) ==
+    the masked blocked reference, fp64: GQA folded into the rows, ragged last chunk, window below / above the chunk
+    and above ``T``, windows crossing groups of chunks."""
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, 4, T, 8, dtype=torch.float64, generator=g)
     k, v = (torch.randn(2, 2, T, 8, dtype=torch.float64, generator=g) for _ in range(2))
     m = _sliding(window=window)
     pos = torch.arange(T).expand(2, T)
     ref = blocked_attention(m.rule, q, k, v, pos, None, None, 0.3, 16, by_slot=True)
-    torch.testing.assert_close(window_attention(q, k, v, window, 0.3, chunk), ref, **EXACT)
+    torch.testing.assert_close(window_attention(q, k, v, window, 0.3, chunk, group), ref, **EXACT)
 
 
 @pytest.mark.parametrize("sinks", [0, 2])

@@ -161,6 +161,7 @@ class SparseAttention(Attention):
                     positions = torch.arange(T, device=x.device).expand(B, T)
             q, k, v = self.project(x, positions)
             o = self.attend_parallel(q, k, v, positions, attention_mask, seq_idx, by_slot=True if plain else None)
+        del q, k, v  # not needed any more: freed before o_proj allocates its output (peak memory)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,

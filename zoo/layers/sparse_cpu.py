@@ -34,40 +34,50 @@ from zoo.layers.masks import LocalStrideRule
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
+_BWD_BLOCKS = 2  # query blocks per flash backward of the local windows (their key gradients are local x larger)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, chunk: int = 64) -> Tensor:
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, chunk: int = 64,
+                     group: int = 32) -> Tensor:
     """Sliding-window causal attention (``i - window < j <= i``), ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``.
     Returns ``o [B, H, T, D]`` laid out as ``[B, T, H, D]`` (``o.transpose(1, 2).reshape(B, T, H * D)`` is a view).
-    Only the first chunks, whose windows reach before the sequence, get masks of their own."""
+
+    The first ``window`` queries see every earlier key: one causal call. The rest go in chunks of ``chunk``
+    queries, ``group`` chunks per flash call: the group's queries folded (GQA heads into the rows; a copy of the
+    group only), its key windows strided views of ``k, v`` (a padded copy of the group's rows only past ``T``),
+    one ``[G * chunk, chunk + window - 1]`` band mask shared by every chunk (stride 0), the output written straight
+    into the final layout. Every temporary is the size of one group."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    C = min(chunk, T)
-    nC = -(-T // C)
-    pad, right = window - 1, nC * C - T
-    Ck = C + pad
-    kp, vp = F.pad(k, (0, 0, pad, right)), F.pad(v, (0, 0, pad, right))  # [B, Hkv, pad + nC * C, D]
-    qp = F.pad(q, (0, 0, 0, right)) if right else q
+    G = H // Hkv
+    out = q.new_empty(B, T, H, D)
+    t0 = min(T, window)
+    head = F.scaled_dot_product_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], is_causal=True, scale=scale,
+                                          enable_gqa=G > 1)
+    out[:, :t0] = head.transpose(1, 2)
+    if t0 == T:
+        return out.transpose(1, 2)
+    C = min(chunk, T - t0)
+    nC = -(-(T - t0) // C)
+    Ck = C + window - 1
     a = torch.arange(C, device=q.device)[:, None]
     b = torch.arange(Ck, device=q.device)[None, :]
-    base = torch.zeros(C, Ck, dtype=q.dtype, device=q.device).masked_fill_((b < a) | (b > a + pad), NEG_INF)
-    out = q.new_empty(B, nC * C, H, D)
-    first = min(nC, -(-pad // C))  # chunks whose key window starts before token 0
+    band = torch.zeros(C, Ck, dtype=q.dtype, device=q.device).masked_fill_((b < a) | (b >= a + window), NEG_INF)
+    band = band.repeat(G, 1)  # [G * C, Ck]: folded rows (g, c)
     for r in range(B):
-        qc = qp[r].view(H, nC, C, D).transpose(0, 1)  # [nC, H, C, D] (a view)
-        kw = kp[r].unfold(1, Ck, C).permute(1, 0, 3, 2)  # [nC, Hkv, Ck, D] (overlapping windows, a view)
-        vw = vp[r].unfold(1, Ck, C).permute(1, 0, 3, 2)
-        for c0, c1 in ((0, first), (first, nC)):
-            if c1 <= c0:
-                continue
-            m = base.expand(c1 - c0, 1, C, Ck)
-            if c0 == 0:  # keys before the sequence start: masked
-                lo = pad - torch.arange(c0, c1, device=q.device) * C
-                m = m.masked_fill(b < lo[:, None, None, None], NEG_INF)
-            o = F.scaled_dot_product_attention(qc[c0:c1], kw[c0:c1], vw[c0:c1], attn_mask=m, scale=scale,
-                                               enable_gqa=H != Hkv)
-            out[r, c0 * C:c1 * C] = o.transpose(1, 2).reshape((c1 - c0) * C, H, D)
-    return out[:, :T].transpose(1, 2)
+        qr, body = q[r, :, t0:], out[r, t0:]  # [H, T - t0, D], [T - t0, H, D]
+        for c0 in range(0, nC, group):
+            c1 = min(nC, c0 + group)
+            n = c1 - c0
+            qf = _fold_range(qr, Hkv, G, C, c0, c1).transpose(0, 1)  # [n, Hkv, G * C, D]
+            kw, vw = _windows(k[r], c0, c1, C, Ck, t0), _windows(v[r], c0, c1, C, Ck, t0)
+            o, _ = _flash(qf, kw, vw, attn_mask=band.expand(n, 1, G * C, Ck), scale=scale)  # [n, Hkv, G * C, D]
+            rows = o.reshape(n, Hkv, G, C, D).permute(0, 3, 1, 2, 4)  # [n, C, Hkv, G, D]
+            if c1 * C <= T - t0:
+                _rows(body, c0, c1, C, Hkv, G).copy_(rows)
+            else:  # ragged last chunk
+                body[c0 * C:] = rows.reshape(n * C, H, D)[:T - t0 - c0 * C]
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------- block sparse
@@ -94,23 +104,27 @@ class _Plan:
         # query block qb reads the compact blocks i < m[qb, h]: the vertical blocks before its local window
         first_local = (torch.arange(nb) - self.local + 1).clamp(min=0)  # [nb]
         self.m = ((first_local[:, None] - self.residue[None, :] + S - 1) // S).clamp(min=0)  # [nb, Hkv]
-        self.groups = []  # (qb0, qb1, L): query blocks [qb0, qb1) read the first L compact blocks
+        # qb0 -> (Lc, L): query blocks [qb0, qb0 + group) all read the compact blocks < Lc (every head), some of
+        # them the blocks Lc..L-1 too (within a group of vertical_stride blocks, L - Lc <= 2)
+        self.groups: dict[int, tuple[int, int]] = {}
         for qb0 in range(0, nb, group):
             qb1 = min(nb, qb0 + group)
             L = int(self.m[qb1 - 1].max())
             if L:
-                self.groups.append((qb0, qb1, L))
+                self.groups[qb0] = (int(self.m[qb0].min()), L)
         self.device = device
 
-    def vertical_mask(self, qb0: int, qb1: int, L: int, dtype: torch.dtype) -> Tensor:
-        """``[qb1 - qb0, Hkv, 1, L * bs]``: 0 where the query block reads the compact key, -inf elsewhere."""
-        seen = torch.arange(L)[None, None, :] < self.m[qb0:qb1, :, None]  # [g, Hkv, L] compact blocks read
+    def vertical_mask(self, qb0: int, qb1: int, Lc: int, L: int, dtype: torch.dtype) -> Tensor:
+        """``[qb1 - qb0, Hkv, 1, (L - Lc) * bs]``: 0 where the query block reads the compact key (blocks Lc..L-1),
+        -inf elsewhere."""
+        seen = torch.arange(Lc, L)[None, None, :] < self.m[qb0:qb1, :, None]  # [g, Hkv, L - Lc] blocks read
         mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, NEG_INF)
         return mask.repeat_interleave(self.bs, dim=-1)[:, :, None].to(self.device)
 
-    def empty_rows(self, qb0: int, qb1: int) -> Tensor:
-        """``[qb1 - qb0, Hkv, 1]``: True where a query block reads no vertical key (its log-sum-exp is -inf)."""
-        return (self.m[qb0:qb1] == 0)[..., None].to(self.device)
+    def empty_rows(self, qb0: int, qb1: int, Lc: int) -> Tensor:
+        """``[qb1 - qb0, Hkv, 1]``: True where a query block reads none of the compact blocks from ``Lc`` on (its
+        log-sum-exp there is -inf)."""
+        return (self.m[qb0:qb1] <= Lc)[..., None].to(self.device)
 
 
 def _local_mask(bs: int, local: int, G: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -123,9 +137,16 @@ def _local_mask(bs: int, local: int, G: int, dtype: torch.dtype, device: torch.d
 
 
 class _BlockSparseCPU(torch.autograd.Function):
-    """Query blocks in ranges of ``group`` (the vertical groups' ranges): each range's queries are folded, its key
-    windows taken as views of ``k, v`` (a small padded copy only where a window leaves ``[0, T)``), so no folded or
-    padded copy of a whole tensor exists; the output is written in its final ``[B, T, H, D]`` layout."""
+    """Query blocks in ranges of ``group`` (the vertical groups' ranges). Each range's queries are folded once
+    (``[Hkv, n, G * bs, D]``: viewed per block for the local and the masked vertical part, as one sequence for the
+    common vertical part), its key windows are views of ``k, v`` (a small padded copy only where a window leaves
+    ``[0, T)``), so no folded or padded copy of a whole tensor exists; the output is written in its final
+    ``[B, T, H, D]`` layout and the key gradients accumulate in ``[B, T, Hkv, D]`` buffers returned as views.
+
+    Up to three flash calls per range, a partition of each query's keys, merged by log-sum-exp: the local windows
+    (per block, block-causal mask), the vertical blocks every query block of the range reads (one call over the
+    range's queries, no mask, no copy of the keys per block), the last one or two vertical blocks only some of
+    them read (per block, masked)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rule: LocalStrideRule, scale: float,  # type: ignore[override]
@@ -135,7 +156,6 @@ class _BlockSparseCPU(torch.autograd.Function):
         G, bs, local = H // Hkv, rule.block_size, rule.local_blocks
         nb = -(-T // bs)
         plan = _Plan(rule, nb, Hkv, q.device, group)
-        vgroups = {qb0: (qb1, L) for qb0, qb1, L in plan.groups}
         lmask = _local_mask(bs, local, G, q.dtype, q.device)
         o = q.new_empty(B, nb * bs, H, D)
         lse_f = q.new_empty(B, nb, Hkv, G * bs)
@@ -144,19 +164,28 @@ class _BlockSparseCPU(torch.autograd.Function):
                 kv, vv = _gather_vertical(k[r], plan, T), _gather_vertical(v[r], plan, T)
             for c0 in range(0, nb, group):
                 c1 = min(nb, c0 + group)
-                qf = _fold_range(q[r], Hkv, G, bs, c0, c1)  # [n, Hkv, G*bs, D]
-                kw, vw = _windows(k[r], c0, c1, bs, local), _windows(v[r], c0, c1, bs, local)
+                n = c1 - c0
+                qg = _fold_range(q[r], Hkv, G, bs, c0, c1)  # [Hkv, n, G*bs, D]
+                qf = qg.transpose(0, 1)  # [n, Hkv, G*bs, D] (a view)
+                kw, vw = _windows(k[r], c0, c1, bs, local * bs), _windows(v[r], c0, c1, bs, local * bs)
                 out, lse = _flash(qf, kw, vw, attn_mask=_range_local_mask(lmask, c0, c1, bs, local), scale=scale)
-                if c0 in vgroups:
-                    c1_, L = vgroups[c0]
-                    kpre = kv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
-                    vpre = vv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
-                    o_v, lse_v = _flash(qf, kpre, vpre, attn_mask=plan.vertical_mask(c0, c1, L, q.dtype), scale=scale)
-                    lse_v = lse_v.masked_fill(plan.empty_rows(c0, c1), NEG_INF)
-                    new = torch.logaddexp(lse, lse_v)
-                    out = out * (lse - new).exp_()[..., None] + o_v * (lse_v - new).exp_()[..., None]
-                    lse = new
-                o[r, c0 * bs:c1 * bs] = _unfold_range(out, G).transpose(0, 1)  # [n*bs, H, D]
+                if c0 in plan.groups:
+                    Lc, L = plan.groups[c0]
+                    parts = [(out, lse)]
+                    if Lc:  # every block of the range reads these: one call over the range's queries
+                        oc, lc = _flash(qg.view(1, Hkv, n * G * bs, D), kv[None, :, :Lc * bs],
+                                        vv[None, :, :Lc * bs], scale=scale)
+                        parts.append((oc[0].view(Hkv, n, G * bs, D).transpose(0, 1),
+                                      lc[0].view(Hkv, n, G * bs).transpose(0, 1)))
+                    if L > Lc:
+                        kx = kv[:, Lc * bs:L * bs].expand(n, Hkv, (L - Lc) * bs, D)
+                        vx = vv[:, Lc * bs:L * bs].expand(n, Hkv, (L - Lc) * bs, D)
+                        ox, lx = _flash(qf, kx, vx, attn_mask=plan.vertical_mask(c0, c1, Lc, L, q.dtype),
+                                        scale=scale)
+                        parts.append((ox, lx.masked_fill(plan.empty_rows(c0, c1, Lc), NEG_INF)))
+                    out, lse = _merge(parts)
+                # [n, Hkv, G, bs, D] -> rows of o: [n, bs, Hkv, G, D]
+                _rows(o[r], c0, c1, bs, Hkv, G).copy_(out.reshape(n, Hkv, G, bs, D).permute(0, 3, 1, 2, 4))
                 lse_f[r, c0:c1] = lse
         res = o[:, :T].transpose(1, 2)  # [B, H, T, D] laid out as [B, T, H, D]
         ctx.save_for_backward(q, k, v, res, lse_f)  # the output itself (refolded per range in the backward)
@@ -174,71 +203,97 @@ class _BlockSparseCPU(torch.autograd.Function):
         nb = -(-T // bs)
         padl = (local - 1) * bs
         plan = _Plan(rule, nb, Hkv, q.device, group)
-        vgroups = {qb0: (qb1, L) for qb0, qb1, L in plan.groups}
         lmask = _local_mask(bs, local, G, q.dtype, q.device)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = q.new_empty(B, T, H, D).transpose(1, 2)
+        # key gradients in [B, rows, Hkv, D] (left-padded like the windows' rows), returned as views
+        dkp = k.new_zeros(B, padl + nb * bs, Hkv, D)
+        dvp = v.new_zeros(B, padl + nb * bs, Hkv, D)
         for r in range(B):
-            dkp = k.new_zeros(Hkv, padl + nb * bs, D)  # key gradients, left-padded like the windows' rows
-            dvp = v.new_zeros(Hkv, padl + nb * bs, D)
+            dkr, dvr = dkp[r].transpose(0, 1), dvp[r].transpose(0, 1)  # [Hkv, rows, D] views
             if plan.groups:
                 kv, vv = _gather_vertical(k[r], plan, T), _gather_vertical(v[r], plan, T)
                 dkv, dvv = torch.zeros_like(kv), torch.zeros_like(vv)
             for c0 in range(0, nb, group):
                 c1 = min(nb, c0 + group)
-                qf, gf = _fold_range(q[r], Hkv, G, bs, c0, c1), _fold_range(g[r], Hkv, G, bs, c0, c1)
-                out, lse = _fold_range(o[r], Hkv, G, bs, c0, c1), lse_f[r, c0:c1]  # padded rows: out 0, grad 0
-                kw, vw = _windows(k[r], c0, c1, bs, local), _windows(v[r], c0, c1, bs, local)
-                gq, gk, gv = _flash_bwd(gf, qf, kw, vw, out, lse, 0.0, False,
-                                        attn_mask=_range_local_mask(lmask, c0, c1, bs, local), scale=scale)
-                _overlap_add(dkp, gk, c0, bs, local)
-                _overlap_add(dvp, gv, c0, bs, local)
-                if c0 in vgroups:
-                    c1_, L = vgroups[c0]
-                    kpre = kv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
-                    vpre = vv[:, :L * bs].expand(c1 - c0, Hkv, L * bs, D)
-                    gq2, gk2, gv2 = _flash_bwd(gf, qf, kpre, vpre, out, lse, 0.0, False,
-                                               attn_mask=plan.vertical_mask(c0, c1, L, q.dtype), scale=scale)
-                    gq = gq + gq2
-                    dkv[:, :L * bs] += gk2.sum(0)
-                    dvv[:, :L * bs] += gv2.sum(0)
-                rows = _unfold_range(gq, G)  # [H, n*bs, D]
-                dq[r, :, c0 * bs:min(T, c1 * bs)] = rows[:, :min(T, c1 * bs) - c0 * bs]
+                n = c1 - c0
+                qg, gg = _fold_range(q[r], Hkv, G, bs, c0, c1), _fold_range(g[r], Hkv, G, bs, c0, c1)
+                og = _fold_range(o[r], Hkv, G, bs, c0, c1)  # padded rows: out 0, grad 0
+                qf, gf, out = qg.transpose(0, 1), gg.transpose(0, 1), og.transpose(0, 1)
+                lse = lse_f[r, c0:c1]  # [n, Hkv, G*bs]
+                kw, vw = _windows(k[r], c0, c1, bs, local * bs), _windows(v[r], c0, c1, bs, local * bs)
+                lm = _range_local_mask(lmask, c0, c1, bs, local)
+                gq = torch.empty_like(qf)
+                for s0 in range(0, n, _BWD_BLOCKS):  # the window gradients [s, Hkv, local * bs, D] of a few blocks
+                    s1 = min(n, s0 + _BWD_BLOCKS)
+                    gq[s0:s1], gk, gv = _flash_bwd(gf[s0:s1], qf[s0:s1], kw[s0:s1], vw[s0:s1], out[s0:s1],
+                                                   lse[s0:s1], 0.0, False, attn_mask=lm[s0:s1], scale=scale)
+                    _overlap_add(dkr, gk, c0 + s0, bs, local)
+                    _overlap_add(dvr, gv, c0 + s0, bs, local)
+                if c0 in plan.groups:
+                    Lc, L = plan.groups[c0]
+                    if Lc:
+                        lc = lse.transpose(0, 1).reshape(1, Hkv, n * G * bs)
+                        gqc, gkc, gvc = _flash_bwd(gg.view(1, Hkv, -1, D), qg.view(1, Hkv, -1, D),
+                                                   kv[None, :, :Lc * bs], vv[None, :, :Lc * bs],
+                                                   og.view(1, Hkv, -1, D), lc, 0.0, False, scale=scale)
+                        gq += gqc[0].view(Hkv, n, G * bs, D).transpose(0, 1)
+                        dkv[:, :Lc * bs] += gkc[0]
+                        dvv[:, :Lc * bs] += gvc[0]
+                    if L > Lc:
+                        kx = kv[:, Lc * bs:L * bs].expand(n, Hkv, (L - Lc) * bs, D)
+                        vx = vv[:, Lc * bs:L * bs].expand(n, Hkv, (L - Lc) * bs, D)
+                        gqx, gkx, gvx = _flash_bwd(gf, qf, kx, vx, out, lse, 0.0, False,
+                                                   attn_mask=plan.vertical_mask(c0, c1, Lc, L, q.dtype), scale=scale)
+                        gq += gqx
+                        dkv[:, Lc * bs:L * bs] += gkx.sum(0)
+                        dvv[:, Lc * bs:L * bs] += gvx.sum(0)
+                t0, t1 = c0 * bs, min(T, c1 * bs)
+                rows = gq.reshape(n, Hkv, G, bs, D).permute(0, 3, 1, 2, 4).reshape(n * bs, H, D)
+                dq[r].transpose(0, 1)[t0:t1] = rows[:t1 - t0]
             if plan.groups:
-                _scatter_vertical(dkp, dkv, plan, padl)
-                _scatter_vertical(dvp, dvv, plan, padl)
-            dk[r] = dkp[:, padl:padl + T]
-            dv[r] = dvp[:, padl:padl + T]
+                _scatter_vertical(dkr, dkv, plan, padl)
+                _scatter_vertical(dvr, dvv, plan, padl)
+        dk = dkp[:, padl:padl + T].transpose(1, 2)  # [B, Hkv, T, D] views in k's layout
+        dv = dvp[:, padl:padl + T].transpose(1, 2)
         return dq, dk, dv, None, None, None
 
 
+def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Attention over a partition of the keys from each part's ``(out [.., D], lse [..])``: ``sum_i out_i *
+    exp(lse_i - lse)`` with ``lse = logsumexp_i lse_i`` (a part a row does not read has ``lse_i = -inf``)."""
+    lse = torch.stack([p[1] for p in parts]).logsumexp(0)
+    out = parts[0][0] * (parts[0][1] - lse).exp_()[..., None]
+    for o_i, l_i in parts[1:]:
+        out.addcmul_(o_i, (l_i - lse).exp_()[..., None])
+    return out, lse
+
+
+def _rows(x: Tensor, c0: int, c1: int, bs: int, Hkv: int, G: int) -> Tensor:
+    """Rows of query blocks ``c0..c1`` of ``x [T', H, D]`` as ``[n, bs, Hkv, G, D]`` (a view)."""
+    return x[c0 * bs:c1 * bs].view(c1 - c0, bs, Hkv, G, x.shape[-1])
+
+
 def _fold_range(x: Tensor, Hkv: int, G: int, bs: int, c0: int, c1: int) -> Tensor:
-    """Query blocks ``c0..c1`` of ``x [H, T, D]`` -> ``[c1 - c0, Hkv, G * bs, D]`` (zero rows past ``T``): GQA heads
-    folded into the rows."""
+    """Query blocks ``c0..c1`` of ``x [H, T, D]`` -> ``[Hkv, c1 - c0, G * bs, D]`` contiguous (zero rows past
+    ``T``): the GQA heads of each KV head folded into the rows of each block."""
     H, T, D = x.shape
     n = c1 - c0
     seg = x[:, c0 * bs:min(T, c1 * bs)]
     if seg.shape[1] != n * bs:
         seg = F.pad(seg, (0, 0, 0, n * bs - seg.shape[1]))
-    return seg.unflatten(0, (Hkv, G)).unflatten(2, (n, bs)).permute(2, 0, 1, 3, 4).reshape(n, Hkv, G * bs, D)
+    return seg.unflatten(0, (Hkv, G)).unflatten(2, (n, bs)).transpose(1, 2).reshape(Hkv, n, G * bs, D)
 
 
-def _unfold_range(xf: Tensor, G: int) -> Tensor:
-    """Inverse of :func:`_fold_range`: ``[n, Hkv, G * bs, D]`` -> ``[H, n * bs, D]``."""
-    n, Hkv, Gbs, D = xf.shape
-    bs = Gbs // G
-    return xf.view(n, Hkv, G, bs, D).permute(1, 2, 0, 3, 4).reshape(Hkv * G, n * bs, D)
-
-
-def _windows(x: Tensor, c0: int, c1: int, bs: int, local: int) -> Tensor:
-    """The key windows of query blocks ``c0..c1``: ``[c1 - c0, Hkv, local * bs, D]``, window ``c`` = rows ``[(c -
-    local + 1) * bs, (c + 1) * bs)`` of ``x [Hkv, T, D]`` (zeros outside ``[0, T)``, masked). A view of ``x`` when
+def _windows(x: Tensor, c0: int, c1: int, bs: int, W: int, offset: int = 0) -> Tensor:
+    """The key windows of query blocks ``c0..c1``: ``[c1 - c0, Hkv, W, D]``, window ``c`` = rows ``[offset + (c + 1)
+    * bs - W, offset + (c + 1) * bs)`` of ``x [Hkv, T, D]`` (zeros outside ``[0, T)``, masked). A view of ``x`` when
     the windows stay inside it, else a padded copy of just these rows."""
     T = x.shape[1]
-    lo, hi = (c0 - local + 1) * bs, c1 * bs
+    lo, hi = offset + (c0 + 1) * bs - W, offset + c1 * bs
     seg = x[:, max(lo, 0):min(hi, T)]
     if lo < 0 or hi > T:
         seg = F.pad(seg, (0, 0, max(-lo, 0), max(hi - T, 0)))
-    return seg.unfold(1, local * bs, bs).permute(1, 0, 3, 2)
+    return seg.unfold(1, W, bs).permute(1, 0, 3, 2)
 
 
 def _range_local_mask(lmask: Tensor, c0: int, c1: int, bs: int, local: int) -> Tensor:
@@ -277,7 +332,11 @@ def _overlap_add(dxp: Tensor, gw: Tensor, c0: int, bs: int, local: int) -> None:
     """Add window gradients ``gw [n, Hkv, local * bs, D]`` of query blocks ``c0..c0+n`` into ``dxp [Hkv, padl +
     Tp, D]``: window ``c`` covers the padded rows ``[c * bs, (c + local) * bs)``."""
     n, Hkv, W, D = gw.shape
-    gb = gw.view(n, Hkv, local, bs, D)
+    if n <= local:  # window by window
+        for i in range(n):
+            dxp[:, (c0 + i) * bs:(c0 + i) * bs + W] += gw[i]
+        return
+    gb = gw.view(n, Hkv, local, bs, D)  # block offset by block offset
     body = dxp[:, c0 * bs:(c0 + n + local - 1) * bs].view(Hkv, n + local - 1, bs, D)
     for j in range(local):
         body[:, j:j + n] += gb[:, :, j].transpose(0, 1)
