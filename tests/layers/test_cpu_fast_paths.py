@@ -198,10 +198,11 @@ BLOCK_RULES = [
 
 
 @pytest.mark.parametrize("args", BLOCK_RULES)
-@pytest.mark.parametrize("T", [45, 64])
-def test_block_sparse_cpu_matches_masked_reference(args, T):
-    """Active key blocks only (local windows + gathered vertical blocks, merged by log-sum-exp) == the masked
-    reference: output and the gradients of q, k, v (GQA 4 / 2, batch 2, ragged last block)."""
+@pytest.mark.parametrize("T,group", [(45, 2), (64, 2), (45, None), (64, None)])
+def test_block_sparse_cpu_matches_masked_reference(args, T, group):
+    """Active key blocks only (local windows + the vertical blocks every block of a range reads + the ones only some
+    read, merged by log-sum-exp) == the masked reference: output and the gradients of q, k, v (GQA 4 / 2, batch 2,
+    ragged last block; ranges of 2 query blocks and of the vertical stride)."""
     rule = LocalStrideRule(args["block_size"], args["local_blocks"], args["vertical_stride"], 4, 2,
                            args.get("head_sliding_offset", 0), args.get("homo_head", False), 0)
     g = torch.Generator().manual_seed(T)
@@ -209,7 +210,7 @@ def test_block_sparse_cpu_matches_masked_reference(args, T):
     k, v = (torch.randn(2, 2, T, 8, dtype=torch.float64, generator=g) for _ in range(2))
     w = torch.randn(2, 4, T, 8, dtype=torch.float64, generator=g)
     outs = []
-    for fn in (lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, 0.3, group=2),
+    for fn in (lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, 0.3, group=group),
                lambda a, b, c: blocked_attention(rule, a, b, c, torch.arange(T).expand(2, T), None, None, 0.3, 16,
                                                  by_slot=True)):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -1,26 +1,31 @@
 """CPU fast paths of the sparse-attention mixers over unpadded, unpacked rows (token index = slot), pinned by tests
 to the masked reference (:func:`zoo.layers.sparse_ops.blocked_attention`). Both read key windows as overlapping
-strided *views* (no copies of keys per query chunk) and give SDPA additive float masks that broadcast with stride 0.
+strided *views* of ``k, v`` (no padded or per-chunk copies of the keys), give the flash kernel additive float masks
+that broadcast with stride 0, work in groups of query blocks (every temporary is the size of one group: a fold of
+the group's queries, its outputs) and write the output straight into its final ``[B, T, H, D]`` layout.
 
-* :func:`window_attention` -- sliding window without sinks: query chunks of ``C`` tokens over the ``C + window - 1``
-  keys ending at their last token; one ``[C, C + window - 1]`` mask shared by every chunk (no bool -> float
-  conversion inside SDPA, no per-chunk or per-GQA-group mask copies).
+* :func:`window_attention` -- sliding window without sinks: the first ``window`` queries see every earlier key
+  (one causal call); the rest go in chunks of ``C`` queries over the ``C + window - 1`` keys ending at their last
+  token, one ``[C, C + window - 1]`` band mask shared by every chunk.
 * :func:`block_sparse_attention_cpu` -- dkernel's local + vertical-stride pattern (:class:`~zoo.layers.masks.
-  LocalStrideRule`) in time and memory proportional to the active blocks, forward and backward. Per query block
-  ``qb`` the keys split in two disjoint parts, each an SDPA (flash) call:
+  LocalStrideRule`) in time and memory proportional to the active blocks, forward and backward. Per range of
+  query blocks (``group``, default the vertical stride) the keys of each query block split in up to three disjoint
+  parts, each a flash call:
 
-  - local: the ``local_blocks`` blocks ending at ``qb`` (a strided window, block-causal mask shared by all blocks);
-  - vertical: KV head ``h``'s vertical blocks (``kb = r_h mod vertical_stride``) before the local window, gathered
-    once per head into a compact sequence; query block ``qb`` reads a prefix of it. Query blocks go in groups that
-    share one prefix (stride-0 over the group), a ``[group, Hkv, 1, keys]`` mask drops what a block must not see.
+  - local: the ``local_blocks`` blocks ending at the query block (a strided window, block-causal mask shared by
+    all blocks);
+  - common vertical: KV head ``h``'s vertical blocks (``kb = r_h mod vertical_stride``, gathered once per head into
+    a compact sequence) that every query block of the range reads: one call over the range's queries, no mask;
+  - extra vertical: the one or two compact blocks after those that only some query blocks of the range read
+    (stride 0 over the range, a ``[n, Hkv, 1, keys]`` mask).
 
-  The two parts merge by their log-sum-exps. The backward runs the flash backward of each part with the *merged*
-  output and log-sum-exp (exact for a partition of the keys), summing the query gradients and scattering the key
-  gradients back (windows overlap-added, vertical blocks index-added), in groups of query blocks, so memory stays
-  that of the inputs, the output and one group's gradients.
+  The parts merge by their log-sum-exps. The backward runs the flash backward of each part with the *merged*
+  output and log-sum-exp (exact for a partition of the keys), summing the query gradients and adding the key
+  gradients back (windows of a few query blocks at a time, overlap-added; vertical blocks index-added into the
+  compact sequence, then scattered), into key-gradient buffers in ``k``'s own layout that are returned as views.
 
-GQA: the ``G = H / Hkv`` query heads of a KV head are folded into the query axis (``[.., Hkv, G * bs, D]``), so the
-per-KV-head vertical mask broadcasts over them.
+GQA: the ``G = H / Hkv`` query heads of a KV head are folded into the query rows (``[.., Hkv, G * C, D]``), so the
+masks (per KV head at most) broadcast over them and the flash kernel sees longer query blocks.
 """
 
 from __future__ import annotations
