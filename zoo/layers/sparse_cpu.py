@@ -39,7 +39,7 @@ from zoo.layers.masks import LocalStrideRule
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
-_BWD_BLOCKS = 2  # query blocks per flash backward of the local windows (their key gradients are local x larger)
+_BWD_BLOCKS = 4  # query blocks per flash backward of the local windows (their key gradients are local x larger)
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, chunk: int = 64,
