@@ -9,14 +9,14 @@ the group's queries, its outputs) and write the output straight into its final `
   token, one ``[C, C + window - 1]`` band mask shared by every chunk.
 * :func:`block_sparse_attention_cpu` -- dkernel's local + vertical-stride pattern (:class:`~zoo.layers.masks.
   LocalStrideRule`) in time and memory proportional to the active blocks, forward and backward. Per range of
-  query blocks (``group``, default the vertical stride) the keys of each query block split in up to three disjoint
-  parts, each a flash call:
+  query blocks (``group``, default twice the vertical stride) the keys of each query block split in up to three
+  disjoint parts, each a flash call:
 
   - local: the ``local_blocks`` blocks ending at the query block (a strided window, block-causal mask shared by
     all blocks);
   - common vertical: KV head ``h``'s vertical blocks (``kb = r_h mod vertical_stride``, gathered once per head into
     a compact sequence) that every query block of the range reads: one call over the range's queries, no mask;
-  - extra vertical: the one or two compact blocks after those that only some query blocks of the range read
+  - extra vertical: the few compact blocks after those that only some query blocks of the range read
     (stride 0 over the range, a ``[n, Hkv, 1, keys]`` mask).
 
   The parts merge by their log-sum-exps. The backward runs the flash backward of each part with the *merged*
@@ -43,7 +43,7 @@ _BWD_BLOCKS = 4  # query blocks per flash backward of the local windows (their k
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, chunk: int = 64,
-                     group: int = 32) -> Tensor:
+                     group: int = 128) -> Tensor:
     """Sliding-window causal attention (``i - window < j <= i``), ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``.
     Returns ``o [B, H, T, D]`` laid out as ``[B, T, H, D]`` (``o.transpose(1, 2).reshape(B, T, H * D)`` is a view).
 
@@ -110,7 +110,7 @@ class _Plan:
         first_local = (torch.arange(nb) - self.local + 1).clamp(min=0)  # [nb]
         self.m = ((first_local[:, None] - self.residue[None, :] + S - 1) // S).clamp(min=0)  # [nb, Hkv]
         # qb0 -> (Lc, L): query blocks [qb0, qb0 + group) all read the compact blocks < Lc (every head), some of
-        # them the blocks Lc..L-1 too (within a group of vertical_stride blocks, L - Lc <= 2)
+        # them the blocks Lc..L-1 too (L - Lc <= group / vertical_stride + 1)
         self.groups: dict[int, tuple[int, int]] = {}
         for qb0 in range(0, nb, group):
             qb1 = min(nb, qb0 + group)
@@ -142,7 +142,7 @@ def _local_mask(bs: int, local: int, G: int, dtype: torch.dtype, device: torch.d
 
 
 class _BlockSparseCPU(torch.autograd.Function):
-    """Query blocks in ranges of ``group`` (the vertical groups' ranges). Each range's queries are folded once
+    """Query blocks in ranges of ``group``. Each range's queries are folded once
     (``[Hkv, n, G * bs, D]``: viewed per block for the local and the masked vertical part, as one sequence for the
     common vertical part), its key windows are views of ``k, v`` (a small padded copy only where a window leaves
     ``[0, T)``), so no folded or padded copy of a whole tensor exists; the output is written in its final
@@ -150,7 +150,7 @@ class _BlockSparseCPU(torch.autograd.Function):
 
     Up to three flash calls per range, a partition of each query's keys, merged by log-sum-exp: the local windows
     (per block, block-causal mask), the vertical blocks every query block of the range reads (one call over the
-    range's queries, no mask, no copy of the keys per block), the last one or two vertical blocks only some of
+    range's queries, no mask, no copy of the keys per block), the last few vertical blocks only some of
     them read (per block, masked)."""
 
     @staticmethod
@@ -267,7 +267,7 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Attention over a partition of the keys from each part's ``(out [.., D], lse [..])``: ``sum_i out_i *
     exp(lse_i - lse)`` with ``lse = logsumexp_i lse_i`` (a part a row does not read has ``lse_i = -inf``)."""
     lse = torch.stack([p[1] for p in parts]).logsumexp(0)
-    out = parts[0][0] * (parts[0][1] - lse).exp_()[..., None]
+    out = parts[0][0].mul_((parts[0][1] - lse).exp_()[..., None])  # in place: the parts are fresh kernel outputs
     for o_i, l_i in parts[1:]:
         out.addcmul_(o_i, (l_i - lse).exp_()[..., None])
     return out, lse
@@ -350,6 +350,7 @@ def _overlap_add(dxp: Tensor, gw: Tensor, c0: int, bs: int, local: int) -> None:
 def block_sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, rule: LocalStrideRule, scale: float,
                                group: int | None = None) -> Tensor:
     """Local + vertical-stride block-sparse causal attention of unpadded rows, ``q [B, H, T, D]``, ``k, v [B, Hkv,
-    T, D]`` -> ``o [B, H, T, D]`` (laid out as ``[B, T, H, D]``); differentiable. ``group``: query blocks per
-    vertical call (default: the vertical stride, over which the vertical prefix grows by at most one block)."""
-    return _BlockSparseCPU.apply(q, k, v, rule, scale, group or rule.vertical_stride)
+    T, D]`` -> ``o [B, H, T, D]`` (laid out as ``[B, T, H, D]``); differentiable. ``group``: query blocks per range
+    (default: twice the vertical stride; over a range the vertical prefix grows by at most two blocks, the masked
+    extra part, while fewer ranges mean fewer kernel launches and synchronisations)."""
+    return _BlockSparseCPU.apply(q, k, v, rule, scale, group or 2 * rule.vertical_stride)
