@@ -142,3 +142,17 @@ def test_select_cpu_equals_reference_stage_1(exact):
         got = select_cpu(qs, qpos, c1, c2, v1, v1, v2, block_size=bsz, kernel_stride=s, num_blocks=nB, scale=0.3,
                          width=5, rows=rows, threads=threads, **sel)
         assert torch.equal(got, want)
+
+
+def test_block_scores_cpu_with_far_apart_scores():
+    """Terms below e^FLOOR count as 0 (no slow exp path): the scores still match the reference to 1e-20."""
+    torch.manual_seed(4)
+    B, Hkv, G, Tq, D = 1, 1, 4, 6, 8
+    q = torch.randn(B, Hkv * G, Tq, D, dtype=torch.float64) * 30
+    c1 = torch.randn(B, Hkv, 16, D, dtype=torch.float64)
+    v1 = e1 = torch.full((B, Tq), 16)
+    kw = dict(block_size=2, kernel_stride=2, num_blocks=16, scale=1.0)  # exact variant (normalised over C1)
+    got = block_scores_cpu(q, c1, None, v1, e1, None, **kw)
+    want = block_scores_ref(q, c1, None, v1, e1, None, **kw)
+    assert want.min() < 1e-30  # the case is extreme enough
+    torch.testing.assert_close(got, want, atol=1e-20, rtol=1e-9)

@@ -45,8 +45,8 @@ FLOOR = -60.0
 
 
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
-                         scale: float | None = None, chunk: int = 32, seg_pairs: int = 1 << 15,
-                         batch_rows: int = 1 << 12, threads: int | None = None) -> Tensor:
+                         scale: float | None = None, chunk: int = 16, seg_pairs: int = 1 << 15,
+                         batch_rows: int = 1 << 13, threads: int | None = None) -> Tensor:
     """Attention of ``q [B, H, Tq, D]`` (positions ``qpos [B, Tq]``) over the keys ``t <= qpos`` of the selected blocks
     ``idx [B, Hkv, Tq, W]`` (-1 padded) of ``k, v [B, Hkv, N, D]`` -> ``[B, H, Tq, D]`` in q.dtype (fp32 math for half
     inputs, fp64 stays fp64). A query without a visible key returns zeros. ``chunk``: queries per matmul (its rows are
@@ -72,7 +72,9 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
     diag = ((blk + 1) * bs - 1 > qp).reshape(R, W)  # pairs whose block ends after the query: masked chunks
     base = (torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(Hkv, device=dev)) * nb  # [B, Hkv]
     nrows = B * Hkv * nb
-    key = ((base[:, :, None, None] + blk.clamp(min=0)).reshape(R, W) + diag * nrows)  # masked chunks sort last
+    # chunk order: the diagonal (masked) chunks first, then the blocks from the latest down; a query's running max is
+    # then mostly set by its first chunks (its own block, its recent blocks), so few accumulators need rescaling
+    key = (nrows - 1 - (base[:, :, None, None] + blk.clamp(min=0)).reshape(R, W)) + (~diag) * nrows
     qposr = torch.cat([qpos[:, None, :].expand(B, Hkv, Tq).reshape(R), qpos.new_full((1,), -1)])
     per_q = valid.sum(-1)
     cum = per_q.cumsum(0)
@@ -85,7 +87,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
 
     def chunks(r0: int, r1: int) -> tuple[Tensor, Tensor, int, list[int]]:
         """The segment's chunks: query rows ``cq [nC, chunk]`` (R = padding), block rows ``cblk [nC]``, the count of
-        unmasked chunks (they come first) and the batch bounds (a batch never mixes the two kinds)."""
+        masked chunks (they come first) and the batch bounds (a batch never mixes the two kinds)."""
         keys = key[r0:r1].reshape(-1)[valid[r0:r1].reshape(-1)]
         qq = torch.arange(r0, r1, device=dev).repeat_interleave(per_q[r0:r1])
         keys, order = torch.sort(keys, stable=True)
@@ -98,15 +100,14 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
         nC = int(nch.sum())
         cq = torch.full((nC * chunk,), R, dtype=torch.long, device=dev).index_put_((slot,), qq).view(nC, chunk)
         ckey = torch.repeat_interleave(gkey, nch)
-        masked = ckey >= nrows
-        n_plain = nC - int(masked.sum())
+        n_masked = int((ckey < nrows).sum())
         step = max(1, batch_rows // (chunk * G))
-        bounds = sorted({*range(0, n_plain, step), *range(n_plain, nC, step), nC})
-        return cq, torch.where(masked, ckey - nrows, ckey), n_plain, bounds
+        bounds = sorted({*range(0, n_masked, step), *range(n_masked, nC, step), nC})
+        return cq, nrows - 1 - ckey % nrows, n_masked, bounds
 
     def segment(r0: int, r1: int) -> Tensor:  # output rows [r1 - r0, G * D]
-        cq, cblk, n_plain, bounds = chunks(r0, r1)
-        return (_merged if grad else _online)(ctx, cq, cblk, n_plain, bounds, r0, r1 - r0)
+        cq, cblk, n_masked, bounds = chunks(r0, r1)
+        return (_merged if grad else _online)(ctx, cq, cblk, n_masked, bounds, r0, r1 - r0)
 
     if grad:
         outs = [segment(r0, r1) for r0, r1 in segs]
@@ -172,43 +173,47 @@ def _scores(c: _Ctx, cq: Tensor, cblk: Tensor, masked: bool, values: bool = True
     return S, c.vb.index_select(0, cblk) if values else None, hide
 
 
-def _online(c: _Ctx, cq: Tensor, cblk: Tensor, n_plain: int, bounds: list[int], r0: int, nq: int) -> Tensor:
+def _online(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int], r0: int, nq: int) -> Tensor:
     """No-gradient path: online softmax over the batches, accumulated per (query, head) of the segment. V carries
     a column of ones, so the second matmul also yields the row sums ``l`` (accumulated with the outputs)."""
     G, D, dev = c.G, c.D, cq.device
-    heads = torch.arange(G, device=dev)
+    qi_all = (cq - r0).clamp_(max=nq)  # [nC, chunk] segment query of each slot (padding -> nq)
+    qh_all = (qi_all[..., None] * G + torch.arange(G, device=dev)).view(cq.shape[0], -1)  # [nC, chunk*G]
     M = torch.full(((nq + 1) * G,), -math.inf, dtype=c.cdt, device=dev)  # running max per (query, head); +1: padding
     acc = torch.zeros(nq + 1, G * (D + 1), dtype=c.cdt, device=dev)  # per head: o [D] and l
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
-        rows = cq[c0:c1]
-        qi = (rows - r0).clamp_(max=nq).reshape(-1)  # segment query of each slot (padding -> nq)
-        qh = (qi[:, None] * G + heads).reshape(-1)
-        S, _, hide = _scores(c, rows, cblk[c0:c1], c0 >= n_plain, values=False)
+        qh = qh_all[c0:c1].reshape(-1)
+        S, _, hide = _scores(c, cq[c0:c1], cblk[c0:c1], c0 < n_masked, values=False)
         if hide is not None:
             S.masked_fill_(hide, -math.inf)
-        m = S.amax(-1).reshape(-1)  # [n*chunk*G]
-        M_new = M.scatter_reduce(0, qh, m, "amax")
+        m = S.amax(-1)  # [n, chunk*G]
+        M_new = M.scatter_reduce(0, qh, m.view(-1), "amax")
         raised = torch.nonzero((M_new > M) & (M > -math.inf)).squeeze(1)  # accumulators to rescale
-        if raised.numel():
-            O2 = acc.view(-1, D + 1)
-            O2.index_copy_(0, raised, O2.index_select(0, raised).mul_(torch.exp(M[raised] - M_new[raised])[:, None]))
+        if raised.numel():  # rescale; a drop below FLOOR flushes to 0 (no denormal accumulators)
+            drop = M[raised] - M_new[raised]
+            alpha = torch.exp(drop.clamp(min=FLOOR)).masked_fill_(drop < FLOOR, 0.0)
+            a2 = acc.view(-1, D + 1)
+            a2.index_copy_(0, raised, a2.index_select(0, raised).mul_(alpha[:, None]))
         M = M_new
-        S.sub_(M.masked_fill(M == -math.inf, 0.0)[qh].view(S.shape[0], S.shape[1], 1)).clamp_(min=FLOOR)
+        shift = M.masked_fill(M == -math.inf, 0.0)[qh].view_as(m)
+        S.sub_(shift[..., None]).clamp_(min=FLOOR)  # exp of -inf or < -87 is slow: masked keys are zeroed after it
+        S.exp_()
         if hide is not None:
-            S.masked_fill_(hide, -math.inf)
-        acc.index_add_(0, qi, torch.bmm(S.exp_(), c.vb1.index_select(0, cblk[c0:c1])).view(-1, G * (D + 1)))
+            S.masked_fill_(hide, 0.0)
+        acc.index_add_(0, qi_all[c0:c1].view(-1),
+                       torch.bmm(S, c.vb1.index_select(0, cblk[c0:c1])).view(-1, G * (D + 1)))
     acc = acc[:nq].view(nq, G, D + 1)
     L = acc[..., D:]
     return (acc[..., :D] / torch.where(L > 0, L, 1.0)).reshape(nq, G * D)
 
 
-def _merged(c: _Ctx, cq: Tensor, cblk: Tensor, n_plain: int, bounds: list[int], r0: int, nq: int) -> Tensor:
+def _merged(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int], r0: int, nq: int) -> Tensor:
     """Differentiable path: a partial softmax per chunk row (local max ``m``, sum ``l``, output ``P @ V``), merged per
     (query, head) with the weights ``exp(m - max m)``; no in-place update of anything autograd saved."""
     G, D, dev = c.G, c.D, cq.device
     parts = []
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
-        S, Vg, hide = _scores(c, cq[c0:c1], cblk[c0:c1], c0 >= n_plain)
+        S, Vg, hide = _scores(c, cq[c0:c1], cblk[c0:c1], c0 < n_masked)
         if hide is not None:
             S = S.masked_fill(hide, -math.inf)
         m = S.detach().amax(-1, keepdim=True)
@@ -231,13 +236,23 @@ def _merged(c: _Ctx, cq: Tensor, cblk: Tensor, n_plain: int, bounds: list[int], 
     return (acc[:nq].view(nq, G, D) / torch.where(L > 0, L, 1.0).view(nq, G, 1)).view(nq, G * D)
 
 
+def _exp_floor(x: Tensor) -> Tensor:
+    """``exp(x)`` in place, with the terms below ``e^FLOOR`` set to 0 (not computed: torch's ``exp`` takes a ~100x
+    slower path for inputs below -87, and the CUDA kernel's fast-math ``exp`` flushes such denormals to 0 anyway):
+    ``exp(max(x, FLOOR)) - e^FLOOR``, exact for those terms, off by ``e^FLOOR`` (8.7e-27) for the others."""
+    return x.clamp_(min=FLOOR).exp_().sub_(math.exp(FLOOR))
+
+
 def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: Tensor, v2: Tensor | None, *,
                      block_size: int, kernel_stride: int, num_blocks: int, scale: float,
                      score_dtype: torch.dtype | None = None) -> Tensor:
-    """:func:`~zoo.kernels.infllmv2.reference.block_scores_ref` with fewer passes (same values): the scale folded
-    into the matmuls, the normaliser subtracted inside them (``baddbmm``), masks applied only to the columns some
-    query of the call cannot see (``[min count, max count)``), compressed keys beyond every query's count skipped,
-    max pooling on a ``[.., num_blocks, st]`` view. Prefill-sized calls (one host synchronisation for the counts)."""
+    """:func:`~zoo.kernels.infllmv2.reference.block_scores_ref` with fewer passes: the normaliser subtracted inside
+    the matmul (``baddbmm``), masks applied only to the columns some query of the call cannot see
+    (``[min count, max count)``), compressed keys beyond every query's count skipped, max pooling on a
+    ``[.., num_blocks, st]`` view. Same values, except terms ``exp(.) < e^FLOOR`` of the sums, which count as 0
+    (:func:`_exp_floor`): a block score changes by at most ``G e^FLOOR`` (1e-25), which can only reorder blocks whose
+    scores are that small for every head (they then tie at 0: lower block first). Prefill-sized calls (host
+    synchronisations for the counts)."""
     B, H, Tq, D = q.shape
     Hkv = c1.shape[1]
     G = H // Hkv
@@ -261,12 +276,17 @@ def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
     else:
         assert v2 is not None
         cn, vn = c2[:, :, : min(c2.shape[2], int(v2.max()) if v2.numel() else 0)], v2
-    ln = torch.bmm(qg, cn.to(cdt).reshape(B * Hkv, cn.shape[2], D).transpose(1, 2), ).mul_(scale)
-    lse = torch.logsumexp(tail_fill(ln, vn, -math.inf), dim=-1, keepdim=True)  # [B*Hkv, G*Tq, 1]
-    del ln
+    if cn.shape[2]:  # lse [B*Hkv, G*Tq, 1]
+        ln = torch.bmm(qg, cn.to(cdt).reshape(B * Hkv, cn.shape[2], D).transpose(1, 2)).mul_(scale)
+        top = tail_fill(ln, vn, -math.inf).amax(-1, keepdim=True)
+        top = top.masked_fill_(top == -math.inf, 0.0)
+        lse = tail_fill(_exp_floor(ln.sub_(top)), vn, 0.0).sum(-1, keepdim=True).log_().add_(top)
+        del ln
+    else:
+        lse = qg.new_full((B * Hkv, G * Tq, 1), -math.inf)
     c1t = c1[:, :, :n1].to(cdt).reshape(B * Hkv, n1, D).transpose(1, 2)
     p = torch.baddbmm(lse.expand(-1, -1, n1), qg, c1t, beta=-1.0, alpha=scale)  # q . C1 * scale - lse
-    p = tail_fill(p, v1, -math.inf).exp_()  # -inf - (-inf) would be NaN: lse is finite or the row is all +inf
+    p = tail_fill(_exp_floor(p), v1, 0.0)  # lse = -inf: the row is +inf (no NaN)
     S = p.view(B, Hkv, G, Tq, n1).sum(2)  # [B, Hkv, Tq, n1]
     del p
     S = tail_fill(S.view(B * Hkv, Tq, n1), e1, -math.inf).view(B, Hkv, Tq, n1)
