@@ -114,7 +114,7 @@ class DecodePlan:
     """What a layer's decode step reads every token besides the in/out projection weights, derived once from the
     parameters in the step's dtypes instead of per token: ``negA = -exp(A_log)``; the in_proj bias with ``dt_bias``
     in the ``dt`` slots (the GEMV adds it; None when ``dt`` must be cast to the accumulation dtype first, then
-    ``dt_bias`` is added after the cast); ``D`` shaped for ``y [B, H, P]``; the conv taps as ``[C, K]`` and
+    ``dt_bias`` is added after the cast); ``D`` per channel ``[d_ssm]``; the conv taps as ``[C, K]`` and
     ``[K, C]`` and the conv bias (in the conv state's dtype); the norm weight and ``eps``; the thresholds.
 
     ``key``: the dtypes, ``state_norm_threshold``, ``decay_scale`` and every source parameter's storage and version
@@ -165,8 +165,7 @@ def decode_plan(m, conv_dtype: torch.dtype, acc: torch.dtype, io_dtype: torch.dt
             bias = torch.zeros(n_in, dtype=acc, device=A_log.device) if in_b is None else in_b.to(acc, copy=True)
             bias[n_in - H:] += plan.dt_bias
             plan.in_bias = bias
-        D = D.to(acc)
-        plan.D = D.view(H, P) if m.D_has_hdim else D[:, None]
+        plan.D = D.to(acc) if m.D_has_hdim else D.to(acc).repeat_interleave(P)  # [d_ssm]
         plan.conv_w = conv_w[:, 0].to(conv_dtype).contiguous()  # [C, K]
         plan.conv_wt = plan.conv_w.t().contiguous()  # [K, C]
         plan.conv_b = None if conv_b is None else conv_b.to(conv_dtype)
@@ -242,9 +241,9 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         Bm = Bm * m.input_scale
     xh = xs.view(Bsz, H, P)
     dtx = xh * dt[..., None]  # [B, H, P]
-    ssm.mul_(decay.exp_()[..., None, None])  # S = exp(dt A) S + dt x B^T
+    ssm.mul_(decay.exp_().view(Bsz, H, 1, 1))  # S = exp(dt A) S + dt x B^T
     Sg.baddbmm_(dtx.view(Bsz * G, -1, 1), Bm.reshape(Bsz * G, 1, N))
-    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, H, P).addcmul_(xh, plan.D)  # y = S C + D x
+    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, m.d_ssm).addcmul_(xs, plan.D)  # y = S C + D x
     if plan.thresholds is not None:  # renormalise every chunk_size-th real token (no host sync: a where on the scale)
         fire = (state.seen + 1) % m.chunk_size == 0
         scale = torch.clamp(plan.thresholds / torch.linalg.vector_norm(ssm, dim=(-2, -1), keepdim=True)
@@ -254,15 +253,17 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     if z.dtype != acc:
         z = z.to(acc)
     if plan.norm_w is None:  # no norm: the gate only
-        y = y.view(Bsz, m.d_ssm).mul_(F.silu(z))
+        y = y.mul_(F.silu(z))
     else:  # rmsnorm over groups of gs channels: y / sqrt(mean(y^2) + eps) * w, gated before (or after) it
         gs = m.d_ssm // G
-        y = y.view(Bsz, G, gs)
-        if not mods["norm"].norm_before_gate:
-            y = F.silu(z).view(Bsz, G, gs).mul_(y)
-        n = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        y = y.mul_(torch.addcmul(plan.eps, n, n, value=1.0 / gs).rsqrt_()).view(Bsz, m.d_ssm).mul_(plan.norm_w)
-        if mods["norm"].norm_before_gate:
+        gate_first = not mods["norm"].norm_before_gate
+        if gate_first:
+            y = F.silu(z).mul_(y)
+        yg = y if G == 1 else y.view(Bsz, G, gs)
+        n = torch.linalg.vector_norm(yg, dim=-1, keepdim=True)
+        yg.mul_(torch.addcmul(plan.eps, n, n, value=1.0 / gs).rsqrt_())
+        y = y.mul_(plan.norm_w)
+        if not gate_first:
             y = y.mul_(F.silu(z))
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
