@@ -11,7 +11,8 @@ Math (per head ``h`` with ``P = headdim`` channels, group ``g = h // (H / G)``, 
 
 The parallel path is the chunked SSD scan (``zoo.kernels.ssd``); with a state the call continues from it
 (``initial_states``, the conv window of the last ``d_conv`` pre-conv inputs), and single tokens take the
-recurrent step. A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
+recurrent step (without autograd and padding: the lean in-place step of ``zoo.layers.mamba2_ops``, pinned to the
+reference step by tests). A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
 ``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
 
 Sequence parallelism (:meth:`Mamba2.forward_sequence_parallel`, ``zoo.distributed``): rank ``r`` of ``R`` scans its
@@ -55,7 +56,8 @@ from zoo.registry import register_mixer
 
 @dataclass
 class Mamba2State(State):
-    """``conv_state [B, conv_dim, d_conv]`` (last pre-conv inputs), ``ssm_state [B, H, P, N]`` fp32,
+    """``conv_state [B, conv_dim, d_conv]`` (last pre-conv inputs; stored as ``[B, d_conv, conv_dim]`` rows by
+    ``init_state`` and the prefills, any layout accepted), ``ssm_state [B, H, P, N]`` fp32,
     ``seen [B]`` real tokens consumed; with ``state_window``: ``lag_state`` (the state ``r`` tokens ago) and the
     ring of the last ``r`` tokens ``win_x [B, r, H, P]``, ``win_dt [B, r, H]``, ``win_B [B, r, G, N]``,
     ``win_off [B, r, H]``."""
