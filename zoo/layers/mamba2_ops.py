@@ -217,38 +217,39 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     plan = decode_plan(m, cs.dtype, acc, x.dtype)
     mods = m._modules
     in_proj = mods["in_proj"]._parameters
-    zx = F.linear(x.view(Bsz, -1), in_proj["weight"], in_proj["bias"] if plan.in_bias is None else plan.in_bias)
+    # every per-token tensor stays [B, 1, *] (the layer's own layout): no reshapes in and out
+    zx = F.linear(x, in_proj["weight"], in_proj["bias"] if plan.in_bias is None else plan.in_bias)  # [B, 1, n]
     z0, x0, z, xBC, dt = zx.split(m._decode_split, dim=-1)
     _, _, Sg, cw = _state_views(m, state)
     if cw is not None:  # the window as [B, K, C] rows: shift by one row, taps summed over the outer axis
-        win = torch.cat([cw[:, 1:], xBC[:, None]], dim=1)  # [B, K, C]: the window ending at this token
+        win = torch.cat([cw[:, 1:], xBC], dim=1)  # [B, K, C]: the window ending at this token
         cw.copy_(win)
-        xBC = win.mul_(plan.conv_wt).sum(1)  # [B, C]
+        xBC = win.mul_(plan.conv_wt).sum(1, keepdim=True)  # [B, 1, C]
     else:  # any other layout of the [B, C, K] conv state
-        win = torch.cat([cs[..., 1:], xBC[..., None]], dim=-1)
+        win = torch.cat([cs[..., 1:], xBC.view(Bsz, -1, 1)], dim=-1)
         cs.copy_(win)
-        xBC = win.mul_(plan.conv_w).sum(-1)
+        xBC = win.mul_(plan.conv_w).sum(-1).view(Bsz, 1, -1)
     if plan.conv_b is not None:
         xBC.add_(plan.conv_b)
-    xBC = F.silu(xBC, inplace=True)  # [B, C]
+    xBC = F.silu(xBC, inplace=True)  # [B, 1, C]
     if xBC.dtype != acc:
         xBC = xBC.to(acc)
     xs, Bm, Cm = xBC.split(m._decode_xbc_split, dim=-1)  # [d_ssm, G N, G N]
-    dt = F.softplus(dt if plan.in_bias is not None else dt.to(acc) + plan.dt_bias)  # [B, H]
+    dt = F.softplus(dt if plan.in_bias is not None else dt.to(acc) + plan.dt_bias)  # [B, 1, H]
     if m.dt_limit != (0.0, float("inf")):
         dt = dt.clamp_(*m.dt_limit)
     if m.dt_scale != 1.0:
         dt = dt.mul_(m.dt_scale)
-    decay = torch.mul(dt, plan.negA)  # dt A  [B, H]
+    decay = torch.mul(dt, plan.negA)  # dt A  [B, 1, H]
     if m.decay_scale != 1.0:
         decay.add_(plan.log_decay_scale)
     if m.input_scale != 1.0:
         Bm = Bm * m.input_scale
     xh = xs.view(Bsz, H, P)
-    dtx = xh * dt[..., None]  # [B, H, P]
+    dtx = xh * dt.view(Bsz, H, 1)  # [B, H, P]
     ssm.mul_(decay.exp_().view(Bsz, H, 1, 1))  # S = exp(dt A) S + dt x B^T
     Sg.baddbmm_(dtx.view(Bsz * G, -1, 1), Bm.reshape(Bsz * G, 1, N))
-    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, m.d_ssm).addcmul_(xs, plan.D)  # y = S C + D x
+    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, 1, m.d_ssm).addcmul_(xs, plan.D)  # y = S C + D x
     if plan.thresholds is not None:  # renormalise every chunk_size-th real token (no host sync: a where on the scale)
         fire = (state.seen + 1) % m.chunk_size == 0
         scale = torch.clamp(plan.thresholds / torch.linalg.vector_norm(ssm, dim=(-2, -1), keepdim=True)
@@ -264,7 +265,7 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         gate_first = not mods["norm"].norm_before_gate
         if gate_first:
             y = F.silu(z).mul_(y)
-        yg = y if G == 1 else y.view(Bsz, G, gs)
+        yg = y if G == 1 else y.view(Bsz, G, gs)  # [B, 1, d_ssm] or [B, G, gs]
         n = torch.linalg.vector_norm(yg, dim=-1, keepdim=True)
         yg.mul_(torch.addcmul(plan.eps, n, n, value=1.0 / gs).rsqrt_())
         y = y.mul_(plan.norm_w)
@@ -275,4 +276,4 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     if m.d_mlp > 0:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     out_proj = mods["out_proj"]._parameters
-    return F.linear(y, out_proj["weight"], out_proj["bias"]).view(Bsz, 1, -1)
+    return F.linear(y, out_proj["weight"], out_proj["bias"])  # [B, 1, d_model]
