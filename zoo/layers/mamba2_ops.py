@@ -7,8 +7,9 @@
   weight dots, the bias sum).
 * :func:`decode_step_` — one token of the recurrence written into the state in place (no per-token allocation of the
   ``[B, H, P, N]`` state): ``S <- exp(dt A) S + dt x B^T``, ``y = S C + D x``; the conv as a multiply-sum over the
-  rolling window. About 35 aten calls per token (the reference step issues ~100): what the step derives from the
-  parameters comes from a :class:`DecodePlan` cached on the layer, the state's views from a cache on the state.
+  rolling window. About 35 calls per token (72 aten events with the nested ones; the step before issue 17: 130): what
+  the step derives from the parameters comes from a :class:`DecodePlan` cached on the layer, the state's views from a
+  cache on the state.
   Measured on the 2-core CPU, most of what a step costs beyond its two GEMVs in a multi-layer model is memory: the
   ``[B, H, P, N]`` state comes back from DRAM every token, and every small op after a GEMV starts with cold caches
   (the step fused by ``torch.compile`` measured no faster in the 24-layer model, one thread: so there is no compiled
@@ -203,7 +204,7 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     """One token through the Mamba-2 layer ``m`` (no padding, no autograd, no ``state_window``), the state updated
     in place: ``x [B, 1, d_model] -> [B, 1, d_model]``.
 
-    About 40 aten calls and two GEMVs: the in_proj GEMV (adding ``dt_bias``); the conv window shifted by one
+    About 35 calls and two GEMVs: the in_proj GEMV (adding ``dt_bias``); the conv window shifted by one
     concatenation copied into the state and its multiply-sum with the taps (bias included); ``dt``, the decay and
     ``dt x``; the SSM state decayed in place (``mul_``), the rank-1 input added per group in place (``baddbmm_``),
     ``y = S C`` as one batched GEMV; the gated group RMSNorm; the out_proj GEMV. Parameter-derived tensors come from
