@@ -32,7 +32,7 @@ from zoo.bench.floors import GemmFloorAdapter, gemm_floor_callables, streamed_pa
 from zoo.bench.memory import MemoryProbe
 from zoo.bench.timing import fit_exponent, time_interleaved
 
-DECODE_MIN_REPEATS = 10  # single-token steps are cheap: time at least this many (medians of tiny ops are noisy)
+DECODE_MIN_REPEATS = 40  # single-token steps are cheap: time at least this many (medians of 10 swung 2x under load)
 SPREAD_LIMIT = 0.2
 FLOOR = "floor:gemm"  # the GEMM floor's entry while timing (stored under result['floor'])
 

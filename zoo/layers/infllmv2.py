@@ -33,7 +33,8 @@ Left in both modes: ties between equal block scores go to the lower block, and f
 unnormalised (+inf) scores (the reference's CUDA top-k leaves both orders unspecified). ``use_nope`` scores with the
 q, k before RoPE (the attention itself uses them after RoPE). Decode keeps the compressed keys in the state and
 appends one as each stride fills (the tail of not yet compressed keys is the end of the KV cache); its cost is
-bounded by the selected blocks, not the context. Kernels (CUDA: Triton, CPU: torch, :mod:`zoo.kernels.infllmv2`):
+bounded by the selected blocks, not the context. Kernels (CUDA: Triton; CPU prefill: the block-stationary torch
+schedule of ``kernels/infllmv2/cpu.py``; :mod:`zoo.kernels.infllmv2`):
 stage 1 fuses scoring, the group sum and pooling; stage 2 attends over per-query block lists.
 Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
 """
@@ -47,7 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.kernels.infllmv2 import block_scores, compress_keys, select_blocks, sparse_attention, visible_windows
+from zoo.kernels.backend import use_triton
+from zoo.kernels.infllmv2 import (
+    block_scores,
+    compress_keys,
+    select_blocks,
+    select_cpu,
+    sparse_attention,
+    visible_windows,
+)
 from zoo.layers.attention import Attention
 from zoo.layers.base import BenchCase, State
 from zoo.layers.rope import apply_rotary
@@ -112,7 +121,7 @@ class InfLLMv2(Attention):
         description="InfLLM-v2 (MiniCPM4 sparse_config, one GQA group of 16) against dense causal attention"),)
     citations = Attention.citations + (CITATION,)
     sequence_parallel = True  # Ulysses slices of whole KV-head groups: selection and attention stay per group
-    query_tile: int | None = None  # torch sparse path schedule for prefill (None: chosen from the union sizes)
+    query_tile: int | None = None  # CPU prefill: None = block-stationary (kernels/infllmv2/cpu.py), 1 / C = reference
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, kernel_size: int = 32, kernel_stride: int = 16,
                  init_blocks: int = 1, block_size: int = 64, window_size: int = 2048, topk: int = 64,
@@ -222,6 +231,11 @@ class InfLLMv2(Attention):
         """Block indices ``[B, Hkv, Tq, width]`` of the queries ``qs [B, H, Tq, D]`` at ``qpos [B, Tq]``."""
         B, H, Tq, _ = qs.shape
         v1, e1, v2 = self._counts(qpos, lengths)
+        if Tq > 1 and not use_triton(qs, c1):  # CPU prefill: cache-sized query chunks on threads (cpu.py)
+            return select_cpu(qs, qpos, c1, c2, v1, e1, v2, block_size=self.block_size,
+                              kernel_stride=self.kernel_stride, num_blocks=num_blocks, scale=self.scale,
+                              init_blocks=self.init_blocks, local_blocks=self.local_blocks, budget=self.budget,
+                              width=width, score_dtype=qs.dtype, dense=dense)
         chunk = max(1, (1 << 24) // max(1, B * H * (c1.shape[2] + (0 if c2 is None else c2.shape[2]) + num_blocks)))
         out = []
         for t0 in range(0, Tq, chunk):

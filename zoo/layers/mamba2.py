@@ -11,7 +11,8 @@ Math (per head ``h`` with ``P = headdim`` channels, group ``g = h // (H / G)``, 
 
 The parallel path is the chunked SSD scan (``zoo.kernels.ssd``); with a state the call continues from it
 (``initial_states``, the conv window of the last ``d_conv`` pre-conv inputs), and single tokens take the
-recurrent step. A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
+recurrent step (without autograd and padding: the lean in-place step of ``zoo.layers.mamba2_ops``, pinned to the
+reference step by tests). A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
 ``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
 
 Sequence parallelism (:meth:`Mamba2.forward_sequence_parallel`, ``zoo.distributed``): rank ``r`` of ``R`` scans its
@@ -55,7 +56,8 @@ from zoo.registry import register_mixer
 
 @dataclass
 class Mamba2State(State):
-    """``conv_state [B, conv_dim, d_conv]`` (last pre-conv inputs), ``ssm_state [B, H, P, N]`` fp32,
+    """``conv_state [B, conv_dim, d_conv]`` (last pre-conv inputs; stored as ``[B, d_conv, conv_dim]`` rows by
+    ``init_state`` and the prefills, any layout accepted), ``ssm_state [B, H, P, N]`` fp32,
     ``seen [B]`` real tokens consumed; with ``state_window``: ``lag_state`` (the state ``r`` tokens ago) and the
     ring of the last ``r`` tokens ``win_x [B, r, H, P]``, ``win_dt [B, r, H]``, ``win_B [B, r, G, N]``,
     ``win_off [B, r, H]``."""
@@ -151,6 +153,8 @@ class Mamba2(Mixer):
         self.state_window = state_window
         G, N, H = ngroups, d_state, self.nheads
         self.conv_dim = self.d_ssm + 2 * G * N
+        self._decode_split = [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H]  # in_proj's parts
+        self._decode_xbc_split = [self.d_ssm, G * N, G * N]  # the conv output's parts
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * G * N + H, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1,
                                 bias=conv_bias)
@@ -295,7 +299,9 @@ class Mamba2(Mixer):
                    max_length: int | None = None) -> Mamba2State:
         H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
         acc = torch.float64 if dtype == torch.float64 else torch.float32  # states accumulate in fp32 (fp64 stays)
-        st = Mamba2State(conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype, device=device),
+        # conv_state [B, C, K] laid out as [B, K, C] in memory (as the prefills leave it): rows shift in a decode step
+        window = torch.zeros(batch_size, self.d_conv, self.conv_dim, dtype=dtype, device=device).transpose(1, 2)
+        st = Mamba2State(conv_state=window,
                          ssm_state=torch.zeros(batch_size, H, P, N, dtype=acc, device=device),
                          seen=torch.zeros(batch_size, dtype=torch.long, device=device))
         if self.state_window:
@@ -341,7 +347,7 @@ class Mamba2(Mixer):
         prev = None if state is None else state.conv_state[..., 1:].transpose(1, 2)  # [B, K-1, conv_dim]
         if state is not None:
             full = torch.cat([prev.to(xBC.dtype), xBC], dim=1)
-            state.conv_state = full[:, -self.d_conv:].transpose(1, 2).to(state.conv_state.dtype)
+            state.conv_state = full[:, -self.d_conv:].to(state.conv_state.dtype, copy=True).transpose(1, 2)
         xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, seq_idx), dt, mask)
         zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
         if state is not None and T == 1:
@@ -380,8 +386,7 @@ class Mamba2(Mixer):
             prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
             outs.append(self.out_proj(y.to(x.dtype)))
         if state is not None:
-            state.conv_state = window[:, -K:].transpose(1, 2).to(state.conv_state.dtype, copy=True,
-                                                                 memory_format=torch.contiguous_format)
+            state.conv_state = window[:, -K:].to(state.conv_state.dtype, copy=True).transpose(1, 2)  # [B, K, C] rows
             state.ssm_state = h
             state.seen = state.seen + T
         return torch.cat(outs, dim=1)

@@ -7,7 +7,13 @@
   weight dots, the bias sum).
 * :func:`decode_step_` — one token of the recurrence written into the state in place (no per-token allocation of the
   ``[B, H, P, N]`` state): ``S <- exp(dt A) S + dt x B^T``, ``y = S C + D x``; the conv as a multiply-sum over the
-  rolling window.
+  rolling window. About 35 calls per token (72 aten events with the nested ones; the step before issue 17: 130): what
+  the step derives from the parameters comes from a :class:`DecodePlan` cached on the layer, the state's views from a
+  cache on the state.
+  Measured on the 2-core CPU, most of what a step costs beyond its two GEMVs in a multi-layer model is memory: the
+  ``[B, H, P, N]`` state comes back from DRAM every token, and every small op after a GEMV starts with cold caches
+  (the step fused by ``torch.compile`` measured no faster in the 24-layer model, one thread: so there is no compiled
+  variant).
 
 Shapes: ``x [B, T, C]``, ``prev [B, K - 1, C]`` (the inputs before ``x``, oldest first), conv weight ``w [K, C]``
 (tap ``k`` multiplies input ``t - (K - 1) + k``).
@@ -110,52 +116,165 @@ def causal_conv(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None, 
     return _CausalConvSiLU.apply(x, prev, w, bias, activation)
 
 
+class DecodePlan:
+    """What a layer's decode step reads every token besides the in/out projection weights, derived once from the
+    parameters in the step's dtypes instead of per token: ``negA = -exp(A_log)``; the in_proj bias with ``dt_bias``
+    in the ``dt`` slots (the GEMV adds it; None when ``dt`` must be cast to the accumulation dtype first, then
+    ``dt_bias`` is added after the cast); ``D`` per channel ``[d_ssm]``; the conv taps as ``[C, K]`` and
+    ``[K, C]`` and the conv bias (in the conv state's dtype); the norm weight and ``eps``; the thresholds.
+
+    ``key``: the dtypes, ``state_norm_threshold``, ``decay_scale`` and every source parameter's storage and version
+    counter: an in-place update (optimizer step, ``load_state_dict``), ``.to()``, ``param.data = ...`` or a new
+    threshold (``calibrate_state_norm``) makes a new plan."""
+
+    __slots__ = ("key", "negA", "in_bias", "dt_bias", "D", "conv_w", "conv_wt", "conv_b", "norm_w", "eps",
+                 "thresholds", "log_decay_scale")
+
+
+def _sources(m) -> tuple:
+    """The parameters a plan derives from (through the module dicts: ``nn.Module.__getattr__`` is slow)."""
+    mods, own = m._modules, m._parameters
+    conv = mods["conv1d"]._parameters
+    return (own["A_log"], own["dt_bias"], own["D"], conv["weight"], conv["bias"], mods["in_proj"]._parameters["bias"],
+            mods["norm"]._parameters["weight"] if m.rmsnorm else None)
+
+
+def _plan_key(m, conv_dtype: torch.dtype, acc: torch.dtype, sources: tuple) -> tuple:
+    thr = m.state_norm_threshold
+    key = [conv_dtype, acc, tuple(thr) if isinstance(thr, list) else thr, m.decay_scale]
+    for t in sources:
+        if t is not None:
+            key += (t._version, t.data_ptr())
+        else:
+            key.append(None)
+    return tuple(key)
+
+
+def decode_plan(m, conv_dtype: torch.dtype, acc: torch.dtype, io_dtype: torch.dtype) -> DecodePlan:
+    """``m``'s :class:`DecodePlan` for a step with these dtypes (conv state, accumulation, layer input): the cached
+    one while its key holds, else a new one (cached on the module as a plain attribute: no state-dict entry)."""
+    sources = _sources(m)
+    key = _plan_key(m, conv_dtype, acc, sources) + (io_dtype,)
+    plan = m.__dict__.get("_decode_plan")
+    if plan is not None and plan.key == key:
+        return plan
+    A_log, dt_bias, D, conv_w, conv_b, in_b, norm_w = (None if t is None else t.detach() for t in sources)
+    H, P = m.nheads, m.headdim
+    plan = DecodePlan()
+    plan.key = key
+    with torch.no_grad():
+        plan.negA = -torch.exp(A_log.to(acc))
+        plan.dt_bias = dt_bias.to(acc)
+        plan.in_bias = None
+        if io_dtype == acc:  # dt leaves the GEMV in the accumulation dtype: the GEMV adds dt_bias
+            n_in = m._modules["in_proj"].out_features
+            bias = torch.zeros(n_in, dtype=acc, device=A_log.device) if in_b is None else in_b.to(acc, copy=True)
+            bias[n_in - H:] += plan.dt_bias
+            plan.in_bias = bias
+        plan.D = D.to(acc) if m.D_has_hdim else D.to(acc).repeat_interleave(P)  # [d_ssm]
+        plan.conv_w = conv_w[:, 0].to(conv_dtype).contiguous()  # [C, K]
+        plan.conv_wt = plan.conv_w.t().contiguous()  # [K, C]
+        plan.conv_b = None if conv_b is None else conv_b.to(conv_dtype)
+        plan.norm_w = None if norm_w is None else norm_w.to(acc)
+        plan.eps = None if norm_w is None else torch.tensor(m._modules["norm"].eps, dtype=acc, device=A_log.device)
+        thr = m._thresholds(plan.negA)
+        plan.thresholds = None if thr is None else thr.view(1, H, 1, 1).clone()
+        plan.log_decay_scale = math.log(m.decay_scale)
+    m.__dict__["_decode_plan"] = plan
+    return plan
+
+
+def _state_views(m, state) -> tuple:
+    """``(ssm, conv, S [B G, hg P, N], window [B, K, C] or None)``: the state's views the step writes through, made
+    once per pair of state tensors (cached on the state; a reorder or prefill that replaces a tensor makes new ones).
+    ``window`` is the conv state seen as ``[B, K, C]`` when that is its memory layout (``init_state`` and the
+    prefills leave it so): the shift is then a copy of contiguous rows and the taps reduce over the outer axis."""
+    ssm, cs = state.ssm_state, state.conv_state
+    v = state.__dict__.get("_decode_views")
+    if v is not None and v[0] is ssm and v[1] is cs and v[2].data_ptr() == ssm.data_ptr():
+        return v
+    G = m.ngroups
+    win = cs.transpose(1, 2)
+    v = (ssm, cs, ssm.view(ssm.shape[0] * G, -1, ssm.shape[-1]), win if win.is_contiguous() else None)
+    state.__dict__["_decode_views"] = v  # not a dataclass field: reorder / keep_rows / nbytes never see it
+    return v
+
+
 def decode_step_(m, x: Tensor, state) -> Tensor:
     """One token through the Mamba-2 layer ``m`` (no padding, no autograd, no ``state_window``), the state updated
     in place: ``x [B, 1, d_model] -> [B, 1, d_model]``.
 
-    The conv window rolls one slot and the conv is its multiply-sum with the taps; the SSM state is decayed in
-    place (``mul_``) and takes the rank-1 input per group in place (``baddbmm_``); ``y = S C`` per group is one
-    batched GEMV. The same math as the layer's reference step (``Mamba2._step``), which tests pin it to."""
+    About 35 calls and two GEMVs: the in_proj GEMV (adding ``dt_bias``); the conv window shifted by one
+    concatenation copied into the state and its multiply-sum with the taps (bias included); ``dt``, the decay and
+    ``dt x``; the SSM state decayed in place (``mul_``), the rank-1 input added per group in place (``baddbmm_``),
+    ``y = S C`` as one batched GEMV; the gated group RMSNorm; the out_proj GEMV. Parameter-derived tensors come from
+    :func:`decode_plan`; no dtype cast runs where the dtypes agree; no host synchronisation. The same math as the
+    layer's reference step (``Mamba2._step``), which tests pin it to."""
     Bsz = x.shape[0]
     H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
     ssm = state.ssm_state  # [B, H, P, N], fp32 (fp64 stays fp64)
-    acc = ssm.dtype
-    zx = F.linear(x[:, 0], m.in_proj.weight, m.in_proj.bias)  # [B, d_in_proj]
-    z0, x0, z, xBC, dt = zx.split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, H], dim=-1)
     cs = state.conv_state  # [B, C, K]: the last K pre-conv inputs
-    cs.copy_(cs.roll(-1, -1))
-    cs[..., -1] = xBC
-    xBC = (cs * m.conv1d.weight[:, 0]).sum(-1)  # [B, C]
-    if m.conv1d.bias is not None:
-        xBC = xBC.add_(m.conv1d.bias)
-    xBC = F.silu(xBC, inplace=True)
-    xs, Bm, Cm = xBC.to(acc).split([m.d_ssm, G * N, G * N], dim=-1)
-    dt = F.softplus(dt.to(acc) + m.dt_bias.to(acc))  # [B, H]
+    acc = ssm.dtype
+    plan = decode_plan(m, cs.dtype, acc, x.dtype)
+    mods = m._modules
+    in_proj = mods["in_proj"]._parameters
+    # every per-token tensor stays [B, 1, *] (the layer's own layout): no reshapes in and out
+    zx = F.linear(x, in_proj["weight"], in_proj["bias"] if plan.in_bias is None else plan.in_bias)  # [B, 1, n]
+    z0, x0, z, xBC, dt = zx.split(m._decode_split, dim=-1)
+    _, _, Sg, cw = _state_views(m, state)
+    if cw is not None:  # the window as [B, K, C] rows: shift by one row, taps summed over the outer axis
+        win = torch.cat([cw[:, 1:], xBC], dim=1)  # [B, K, C]: the window ending at this token
+        cw.copy_(win)
+        xBC = win.mul_(plan.conv_wt).sum(1, keepdim=True)  # [B, 1, C]
+    else:  # any other layout of the [B, C, K] conv state
+        win = torch.cat([cs[..., 1:], xBC.view(Bsz, -1, 1)], dim=-1)
+        cs.copy_(win)
+        xBC = win.mul_(plan.conv_w).sum(-1).view(Bsz, 1, -1)
+    if plan.conv_b is not None:
+        xBC.add_(plan.conv_b)
+    xBC = F.silu(xBC, inplace=True)  # [B, 1, C]
+    if xBC.dtype != acc:
+        xBC = xBC.to(acc)
+    xs, Bm, Cm = xBC.split(m._decode_xbc_split, dim=-1)  # [d_ssm, G N, G N]
+    dt = F.softplus(dt if plan.in_bias is not None else dt.to(acc) + plan.dt_bias)  # [B, 1, H]
     if m.dt_limit != (0.0, float("inf")):
-        dt = dt.clamp(*m.dt_limit)
+        dt = dt.clamp_(*m.dt_limit)
     if m.dt_scale != 1.0:
-        dt = dt * m.dt_scale
-    dA = dt * -torch.exp(m.A_log.to(acc))
+        dt = dt.mul_(m.dt_scale)
+    decay = torch.mul(dt, plan.negA)  # dt A  [B, 1, H]
     if m.decay_scale != 1.0:
-        dA = dA + math.log(m.decay_scale)
+        decay.add_(plan.log_decay_scale)
     if m.input_scale != 1.0:
         Bm = Bm * m.input_scale
-    dtx = xs.view(Bsz, H, P) * dt[..., None]  # [B, H, P]
-    ssm.mul_(dA.exp_()[..., None, None])  # S = exp(dt A) S + dt x B^T
-    Sg = ssm.view(Bsz * G, (H // G) * P, N)
+    xh = xs.view(Bsz, H, P)
+    dtx = xh * dt.view(Bsz, H, 1)  # [B, H, P]
+    ssm.mul_(decay.exp_().view(Bsz, H, 1, 1))  # S = exp(dt A) S + dt x B^T
     Sg.baddbmm_(dtx.view(Bsz * G, -1, 1), Bm.reshape(Bsz * G, 1, N))
-    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, H, P)
-    D = m.D.to(acc)
-    y = y.addcmul_(xs.view(Bsz, H, P), D.view(H, P) if m.D_has_hdim else D[:, None])
-    thr = m._thresholds(ssm)
-    if thr is not None:  # renormalise at every chunk_size-th real token (no host sync: a where on the scale)
+    y = torch.bmm(Sg, Cm.reshape(Bsz * G, N, 1)).view(Bsz, 1, m.d_ssm).addcmul_(xs, plan.D)  # y = S C + D x
+    if plan.thresholds is not None:  # renormalise every chunk_size-th real token (no host sync: a where on the scale)
         fire = (state.seen + 1) % m.chunk_size == 0
-        scale = torch.clamp(thr.view(1, -1, 1, 1) / torch.linalg.vector_norm(ssm, dim=(-2, -1), keepdim=True)
+        scale = torch.clamp(plan.thresholds / torch.linalg.vector_norm(ssm, dim=(-2, -1), keepdim=True)
                             .clamp_min(1e-30), max=1.0)
         ssm.mul_(torch.where(fire[:, None, None, None], scale, 1.0))
     state.seen.add_(1)
-    y = y.view(Bsz, 1, m.d_ssm)
-    if not m.rmsnorm:
-        y = (y * F.silu(z.to(acc).view(Bsz, 1, m.d_ssm))).to(x.dtype)
-    return m._out(y, z[:, None], z0[:, None], x0[:, None], x.dtype)
+    if z.dtype != acc:
+        z = z.to(acc)
+    if plan.norm_w is None:  # no norm: the gate only
+        y = y.mul_(F.silu(z))
+    else:  # rmsnorm over groups of gs channels: y / sqrt(mean(y^2) + eps) * w, gated before (or after) it
+        gs = m.d_ssm // G
+        gate_first = not mods["norm"].norm_before_gate
+        if gate_first:
+            y = F.silu(z).mul_(y)
+        yg = y if G == 1 else y.view(Bsz, G, gs)  # [B, 1, d_ssm] or [B, G, gs]
+        n = torch.linalg.vector_norm(yg, dim=-1, keepdim=True)
+        yg.mul_(torch.addcmul(plan.eps, n, n, value=1.0 / gs).rsqrt_())
+        y = y.mul_(plan.norm_w)
+        if not gate_first:
+            y = y.mul_(F.silu(z))
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if m.d_mlp > 0:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    out_proj = mods["out_proj"]._parameters
+    return F.linear(y, out_proj["weight"], out_proj["bias"])  # [B, 1, d_model]

@@ -214,19 +214,29 @@ class SparseKVCache(State):
         mask = torch.cat([p.expand(B, Hb, T, -1) for p in parts_m], dim=-1)
         return masked_attention(q, torch.cat(parts_k, 2), torch.cat(parts_v, 2), mask, scale)
 
+    def full_ring_ready(self, rule: Rule) -> bool:
+        """Whether this decode step can take :meth:`full_ring_step` (host-side facts only, no sync): the rule's full
+        ring is all visible (``rule.ring_all_visible``), no padded call has written into the cache, and the ring is
+        full after this token."""
+        return getattr(rule, "ring_all_visible", False) and not self.padded and self.length + 1 >= rule.ring_size
+
     def full_ring_step(self, rule: Rule, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor | None:
-        """The decode step of a rule whose full ring is all visible (``rule.ring_all_visible``): when no padded
-        call has written into the cache and the ring is full after this token, write ``k, v [B, Hkv, 1, D]`` into
-        the slot of position ``length`` (a host-side index: no scatter, no sync) and attend to the whole ring
-        without a mask. Returns None (nothing written) when that does not apply."""
-        if not getattr(rule, "ring_all_visible", False) or self.padded or self.length + 1 < rule.ring_size:
+        """The decode step of a rule whose full ring is all visible (:meth:`full_ring_ready`): write ``k, v
+        [B, Hkv, 1, D]`` into the slot of position ``length`` (a host-side index: no scatter, no sync) and attend
+        to the whole ring without a mask. One query per head and no mask, so the ``G`` query heads of a KV head fold
+        into its query axis (``q [B, Hkv, G, D]``): one SDPA over the ring, no repeated keys. Returns ``o [B, H, 1,
+        D]``, or None (nothing written) when the step does not apply."""
+        if not self.full_ring_ready(rule):
             return None
         slot = rule.ring_slot_int(self.length)
-        self.k[:, :, slot] = k[:, :, 0]
-        self.v[:, :, slot] = v[:, :, 0]
-        self.pos[:, :, slot] = self.length
+        self.k.narrow(2, slot, 1).copy_(k)
+        self.v.narrow(2, slot, 1).copy_(v)
+        self.pos.narrow(2, slot, 1).fill_(self.length)
         self.length += 1
-        return F.scaled_dot_product_attention(q, self.k, self.v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
+        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), self.k, self.v, scale=scale)
+        return o.view(B, H, 1, D)
 
     def write_step(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """In-place write of one real token per row (``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``), O(Hkv * D).

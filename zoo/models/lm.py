@@ -117,9 +117,10 @@ class Block(nn.Module):
     def forward(self, h: Tensor, positions: Tensor | None, state: State | None, attention_mask: Tensor | None,
                 seq_idx: Tensor | None) -> tuple[Tensor, State | None]:
         dtype = self.norm.weight.dtype
-        if self.residual_in_fp32:  # at least fp32 (an fp64 model stays fp64)
-            h = h.to(torch.promote_types(h.dtype, torch.float32))
-        y, state = self.mixer(self.norm(h).to(dtype), positions=positions, state=state,
+        if self.residual_in_fp32 and h.dtype != torch.float32 and h.dtype != torch.float64:  # fp32 at least
+            h = h.float()
+        n = self.norm(h)
+        y, state = self.mixer(n if n.dtype == dtype else n.to(dtype), positions=positions, state=state,
                               attention_mask=attention_mask, seq_idx=seq_idx)
         h = h + y * self.residual_scale if self.residual_scale != 1.0 else h + y
         if self.mlp is not None:
@@ -202,8 +203,25 @@ class ZooForCausalLM(nn.Module):
 
     def step(self, input_ids: Tensor, states: ModelState) -> Tensor:
         """One decode step: ``input_ids [B, 1]`` (a real token in every row) continuing ``states`` -> logits
-        ``[B, vocab]``. No input checks and no host synchronisation: the caller checked its inputs once."""
-        return self._forward(input_ids, None, None, states, None, 1)[:, -1]
+        ``[B, vocab]``. No input checks and no host synchronisation: the caller checked its inputs once.
+
+        :meth:`_forward` for one unpadded token, with its per-token bookkeeping cut to the minimum: the positions
+        are each row's next position (a view), the LM head reads the one hidden state."""
+        start = states.next_position
+        positions = start[:, None]  # [B, 1]
+        states.next_position = start + 1
+        states.offset += 1
+        h = self.embedding(input_ids)
+        if self.config.embedding_scale != 1.0:
+            h = h * self.config.embedding_scale
+        layers = states.layers
+        for i, block in enumerate(self.layers):
+            h, layers[i] = block(h, positions, layers[i], None, None)
+        h = self.norm_f(h[:, -1])
+        logits = self.lm_head(h if h.dtype == self.dtype else h.to(self.dtype))
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
+        return logits
 
     def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, *, states: ModelState | None = None,
                      seq_idx: Tensor | None = None) -> Tensor | None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from zoo.kernels.backend import use_triton
+from zoo.kernels.infllmv2.cpu import select_cpu, sparse_attention_cpu
 from zoo.kernels.infllmv2.reference import (
     block_scores_ref,
     compress_keys,
@@ -25,7 +26,7 @@ def _pow2(n: int) -> bool:
 
 
 __all__ = ["block_scores", "sparse_attention", "compress_keys", "select_blocks", "visible_windows",
-           "block_scores_ref", "sparse_attention_ref"]
+           "block_scores_ref", "sparse_attention_ref", "select_cpu", "sparse_attention_cpu"]
 
 
 def block_scores(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: Tensor, v2: Tensor | None, *,
@@ -43,10 +44,15 @@ def block_scores(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: Tenso
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
-                     scale: float | None = None, query_tile: int = 16) -> Tensor:
-    """Attention over the selected blocks (see :func:`~zoo.kernels.infllmv2.reference.sparse_attention_ref`)."""
+                     scale: float | None = None, query_tile: int | None = None) -> Tensor:
+    """Attention over the selected blocks (see :func:`~zoo.kernels.infllmv2.reference.sparse_attention_ref`). Without
+    Triton: ``query_tile=None`` and several queries -> the block-stationary CPU schedule
+    (:func:`~zoo.kernels.infllmv2.cpu.sparse_attention_cpu`); one query, or an explicit ``query_tile`` (1: per query,
+    C: tiles of C queries) -> the reference's schedules."""
     if use_triton(q, k, v) and _pow2(block_size) and q.dtype != torch.float64 and q.shape[-1] <= 256:
         from zoo.kernels.infllmv2.triton import sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, qpos, idx, block_size=block_size, scale=scale)
-    return sparse_attention_ref(q, k, v, qpos, idx, block_size=block_size, scale=scale, query_tile=query_tile)
+    if query_tile is None and q.shape[2] > 1:
+        return sparse_attention_cpu(q, k, v, qpos, idx, block_size=block_size, scale=scale)
+    return sparse_attention_ref(q, k, v, qpos, idx, block_size=block_size, scale=scale, query_tile=query_tile or 1)

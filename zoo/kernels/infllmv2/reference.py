@@ -1,4 +1,5 @@
-r"""InfLLM-v2 ops in plain torch: the CPU path and the oracle of the Triton kernels.
+r"""InfLLM-v2 ops in plain torch: the oracle of the Triton kernels and of the CPU prefill schedules (``cpu.py``), and
+the one-token decode step.
 
 Notation (one batch row ``b``, one KV head ``h`` with the ``G`` query heads ``g`` of its group; keys stored in
 *position space*, slot ``t`` = the token at position ``t``; ``bs`` = block size, ``s`` = kernel stride,

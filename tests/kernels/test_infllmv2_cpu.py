@@ -1,0 +1,158 @@
+"""InfLLM-v2 CPU prefill schedules (zoo/kernels/infllmv2/cpu.py) against the loop-built oracles and the references:
+block-stationary stage 2 (forward without and with gradient, backward), chunked stage 1 and the top-k selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_oracle
+from zoo.kernels.infllmv2 import select_blocks
+from zoo.kernels.infllmv2.cpu import block_scores_cpu, select_blocks_cpu, select_cpu, sparse_attention_cpu
+from zoo.kernels.infllmv2.reference import block_scores_ref, sparse_attention_ref
+
+# small chunks / segments / batches so that every code path (several segments and batches, masked and plain
+# chunks, padding slots, threads) runs at test sizes
+SMALL = dict(chunk=2, seg_pairs=24, batch_rows=16)
+
+
+def _case(G, *, B=2, Hkv=2, Tq=13, N=43, D=8, bs=4, W=5, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    q = torch.randn(B, Hkv * G, Tq, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, N, D, dtype=dtype), torch.randn(B, Hkv, N, D, dtype=dtype)
+    qpos = torch.sort(torch.randint(0, N, (B, Tq)), dim=1).values
+    idx = random_idx(B, Hkv, Tq, qpos, bs, W, seed=seed)
+    return q, k, v, qpos, idx
+
+
+@pytest.mark.parametrize("G", [1, 3, 8, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_attention_cpu_matches_oracle(G, threads):
+    q, k, v, qpos, idx = _case(G, D=4 if G == 16 else 8)
+    # queries with no visible key: no block at all, and only a block after the query
+    idx[0, 0, 1] = -1
+    idx[1, 1, 0] = -1
+    idx[1, 1, 0, 0] = int(qpos[1, 0]) // 4 + 1
+    want = attention_oracle(q, k, v, qpos, idx, 4, 0.4)
+    with torch.no_grad():
+        got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=4, scale=0.4, threads=threads, **SMALL)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert got[0, :G, 1].abs().max() == 0 and got[1, G:, 0].abs().max() == 0
+    got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=4, scale=0.4)  # default sizes: one segment
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("G", [8, 16])
+def test_sparse_attention_cpu_backward_matches_reference(G):
+    q, k, v, qpos, idx = _case(G, D=4, Tq=9, N=30)
+    idx[0, 1, 2] = -1  # a query with no key: zero output, zero gradient
+    do = torch.randn_like(q)
+    grads = []
+    for fn in (lambda *a: sparse_attention_cpu(*a, block_size=4, scale=0.4, **SMALL),
+               lambda *a: sparse_attention_ref(*a, block_size=4, scale=0.4, query_tile=1)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, qpos, idx)
+        grads.append((out, *torch.autograd.grad(out, leaves, do)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    with torch.no_grad():  # the online (no-gradient) path gives the merged path's forward
+        torch.testing.assert_close(sparse_attention_cpu(q, k, v, qpos, idx, block_size=4, scale=0.4, **SMALL),
+                                   grads[0][0], atol=1e-10, rtol=0)
+
+
+def test_sparse_attention_cpu_fp32_half_and_partial_last_block():
+    q, k, v, qpos, idx = _case(4, dtype=torch.float32, N=42, seed=3)  # N % bs != 0
+    qpos[:, -1] = 41
+    idx = random_idx(2, 2, 13, qpos, 4, 5, seed=3)
+    want = attention_oracle(q, k, v, qpos, idx, 4, 0.4)
+    with torch.no_grad():
+        got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=4, scale=0.4, **SMALL)
+        half = sparse_attention_cpu(q.half(), k.half(), v.half(), qpos, idx, block_size=4, scale=0.4, **SMALL)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), want, atol=2e-2, rtol=0)
+
+
+def test_large_scores_stay_exact():
+    """Scores spread far beyond exp's range (the FLOOR clamp): still the softmax of the visible keys."""
+    q, k, v, qpos, idx = _case(2, seed=5)
+    q = q * 40
+    want = attention_oracle(q, k, v, qpos, idx, 4, 0.4)
+    with torch.no_grad():
+        got = sparse_attention_cpu(q.float(), k.float(), v.float(), qpos, idx, block_size=4, scale=0.4, **SMALL)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("G,exact", [(1, False), (3, False), (16, False), (2, True)])
+def test_block_scores_cpu_matches_oracle(G, exact):
+    torch.manual_seed(0)
+    B, Hkv, Tq, D, bs, s = 2, 2, 9, 8, 8, 2
+    q = torch.randn(B, Hkv * G, Tq, D, dtype=torch.float64)
+    c1, c2 = torch.randn(B, Hkv, 14, D, dtype=torch.float64), torch.randn(B, Hkv, 3, D, dtype=torch.float64)
+    v1 = torch.randint(0, 15, (B, Tq))
+    e1 = torch.maximum(v1, torch.randint(0, 15, (B, Tq)))
+    v2 = torch.randint(0, 4, (B, Tq))
+    v2[0, :2] = 0  # no normalising key: visible scores are +inf
+    c2 = None if exact else c2
+    args = (q, c1, c2, v1, e1, v2)
+    kw = dict(block_size=bs, kernel_stride=s, num_blocks=5, scale=0.3)
+    got = block_scores_cpu(*args, **kw)
+    ref = scores_oracle(q, c1, c2, v1, e1, v2, bs, s, 5, 0.3)
+    assert torch.equal(got.isinf(), ref.isinf())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    # the reference rounds the same way to a half score dtype
+    a32 = tuple(t.float() if t is not None and t.is_floating_point() else t for t in args)
+    torch.testing.assert_close(block_scores_cpu(*a32, **kw, score_dtype=torch.bfloat16),
+                               block_scores_ref(*a32, **kw, score_dtype=torch.bfloat16), rtol=1e-2, atol=0)
+
+
+def test_select_blocks_cpu_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, Tq, nB = 2, 2, 40, 12
+    bs = torch.randint(0, 4, (B, Hkv, Tq, nB), generator=g).float()  # many ties
+    bs[0, 0, :5] = -math.inf
+    bs[1, 1, 3:9] = math.inf
+    bs[0, 1, 7, 2] = -0.0
+    qpos = torch.sort(torch.randint(0, nB * 8, (B, Tq), generator=g), dim=1).values
+    dense = torch.rand(B, Tq, generator=g) < 0.2
+    for kw in (dict(init_blocks=1, local_blocks=1, budget=4), dict(init_blocks=0, local_blocks=0, budget=3),
+               dict(init_blocks=2, local_blocks=2, budget=6, width=9), dict(init_blocks=1, local_blocks=0, budget=15),
+               dict(init_blocks=1, local_blocks=1, budget=3, width=nB, dense=dense)):
+        want = select_blocks(bs, qpos, block_size=8, **kw)
+        assert torch.equal(select_blocks_cpu(bs, qpos, block_size=8, **kw), want), kw
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_select_cpu_equals_reference_stage_1(exact):
+    torch.manual_seed(2)
+    B, Hkv, G, T, D, ks, s, bsz = 2, 2, 4, 90, 8, 4, 2, 8
+    qs = torch.randn(B, Hkv * G, T, D, dtype=torch.float64)
+    c1, c2 = torch.randn(B, Hkv, 44, D, dtype=torch.float64), torch.randn(B, Hkv, 10, D, dtype=torch.float64)
+    qpos = torch.arange(T).expand(B, T)
+    v1 = torch.clamp(torch.div(qpos + 1 - ks, s, rounding_mode="floor") + 1, min=0)
+    v2 = None if exact else torch.clamp(torch.div(qpos + 1 - 4 * ks, 4 * s, rounding_mode="floor") + 1, min=0)
+    c2 = None if exact else c2
+    nB = -(-T // bsz)
+    sel = dict(init_blocks=1, local_blocks=1, budget=4)
+    scores = block_scores_ref(qs, c1, c2, v1, v1, v2, block_size=bsz, kernel_stride=s, num_blocks=nB, scale=0.3)
+    want = select_blocks(scores, qpos, block_size=bsz, width=5, **sel)
+    for rows, threads in ((1 << 18, 1), (64, 2)):  # one chunk; many small chunks on two threads
+        got = select_cpu(qs, qpos, c1, c2, v1, v1, v2, block_size=bsz, kernel_stride=s, num_blocks=nB, scale=0.3,
+                         width=5, rows=rows, threads=threads, **sel)
+        assert torch.equal(got, want)
+
+
+def test_block_scores_cpu_with_far_apart_scores():
+    """Terms below e^FLOOR count as 0 (no slow exp path): the scores still match the reference to 1e-20."""
+    torch.manual_seed(4)
+    B, Hkv, G, Tq, D = 1, 1, 4, 6, 8
+    q = torch.randn(B, Hkv * G, Tq, D, dtype=torch.float64) * 30
+    c1 = torch.randn(B, Hkv, 16, D, dtype=torch.float64)
+    v1 = e1 = torch.full((B, Tq), 16)
+    kw = dict(block_size=2, kernel_stride=2, num_blocks=16, scale=1.0)  # exact variant (normalised over C1)
+    got = block_scores_cpu(q, c1, None, v1, e1, None, **kw)
+    want = block_scores_ref(q, c1, None, v1, e1, None, **kw)
+    assert want.min() < 1e-30  # the case is extreme enough
+    torch.testing.assert_close(got, want, atol=1e-20, rtol=1e-9)
