@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from zoo.kernels.infllmv2.reference import _blocks_view
+from zoo.kernels.infllmv2.reference import _blocks_view, forced_blocks
 
 __all__ = ["sparse_attention_cpu", "FLOOR"]
 
@@ -308,11 +308,8 @@ def select_blocks_cpu(bs: Tensor, qpos: Tensor, *, block_size: int, init_blocks:
     the block index (lower block first on ties) into one int64."""
     B, Hkv, Tq, nB = bs.shape
     W = width or budget
-    bq = torch.div(qpos, block_size, rounding_mode="floor")[:, None, :, None]  # [B, 1, Tq, 1]
-    b = torch.arange(nB, device=bs.device)
-    forced = (b < init_blocks) | ((b >= bq - local_blocks) & (b <= bq))
-    if dense is not None:
-        forced = forced | dense[:, None, :, None]
+    b, bq, forced = forced_blocks(qpos, nB, block_size=block_size, init_blocks=init_blocks,
+                                  local_blocks=local_blocks, dense=dense)
     fin = torch.finfo(torch.float32)
     key = torch.clamp(bs.float(), min=fin.min, max=fin.max).add_(0.0)  # -0.0 -> 0.0 (they tie in the reference)
     key = key.masked_fill_(forced, math.inf).masked_fill_(b > bq, -math.inf)

@@ -104,6 +104,19 @@ def block_scores_ref(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
     return pooled.reshape(B, Hkv, Tq, num_blocks)
 
 
+def forced_blocks(qpos: Tensor, nB: int, *, block_size: int, init_blocks: int, local_blocks: int,
+                  dense: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Block indices ``b [nB]``, each query's own block ``bq [B, 1, Tq, 1]`` and the blocks every query keeps
+    whatever their scores, ``forced [B, 1 | Hkv, Tq, nB]``: the initial blocks, the local window, and every block of
+    a query marked ``dense [B, Tq]``."""
+    bq = torch.div(qpos, block_size, rounding_mode="floor")[:, None, :, None]  # [B, 1, Tq, 1]
+    b = torch.arange(nB, device=qpos.device)
+    forced = (b < init_blocks) | ((b >= bq - local_blocks) & (b <= bq))
+    if dense is not None:
+        forced = forced | dense[:, None, :, None]
+    return b, bq, forced
+
+
 def select_blocks(bs: Tensor, qpos: Tensor, *, block_size: int, init_blocks: int, local_blocks: int, budget: int,
                   width: int | None = None, dense: Tensor | None = None) -> Tensor:
     """Block indices ``[B, Hkv, Tq, W]`` (int32, ascending, -1 padded) from block scores ``bs [B, Hkv, Tq, nB]``.
@@ -115,11 +128,8 @@ def select_blocks(bs: Tensor, qpos: Tensor, *, block_size: int, init_blocks: int
     with ``dense[b, i]`` takes every block ``b <= bq``. ``W = width`` (default ``budget``) must cover them all."""
     B, Hkv, Tq, nB = bs.shape
     W = width or budget
-    bq = torch.div(qpos, block_size, rounding_mode="floor")[:, None, :, None]  # [B, 1, Tq, 1]
-    b = torch.arange(nB, device=bs.device)
-    forced = (b < init_blocks) | ((b >= bq - local_blocks) & (b <= bq))
-    if dense is not None:
-        forced = forced | dense[:, None, :, None]
+    b, bq, forced = forced_blocks(qpos, nB, block_size=block_size, init_blocks=init_blocks,
+                                  local_blocks=local_blocks, dense=dense)
     fin = torch.finfo(torch.float32)
     # finite keys for the scored blocks: a visible block always outranks a future one (-inf), a forced block (+inf)
     # outranks an unnormalised +inf score (the reference's top-k leaves the order of such ties unspecified)
