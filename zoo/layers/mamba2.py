@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.base import BenchCase, Mixer, State
-from zoo.layers.mamba2_ops import causal_conv, decode_step_
+from zoo.layers.mamba2_ops import causal_conv, causal_conv_ref, decode_step_
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
 
@@ -504,28 +504,12 @@ class Mamba2(Mixer):
         documents ``prev_seq [B, K-1]`` (None: the first token's).
 
         Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
-        K, T = self.d_conv, xBC.shape[1]
         w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.dtype)
+        prev = None if prev is None else prev.to(xBC.dtype)
         if prev_seq is None:  # one buffer accumulated in place, a hand-written backward (zoo.layers.mamba2_ops)
-            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.dtype)
-            return causal_conv(xBC, None if prev is None else prev.to(xBC.dtype), w, bias, activation=False,
-                               seq_idx=seq_idx)
-        if prev is None:
-            prev = xBC.new_zeros(xBC.shape[0], K - 1, self.conv_dim)
-        full = torch.cat([prev.to(xBC.dtype), xBC], dim=1)  # [B, K-1+T, C]
-        seq = None
-        if seq_idx is not None:
-            before = seq_idx[:, :1].expand(-1, K - 1) if prev_seq is None else prev_seq
-            seq = torch.cat([before, seq_idx], dim=1)
-        out = full[:, K - 1:] * w[K - 1]
-        for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
-            tap = full[:, k:k + T]
-            if seq is not None:
-                tap = tap * (seq[:, k:k + T] == seq_idx)[..., None].to(tap.dtype)
-            out = out.addcmul(tap, w[k])
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias.to(out.dtype)
-        return out
+            return causal_conv(xBC, prev, w, bias, activation=False, seq_idx=seq_idx)
+        return causal_conv_ref(xBC, prev, w, bias, seq_idx, prev_seq)
 
     def _thresholds(self, like: Tensor) -> Tensor | None:
         """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None

@@ -29,14 +29,18 @@ from torch import Tensor
 
 
 def causal_conv_ref(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None,
-                    seq_idx: Tensor | None = None) -> Tensor:
+                    seq_idx: Tensor | None = None, prev_seq: Tensor | None = None) -> Tensor:
     """``out_t = bias + sum_k w[k] x_{t - (K-1) + k}`` with ``x_{<0}`` from ``prev`` (zeros when ``None``); a tap
-    reads only inputs of the same document (``seq_idx [B, T]``). Plain autograd ops."""
+    reads only inputs of the same document (``seq_idx [B, T]``; the ``prev`` inputs belong to the documents
+    ``prev_seq [B, K-1]``, default the first token's). Plain autograd ops."""
     K, T = w.shape[0], x.shape[1]
     if prev is None:
         prev = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     full = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]
-    seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)
+    seq = None
+    if seq_idx is not None:
+        before = seq_idx[:, :1].expand(-1, K - 1) if prev_seq is None else prev_seq
+        seq = torch.cat([before, seq_idx], dim=1)
     out = full[:, K - 1:] * w[K - 1]
     for k in range(K - 1):  # tap k reads input t - (K-1) + k, only from the same document
         tap = full[:, k:k + T]
