@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.kernels.gated_rmsnorm.reference import rms_scale
+
 
 def causal_conv_ref(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None,
                     seq_idx: Tensor | None = None, prev_seq: Tensor | None = None) -> Tensor:
@@ -271,8 +273,7 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         if gate_first:
             y = F.silu(z).mul_(y)
         yg = y if G == 1 else y.view(Bsz, G, gs)  # [B, 1, d_ssm] or [B, G, gs]
-        n = torch.linalg.vector_norm(yg, dim=-1, keepdim=True)
-        yg.mul_(torch.addcmul(plan.eps, n, n, value=1.0 / gs).rsqrt_())
+        yg.mul_(rms_scale(yg, plan.eps))
         y = y.mul_(plan.norm_w)
         if not gate_first:
             y = y.mul_(F.silu(z))

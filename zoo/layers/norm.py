@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm
+from zoo.kernels.gated_rmsnorm.reference import rms_scale
 
 
 class RMSNorm(nn.Module):
@@ -31,24 +32,12 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-_EPS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
-
-
-def eps_tensor(eps: float, like: Tensor) -> Tensor:
-    """``eps`` as a 0-d tensor of ``like``'s dtype and device (made once per triple), for ``addcmul``."""
-    key = (eps, like.dtype, like.device)
-    t = _EPS.get(key)
-    if t is None:
-        t = _EPS[key] = torch.tensor(eps, dtype=like.dtype, device=like.device)
-    return t
-
-
 def _rms_inference(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """:class:`RMSNorm` of an fp32 / fp64 ``x`` with a weight of its dtype, without autograd: five kernels (the
-    mean square from ``vector_norm``, ``eps`` added by ``addcmul``) instead of the reference's eight calls. The same
-    math (``(x * rsqrt(mean(x^2) + eps)) * w``) to rounding; the decode step of every layer runs it twice."""
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return (x * torch.addcmul(eps_tensor(eps, n), n, n, value=1.0 / x.shape[-1]).rsqrt_()).mul_(w)
+    """:class:`RMSNorm` of an fp32 / fp64 ``x`` with a weight of its dtype, without autograd: five kernels
+    (:func:`~zoo.kernels.gated_rmsnorm.reference.rms_scale`, then two multiplies) instead of the reference's eight
+    calls. The same math (``(x * rsqrt(mean(x^2) + eps)) * w``) to rounding; the decode step of every layer runs it
+    twice."""
+    return (x * rms_scale(x, eps)).mul_(w)
 
 
 class GatedRMSNorm(nn.Module):

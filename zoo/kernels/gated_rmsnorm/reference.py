@@ -14,7 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gated_rmsnorm_inference", "gated_rmsnorm_ref"]
+__all__ = ["gated_rmsnorm_inference", "gated_rmsnorm_ref", "rms_scale"]
+
+
+_EPS: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def rms_scale(x: Tensor, eps: float | Tensor) -> Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last axis, ``[..., 1]`` (for inference: ends in place): the mean square
+    from ``vector_norm`` (no squared copy of ``x``), ``eps`` added by ``addcmul`` (a float ``eps`` becomes a 0-d
+    tensor of ``x``'s dtype and device, made once per triple). Three kernels; the inference norms share it."""
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if not isinstance(eps, Tensor):
+        key = (eps, n.dtype, n.device)
+        eps = _EPS.get(key)
+        if eps is None:
+            eps = _EPS[key] = torch.tensor(key[0], dtype=n.dtype, device=n.device)
+    return torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
 
 
 def gated_rmsnorm_ref(
@@ -66,8 +82,7 @@ def gated_rmsnorm_inference(
     else:
         u = x.to(acc, copy=True)
     ug = u.unflatten(-1, (d // group_size, group_size))
-    ms = torch.linalg.vector_norm(ug, dim=-1, keepdim=True).square_().div_(group_size)
-    ug.mul_(ms.add_(eps).rsqrt_())
+    ug.mul_(rms_scale(ug, eps))
     u.mul_(weight.to(acc))
     if bias is not None:
         u.add_(bias.to(acc))
