@@ -85,6 +85,23 @@ def test_large_scores_stay_exact():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
+def test_first_block_off_diagonal_with_scores_far_below_floor():
+    """A query whose own block is not selected meets its first keys in an unmasked batch (no running max yet), with
+    every score far below e^FLOOR: the softmax over them is still exact, not uniform."""
+    q, k, v, qpos, idx = _case(2, Tq=10, N=40, seed=6)
+    k[..., 0], q[..., 0] = 1.0, -500.0  # scores 0.4 * (-500 + noise): about -200
+    qpos = torch.arange(20, 30).expand(2, 10)
+    idx = torch.full_like(idx, -1)
+    idx[..., :3] = torch.tensor([0, 2, 3], dtype=idx.dtype)  # earlier blocks only, fully visible
+    want = attention_oracle(q, k, v, qpos, idx, 4, 0.4)
+    uniform = v[:, :, [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]].mean(2, keepdim=True).repeat_interleave(2, 1)
+    assert (want - uniform).abs().amax(-1).min() > 1e-2  # the case is sharp enough: no query's softmax is uniform
+    with torch.no_grad():
+        for kw in (SMALL, {}):
+            got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=4, scale=0.4, **kw)
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("G,exact", [(1, False), (3, False), (16, False), (2, True)])
 def test_block_scores_cpu_matches_oracle(G, exact):
     torch.manual_seed(0)

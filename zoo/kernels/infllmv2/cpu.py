@@ -12,11 +12,13 @@ M dimension, ``chunk * G`` rows) and reads ONE block of K and V::
 
 ``M`` is each (query, head)'s running maximum over the pairs seen so far: when a batch of chunks raises it, the
 accumulators of the rows it raised are rescaled by ``exp(M_old - M_new)`` first (flash-attention's online softmax,
-with the pairs of one query spread over many batches). Per pair this moves ``G D`` values of q and of the output
-instead of ``2 bs D`` values of K and V, and every matmul has ``chunk * G`` rows. ``FLOOR = -60`` keeps ``exp`` and
-the second matmul out of denormal numbers (torch's vectorised ``exp`` is ~100x slower below -87, and denormal
-products stall the matmul); the terms it changes are below ``e^-60`` of the row maximum, far under fp32 and fp64
-resolution (their gradient becomes 0).
+with the pairs of one query spread over many batches). The diagonal chunks run first and set ``M``; the later
+batches shift by it without a max pass while their exponents stay below ``CEIL = 50`` (``e^50`` cannot overflow
+the sums, and a positive exponent loses no precision), and a batch that reaches ``CEIL`` is redone exactly. Per
+pair this moves ``G D`` values of q and of the output instead of ``2 bs D`` values of K and V, and every matmul has
+``chunk * G`` rows. ``FLOOR = -60`` keeps ``exp`` and the second matmul out of denormal numbers (torch's vectorised
+``exp`` is ~100x slower below -87, and denormal products stall the matmul); the terms it changes are below ``e^-60``
+of the row maximum, far under fp32 and fp64 resolution (their gradient becomes 0).
 
 Queries are processed in segments of about ``seg_pairs`` (query, block) pairs (a segment's accumulators are
 ``G D`` values per query; more pairs per segment = fuller chunks). Without gradient, segments run on
@@ -42,6 +44,7 @@ from zoo.kernels.infllmv2.reference import _blocks_view, forced_blocks
 __all__ = ["sparse_attention_cpu", "FLOOR"]
 
 FLOOR = -60.0
+CEIL = 50.0
 
 
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
@@ -155,35 +158,51 @@ class _Ctx:
                  chunk: int, cdt: torch.dtype) -> None:
         self.qr, self.kb, self.vb, self.qposr = qr, kb, vb, qposr
         self.G, self.D, self.bs, self.nb, self.chunk, self.cdt = G, D, bs, nb, chunk, cdt
-        ones = vb.new_ones(*vb.shape[:2], 1)
-        self.vb1 = None if torch.is_grad_enabled() and vb.requires_grad else torch.cat([vb, ones], -1)  # V | 1
+        self.kbT = kb.transpose(1, 2).contiguous()  # [rows, D, bs]: K^T blocks read row by row
 
 
-def _scores(c: _Ctx, cq: Tensor, cblk: Tensor, masked: bool, values: bool = True
-            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _scores(c: _Ctx, cq: Tensor, cblk: Tensor, masked: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Scores ``S [n, chunk*G, bs]`` of a batch of chunks, their V blocks and the mask of keys after the query."""
     n = cq.shape[0]
     Qg = c.qr.index_select(0, cq.reshape(-1)).view(n, c.chunk * c.G, c.D)
-    S = torch.bmm(Qg, c.kb.index_select(0, cblk).transpose(1, 2))
+    S = torch.bmm(Qg, c.kbT.index_select(0, cblk))
     hide = None
     if masked:  # keys after each slot's query (every key of a padding slot, position -1)
         kpos = (cblk[:, None] % c.nb) * c.bs + torch.arange(c.bs, device=cblk.device)  # [n, bs]
         hide = kpos[:, None, None, :] > c.qposr[cq][:, :, None, None]
         hide = hide.expand(n, c.chunk, c.G, c.bs).reshape(n, c.chunk * c.G, c.bs)
-    return S, c.vb.index_select(0, cblk) if values else None, hide
+    return S, c.vb.index_select(0, cblk), hide
 
 
 def _online(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int], r0: int, nq: int) -> Tensor:
-    """No-gradient path: online softmax over the batches, accumulated per (query, head) of the segment. V carries
-    a column of ones, so the second matmul also yields the row sums ``l`` (accumulated with the outputs)."""
+    """No-gradient path: online softmax over the batches, accumulated per (query, head) of the segment: outputs
+    ``o [nq, G, D]`` and row sums ``l [nq, G]``.
+
+    The masked (diagonal) batches come first and set every query's running max ``M`` exactly. The other batches
+    shift by the ``M`` they find (no max pass): their exponents ``S - M`` may be positive, which is still exact
+    while they stay below ``CEIL`` (no overflow; the older terms keep their relative precision). A batch where some
+    row reaches ``CEIL`` (its sum reaches ``e^CEIL``), or meets a query with no max yet, is redone with the max."""
     G, D, dev = c.G, c.D, cq.device
     qi_all = (cq - r0).clamp_(max=nq)  # [nC, chunk] segment query of each slot (padding -> nq)
     qh_all = (qi_all[..., None] * G + torch.arange(G, device=dev)).view(cq.shape[0], -1)  # [nC, chunk*G]
     M = torch.full(((nq + 1) * G,), -math.inf, dtype=c.cdt, device=dev)  # running max per (query, head); +1: padding
-    acc = torch.zeros(nq + 1, G * (D + 1), dtype=c.cdt, device=dev)  # per head: o [D] and l
+    o = torch.zeros(nq + 1, G * D, dtype=c.cdt, device=dev)
+    L = torch.zeros((nq + 1) * G, dtype=c.cdt, device=dev)
+    pad = torch.arange(nq * G, (nq + 1) * G, device=dev)
+    shift = M.index_fill(0, pad, 0.0)  # fast-path shifts: -inf (a query with no max yet) makes the batch exact
+    big = math.exp(CEIL)
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
-        qh = qh_all[c0:c1].reshape(-1)
-        S, _, hide = _scores(c, cq[c0:c1], cblk[c0:c1], c0 < n_masked, values=False)
+        qh, qi = qh_all[c0:c1].reshape(-1), qi_all[c0:c1].reshape(-1)
+        n, rows = c1 - c0, c.chunk * G
+        if c0 >= n_masked:  # shift by the current max, no max pass
+            S, V, _ = _scores(c, cq[c0:c1], cblk[c0:c1], False)
+            S = S.sub_(shift[qh].view(n, rows, 1)).clamp_(FLOOR, CEIL).exp_()
+            sums = S.sum(-1).view(-1)
+            if bool((sums < big).all()):  # (NaN: redone, and NaN again)
+                L.index_add_(0, qh, sums)
+                o.index_add_(0, qi, torch.bmm(S, V).view(-1, G * D))
+                continue
+        S, V, hide = _scores(c, cq[c0:c1], cblk[c0:c1], c0 < n_masked)
         if hide is not None:
             S.masked_fill_(hide, -math.inf)
         m = S.amax(-1)  # [n, chunk*G]
@@ -192,19 +211,20 @@ def _online(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int],
         if raised.numel():  # rescale; a drop below FLOOR flushes to 0 (no denormal accumulators)
             drop = M[raised] - M_new[raised]
             alpha = torch.exp(drop.clamp(min=FLOOR)).masked_fill_(drop < FLOOR, 0.0)
-            a2 = acc.view(-1, D + 1)
-            a2.index_copy_(0, raised, a2.index_select(0, raised).mul_(alpha[:, None]))
+            o2 = o.view(-1, D)
+            o2.index_copy_(0, raised, o2.index_select(0, raised).mul_(alpha[:, None]))
+            L.index_copy_(0, raised, L.index_select(0, raised).mul_(alpha))
         M = M_new
-        shift = M.masked_fill(M == -math.inf, 0.0)[qh].view_as(m)
-        S.sub_(shift[..., None]).clamp_(min=FLOOR)  # exp of -inf or < -87 is slow: masked keys are zeroed after it
+        shift = M.index_fill(0, pad, 0.0)
+        # exp of -inf or < -87 is slow: masked keys are zeroed after it
+        S.sub_(shift.masked_fill(M == -math.inf, 0.0)[qh].view_as(m)[..., None]).clamp_(min=FLOOR)
         S.exp_()
         if hide is not None:
             S.masked_fill_(hide, 0.0)
-        acc.index_add_(0, qi_all[c0:c1].view(-1),
-                       torch.bmm(S, c.vb1.index_select(0, cblk[c0:c1])).view(-1, G * (D + 1)))
-    acc = acc[:nq].view(nq, G, D + 1)
-    L = acc[..., D:]
-    return (acc[..., :D] / torch.where(L > 0, L, 1.0)).reshape(nq, G * D)
+        L.index_add_(0, qh, S.sum(-1).view(-1))
+        o.index_add_(0, qi, torch.bmm(S, V).view(-1, G * D))
+    L = L[: nq * G].view(nq, G, 1)
+    return (o[:nq].view(nq, G, D) / torch.where(L > 0, L, 1.0)).view(nq, G * D)
 
 
 def _merged(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int], r0: int, nq: int) -> Tensor:
@@ -246,8 +266,8 @@ def _exp_floor(x: Tensor) -> Tensor:
 def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: Tensor, v2: Tensor | None, *,
                      block_size: int, kernel_stride: int, num_blocks: int, scale: float,
                      score_dtype: torch.dtype | None = None) -> Tensor:
-    """:func:`~zoo.kernels.infllmv2.reference.block_scores_ref` with fewer passes: the normaliser subtracted inside
-    the matmul (``baddbmm``), masks applied only to the columns some query of the call cannot see
+    """:func:`~zoo.kernels.infllmv2.reference.block_scores_ref` with fewer passes: q scaled before the matmuls,
+    the normaliser subtracted in place, masks applied only to the columns some query of the call cannot see
     (``[min count, max count)``), compressed keys beyond every query's count skipped, max pooling on a
     ``[.., num_blocks, st]`` view. Same values, except terms ``exp(.) < e^FLOOR`` of the sums, which count as 0
     (:func:`_exp_floor`): a block score changes by at most ``G e^FLOOR`` (1e-25), which can only reorder blocks whose
@@ -260,7 +280,7 @@ def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
     cdt = torch.promote_types(q.dtype, torch.float32)
     dev = q.device
     n1 = min(c1.shape[2], int(e1.max()) if e1.numel() else 0)  # entries no query can have are -inf anyway
-    qg = q.to(cdt).reshape(B * Hkv, G * Tq, D)  # rows (g, t)
+    qg = (q.to(cdt) * scale).reshape(B * Hkv, G * Tq, D)  # rows (g, t), scaled
 
     def tail_fill(x: Tensor, count: Tensor, value: float) -> Tensor:  # x [B*Hkv, G?*Tq, n]: value at j >= count
         lo = int(count.min()) if count.numel() else 0
@@ -277,7 +297,7 @@ def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
         assert v2 is not None
         cn, vn = c2[:, :, : min(c2.shape[2], int(v2.max()) if v2.numel() else 0)], v2
     if cn.shape[2]:  # lse [B*Hkv, G*Tq, 1]
-        ln = torch.bmm(qg, cn.to(cdt).reshape(B * Hkv, cn.shape[2], D).transpose(1, 2)).mul_(scale)
+        ln = torch.bmm(qg, cn.to(cdt).reshape(B * Hkv, cn.shape[2], D).transpose(1, 2))
         top = tail_fill(ln, vn, -math.inf).amax(-1, keepdim=True)
         top = top.masked_fill_(top == -math.inf, 0.0)
         lse = tail_fill(_exp_floor(ln.sub_(top)), vn, 0.0).sum(-1, keepdim=True).log_().add_(top)
@@ -285,7 +305,7 @@ def block_scores_cpu(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: T
     else:
         lse = qg.new_full((B * Hkv, G * Tq, 1), -math.inf)
     c1t = c1[:, :, :n1].to(cdt).reshape(B * Hkv, n1, D).transpose(1, 2)
-    p = torch.baddbmm(lse.expand(-1, -1, n1), qg, c1t, beta=-1.0, alpha=scale)  # q . C1 * scale - lse
+    p = torch.bmm(qg, c1t).sub_(lse)  # q . C1 * scale - lse
     p = tail_fill(_exp_floor(p), v1, 0.0)  # lse = -inf: the row is +inf (no NaN)
     S = p.view(B, Hkv, G, Tq, n1).sum(2)  # [B, Hkv, Tq, n1]
     del p
@@ -335,15 +355,20 @@ def select_blocks_cpu(bs: Tensor, qpos: Tensor, *, block_size: int, init_blocks:
 def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1: Tensor, v2: Tensor | None,
                *, block_size: int, kernel_stride: int, num_blocks: int, scale: float, init_blocks: int,
                local_blocks: int, budget: int, width: int, score_dtype: torch.dtype | None = None,
-               dense: Tensor | None = None, rows: int = 1 << 18, threads: int | None = None) -> Tensor:
+               dense: Tensor | None = None, rows: int = 1 << 20, threads: int | None = None) -> Tensor:
     """Stage 1 for a prefill on the CPU: block scores (:func:`block_scores_cpu`) and selection
     (:func:`select_blocks_cpu`) -> ``[B, Hkv, Tq, width]``, in query chunks whose score matrix (``G * chunk *``
-    visible compressed keys) holds about ``rows`` values (cache-sized; each chunk reads only the compressed keys its
-    queries can see), on :func:`run_threaded` threads without gradient."""
+    visible compressed keys) holds about ``rows`` values (4 MB: fewer, larger ops, as every op holds the GIL a
+    moment; each chunk reads only the compressed keys its queries can see), on :func:`run_threaded` threads without
+    gradient. The compressed keys are copied once to a ``[.., D, N]`` layout: the score matmuls then read ``K^T`` as
+    rows (~35% faster than a transposed view)."""
     B, H, Tq, _ = qs.shape
     Hkv = c1.shape[1]
     G = H // Hkv
     out = torch.empty(B, Hkv, Tq, width, dtype=torch.int32, device=qs.device)
+    # the same [.., N, D] views over a [.., D, N] layout
+    c1 = c1.transpose(-1, -2).contiguous().transpose(-1, -2)
+    c2 = None if c2 is None else c2.transpose(-1, -2).contiguous().transpose(-1, -2)
     n_all = max(1, c1.shape[2] + (0 if c2 is None else c2.shape[2]))
     # chunk bounds from the counts (host side): more queries per chunk where they see fewer keys
     e1_max = e1.amax(0).tolist() if Tq else []
