@@ -15,10 +15,8 @@ recurrent step (without autograd and padding: the lean in-place step of ``zoo.la
 reference step by tests). A padded token (``attention_mask == 0``) is a no-op: its conv input is zero, ``dt = 0``.
 ``seq_idx`` (packed documents): neither the conv nor the state crosses a document boundary.
 
-Sequence parallelism (:meth:`Mamba2.forward_sequence_parallel`, ``zoo.distributed``): rank ``r`` of ``R`` scans its
-segment from the state the earlier segments leave, computed from each segment's zero-start final state and total
-decay (the recurrence is linear); the conv reads the previous rank's last ``d_conv - 1`` inputs. Gradients flow
-back across ranks through the same collectives.
+The reference step, the mitigations' scans and the sequence-parallel forward are in ``zoo.layers.mamba2_paths``;
+the CPU fast paths (conv, decode step, tiled prefill) in ``zoo.layers.mamba2_ops``.
 
 State-collapse mitigations (Chen et al., "Stuffed Mamba", arXiv 2410.07145 v1), all off by default, and then
 bit-for-bit neutral (the code paths are skipped, not multiplied by 1):
@@ -44,12 +42,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from zoo.kernels.ssd import ssd_chunk_scan
+from zoo.layers import mamba2_paths as paths
 from zoo.layers.base import BenchCase, Mixer, State
-from zoo.layers.mamba2_ops import causal_conv, causal_conv_ref, decode_step_
+from zoo.layers.mamba2_ops import decode_step_, layer_conv, tiled_forward
 from zoo.layers.norm import GatedRMSNorm
 from zoo.registry import register_mixer
 
@@ -255,44 +252,8 @@ class Mamba2(Mixer):
 
     @torch.no_grad()
     def derive_from(self, old: nn.Module) -> bool:
-        """Initialise from an attention layer ("The Mamba in the Llama", Wang et al., arXiv 2408.15237).
-
-        Causal attention without the softmax, ``y_t = sum_{s<=t} (q_t . k_s) v_s``, is the SSD recurrence with
-        ``C = q``, ``B = k``, ``x = v`` and no decay. So: the x rows of ``in_proj`` <- ``W_v`` (head ``h`` reads
-        its KV head), B <- ``W_k``, C <- ``W_q`` (group ``g``: the mean over its query heads; exact with
-        ``ngroups = num_heads``), ``out_proj`` <- ``W_o``; the conv starts as the identity and ``D = 0``
-        (attention has no skip); z, dt and A keep their initialisation. Needs ``headdim = head_dim`` and
-        ``nheads = num_heads`` (``d_ssm = num_heads * head_dim``); a ``d_state`` below ``head_dim`` takes the first
-        ``d_state`` dimensions, a larger one leaves the rest as initialised. Any layer with ``q_proj, k_proj,
-        v_proj, o_proj`` and ``num_heads, num_kv_heads, head_dim`` qualifies."""
-        if not all(isinstance(getattr(old, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            return False
-        Hq, Hkv, Dh = old.num_heads, old.num_kv_heads, old.head_dim
-        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        if P != Dh or H != Hq:
-            raise ValueError(f"mamba2 derive_from attention ({Hq} heads x {Dh}): needs headdim={Dh} and "
-                             f"nheads={Hq} (d_ssm={Hq * Dh}, e.g. mamba2(headdim={Dh}, d_ssm={Hq * Dh}) or "
-                             f"expand={Hq * Dh}/d_model), got headdim={P}, nheads={H}")
-        d = self.in_proj.weight.shape[1]
-        kv = torch.arange(Hq) // (Hq // Hkv)  # the KV head each query head reads
-        Wq = old.q_proj.weight.view(Hq, Dh, d)
-        Wk = old.k_proj.weight.view(Hkv, Dh, d)[kv]  # [Hq, Dh, d]
-        Wv = old.v_proj.weight.view(Hkv, Dh, d)[kv]
-        n = min(N, Dh)
-        W = self.in_proj.weight  # rows [z0, x0, z, x, B, C, dt]
-        x0 = 2 * self.d_mlp + self.d_ssm
-        W[x0:x0 + self.d_ssm] = Wv.reshape(H * P, d)
-        b0 = x0 + self.d_ssm
-        W[b0:b0 + G * N].view(G, N, d)[:, :n] = Wk.view(G, Hq // G, Dh, d).mean(1)[:, :n]
-        c0 = b0 + G * N
-        W[c0:c0 + G * N].view(G, N, d)[:, :n] = Wq.view(G, Hq // G, Dh, d).mean(1)[:, :n]
-        self.conv1d.weight.zero_()
-        self.conv1d.weight[:, 0, -1] = 1.0
-        if self.conv1d.bias is not None:
-            self.conv1d.bias.zero_()
-        self.D.zero_()
-        self.out_proj.weight[:, self.d_mlp:] = old.o_proj.weight
-        return True
+        """From attention ("The Mamba in the Llama": C <- q, B <- k, x <- v): ``paths.derive_from_attention``."""
+        return paths.derive_from_attention(self, old)
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
@@ -314,10 +275,7 @@ class Mamba2(Mixer):
         return st
 
     # ------------------------------------------------------------------ forward
-    # On the CPU a parallel forward / prefill longer than this runs in tiles of this many tokens (the conv window
-    # and the SSM state carried between them), so that the elementwise passes over [tile, d_in_proj] stay in cache;
-    # with autograd each tile's inner part is recomputed in the backward (activation memory of one tile).
-    # None: one piece (the reference path).
+    # CPU: a plain parallel forward / prefill longer than this runs in tiles (mamba2_ops.tiled_forward); None: one piece
     tile_len: int | None = 1024
     tile_checkpoint: bool = True  # recompute each tile's inner part in the backward (False: keep activations)
 
@@ -333,9 +291,9 @@ class Mamba2(Mixer):
                              "renormalisation points would not restart at each document")
         if state is not None and T == 1 and mask is None and not self.state_window and not torch.is_grad_enabled():
             return decode_step_(self, x, state), state  # the lean in-place step (zoo.layers.mamba2_ops)
-        plain = mask is None and seq_idx is None and not self.state_window and self._thresholds(x) is None
+        plain = mask is None and seq_idx is None and not self.state_window and paths.thresholds(self, x) is None
         if plain and self.tile_len and T > self.tile_len and x.device.type == "cpu":
-            return self._tiled(x, state), state
+            return tiled_forward(self, x, state), state
         return self._forward(x, state, mask, seq_idx), state
 
     def _forward(self, x: Tensor, state: Mamba2State | None, mask: Tensor | None, seq_idx: Tensor | None) -> Tensor:
@@ -351,62 +309,18 @@ class Mamba2(Mixer):
         xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, seq_idx), dt, mask)
         zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
         if state is not None and T == 1:
-            y = self._step(xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
+            y = paths.step(self, xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D, off, mask, state)[:, None]
             if zg is not None:
                 y = (y * F.silu(zg.to(state.ssm_state.dtype))).to(xs.dtype)
         elif self.state_window:
-            y = self._windowed(xs, dt, A, Bm, Cm, D, zg, off, seq_idx, state)
+            y = paths.windowed_scan(self, xs, dt, A, Bm, Cm, D, zg, off, seq_idx, state)
         else:
-            y = self._scan(xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
+            y = paths.scan(self, xs, dt, A, Bm, Cm, D, zg, off, mask, seq_idx, state)
         if state is not None:
             state.seen = state.seen + (T if mask is None else mask.sum(1))
         if previous is not None:  # rows that were all padding in this call keep their state (conv window, ring)
             state.keep_rows(~mask.any(1), previous)
         return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype)
-
-    def _tiled(self, x: Tensor, state: Mamba2State | None) -> Tensor:
-        """The parallel forward / prefill of an unpadded, unpacked call in tiles of ``tile_len`` tokens (CPU)."""
-        Bsz, T, _ = x.shape
-        K, L = self.d_conv, self.tile_len
-        lo = 2 * self.d_mlp + self.d_ssm  # xBC's columns in zxbcdt: [lo, lo + conv_dim)
-        if state is not None:
-            prev, h = state.conv_state[..., 1:].transpose(1, 2).to(x.dtype), state.ssm_state
-        else:
-            prev, h = x.new_zeros(Bsz, K - 1, self.conv_dim), None
-        grad = torch.is_grad_enabled()
-        outs = []
-        for t0 in range(0, T, L):
-            zxbcdt = self.in_proj(x[:, t0:t0 + L])
-            if grad and self.tile_checkpoint:
-                y, h = torch.utils.checkpoint.checkpoint(self._mix, zxbcdt, prev, h, use_reentrant=False)
-            else:
-                y, h = self._mix(zxbcdt, prev, h)
-            xBC = zxbcdt[..., lo:lo + self.conv_dim]
-            window = xBC if xBC.shape[1] >= K else torch.cat([prev, xBC], dim=1)
-            prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
-            outs.append(self.out_proj(y.to(x.dtype)))
-        if state is not None:
-            state.conv_state = window[:, -K:].to(state.conv_state.dtype, copy=True).transpose(1, 2)  # [B, K, C] rows
-            state.ssm_state = h
-            state.seen = state.seen + T
-        return torch.cat(outs, dim=1)
-
-    def _mix(self, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
-        ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
-        state after the tile (``_out`` without its ``out_proj``, which stays outside the recomputed part)."""
-        H, P = self.nheads, self.headdim
-        z0, x0, z, xBC, dt = zxbcdt.split([self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, H], dim=-1)
-        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(self._conv(xBC, prev, None), dt, None)
-        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
-        y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, initial_states=h0,
-                              dA_offset=off)
-        y = y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], self.d_ssm)
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        if self.d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
-        return y, h
 
     # ------------------------------------------------------------------ sequence parallelism
     def check_sequence_parallel(self, size: int) -> None:
@@ -418,41 +332,8 @@ class Mamba2(Mixer):
     def forward_sequence_parallel(self, x: Tensor, *, positions: Tensor, attention_mask: Tensor | None,
                                   seq_idx: Tensor | None, comm: Any) -> Tensor:
         """This rank's segment ``x [B, T/R, d]`` of a sequence split over ``R`` ranks, scanned from the previous
-        segments' final state (exact forward and backward; ``comm`` carries the gradients back across ranks).
-
-        The recurrence is linear, so each rank first summarises its segment alone: the final state from a zero
-        start ``S_r = sum_t exp(sum_{u>t} a_u) dt_t x_t B_t^T`` and the decay across it ``d_r = exp(sum_t a_t)``
-        (0 if a document starts inside). ``comm.carry_in`` gathers them and folds the earlier ranks' summaries,
-        ``S_in[r+1] = keep_{r+1} (d_r S_in[r] + S_r)``, into this rank's initial state for the chunked scan. The conv
-        window comes from the previous rank's last ``d_conv - 1`` inputs (``comm.from_previous``)."""
-        Bsz, T, _ = x.shape
-        H, P, G, K = self.nheads, self.headdim, self.ngroups, self.d_conv
-        if T < max(K - 1, 1):
-            raise ValueError(f"mamba2: a sequence-parallel segment of {T} tokens is shorter than the conv window "
-                             f"({K - 1} tokens); use fewer ranks or longer sequences")
-        mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        z0, x0, z, xBC, dt = self._in_proj(x, mask)
-        prev = comm.from_previous(xBC[:, T - (K - 1):])  # [B, K-1, conv_dim], zeros on the first rank
-        prev_seq = None if seq_idx is None else comm.from_previous(seq_idx[:, T - max(K - 1, 1):])
-        xs, Bm, Cm, dt, off, A, D = self._ssm_inputs(
-            self._conv(xBC, prev, seq_idx, None if prev_seq is None else prev_seq[:, prev_seq.shape[1] - (K - 1):]),
-            dt, mask)
-        acc = dt.dtype
-        dA = dt * A if off is None else dt * A + off  # [B, T, H]
-        w = torch.exp(dA.flip(1).cumsum(1).flip(1) - dA) * dt  # exp(sum of the later log-decays) dt_t
-        decay = torch.exp(dA.sum(1))  # [B, H]
-        keep = None
-        if seq_idx is not None:  # only the segment's last document reaches its end; a start inside cuts the carry
-            w = w * (seq_idx == seq_idx[:, -1:])[..., None]
-            decay = decay * (seq_idx[:, :1] == seq_idx[:, -1:])
-            keep = seq_idx[:, 0] == prev_seq[:, -1]  # the previous rank's last document continues here
-        xw = (xs.to(acc) * w[..., None]).view(Bsz, T, G, H // G, P)
-        final = torch.einsum("btgjp,btgn->bgjpn", xw, Bm.to(acc)).reshape(Bsz, H, P, self.d_state)
-        init = comm.carry_in(final, decay, keep)  # [B, H, P, N]
-        zg = None if self.rmsnorm else z.unflatten(-1, (H, P))
-        y, _ = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, seq_idx=seq_idx,
-                              initial_states=init, dA_offset=off)
-        return self._out(y.reshape(Bsz, T, self.d_ssm), z, z0, x0, x.dtype)
+        segments' final state (:func:`zoo.layers.mamba2_paths.forward_sequence_parallel`)."""
+        return paths.forward_sequence_parallel(self, x, attention_mask, seq_idx, comm)
 
     def _in_proj(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``in_proj`` split into ``z0, x0 [B, T, d_mlp]``, ``z [B, T, d_ssm]``, ``xBC [B, T, conv_dim]`` (the conv
@@ -499,125 +380,8 @@ class Mamba2(Mixer):
 
     def _conv(self, xBC: Tensor, prev: Tensor | None, seq_idx: Tensor | None, prev_seq: Tensor | None = None
               ) -> Tensor:
-        """Causal depthwise conv of ``xBC [B, T, C]`` (+ bias) after ``prev [B, K-1, C]``, the ``K-1`` inputs before
-        it (None: zeros). ``seq_idx [B, T]``: taps read only their own document; the ``prev`` tokens belong to the
-        documents ``prev_seq [B, K-1]`` (None: the first token's).
-
-        Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
-        w = self.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.dtype)
-        prev = None if prev is None else prev.to(xBC.dtype)
-        if prev_seq is None:  # one buffer accumulated in place, a hand-written backward (zoo.layers.mamba2_ops)
-            return causal_conv(xBC, prev, w, bias, activation=False, seq_idx=seq_idx)
-        return causal_conv_ref(xBC, prev, w, bias, seq_idx, prev_seq)
-
-    def _thresholds(self, like: Tensor) -> Tensor | None:
-        """Per-head thresholds ``[H]`` in the accumulation dtype of ``like`` (fp32, or fp64 for fp64 input); None
-        when off (an infinite threshold never fires, so its code path is skipped too)."""
-        thr = self.state_norm_threshold
-        if thr is None or all(math.isinf(v) for v in (thr if isinstance(thr, (list, tuple)) else [thr])):
-            return None
-        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.as_tensor(thr, dtype=acc, device=like.device).expand(self.nheads)
-
-    def _scan(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
-              off: Tensor | None, mask: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
-        thr = self._thresholds(xs)
-        extra: dict[str, Any] = {}
-        if thr is not None:  # align renormalisation boundaries to each row's count of real tokens
-            first = torch.zeros(xs.shape[0], dtype=torch.long, device=xs.device)
-            if mask is not None:
-                counts = mask.sum(1)
-                first = mask.long().argmax(1)
-                last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
-                if bool(((last - first + 1 != counts) & (counts > 0)).any()):
-                    raise ValueError("mamba2 state_norm_threshold: attention_mask must be left/right padding "
-                                     "(the real tokens of a row contiguous)")
-            seen = state.seen if state is not None else torch.zeros_like(first)
-            extra = dict(state_norm_threshold=thr, chunk_offset=seen - first, renorm_mask=mask)
-        y, final = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=D, z=zg, seq_idx=seq_idx,
-                                  initial_states=state.ssm_state if state is not None else None,
-                                  dA_offset=off, **extra)
-        if state is not None:
-            state.ssm_state = final
-        return y
-
-    def _step(self, x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, off: Tensor | None,
-              mask: Tensor | None, state: Mamba2State) -> Tensor:
-        """One token: ``x [B, H, P]``, ``dt [B, H]``, ``Bm, Cm [B, G, N]`` -> ``y [B, H, P]`` (state updated)."""
-        Bsz, H, P = x.shape
-        G, N = self.ngroups, self.d_state
-        acc = state.ssm_state.dtype
-        xf, Bg, Cg = x.to(acc), Bm.to(acc)[:, :, None, None, :], Cm.to(acc)  # B as [B, G, 1, 1, N] (no copies)
-        dt, A = dt.to(acc), A.to(acc)
-        dA = dt * A if off is None else dt * A + off[:, 0].to(acc)  # [B, H]
-        dtx = (dt[..., None] * xf).view(Bsz, G, H // G, P, 1)
-        h = ((torch.exp(dA)[..., None, None] * state.ssm_state).view(Bsz, G, H // G, P, N)
-             .addcmul_(dtx, Bg).view(Bsz, H, P, N))  # S = exp(dt A) S + dt x B^T
-        state.ssm_state = h
-        read = h
-        if self.state_window:  # advance the lagged state by the token leaving the window, then subtract it
-            odtx = (state.win_dt[:, 0, :, None] * state.win_x[:, 0]).view(Bsz, G, H // G, P, 1)
-            lag = ((torch.exp(state.win_dt[:, 0] * A + state.win_off[:, 0])[..., None, None] * state.lag_state)
-                   .view(Bsz, G, H // G, P, N).addcmul_(odtx, state.win_B[:, 0][:, :, None, None, :])
-                   .view(Bsz, H, P, N))
-            state.lag_state = lag
-            o = off[:, 0].to(acc) if off is not None else torch.zeros_like(dt)
-            state.win_x = torch.cat([state.win_x[:, 1:], xf[:, None]], 1)
-            state.win_dt = torch.cat([state.win_dt[:, 1:], dt[:, None]], 1)
-            state.win_B = torch.cat([state.win_B[:, 1:], Bm.to(acc)[:, None]], 1)
-            state.win_off = torch.cat([state.win_off[:, 1:], o[:, None]], 1)
-            wdecay = torch.exp((state.win_dt.double() * A.double() + state.win_off.double()).sum(1)).to(acc)
-            read = h - wdecay[..., None, None] * lag
-        # y = S C per group as one batched GEMV: [B, G, hg*P, N] @ [B, G, N, 1]
-        y = torch.matmul(read.view(Bsz, G, (H // G) * P, N), Cg[..., None]).view(Bsz, H, P)
-        y = y.addcmul(xf, D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
-        thr = self._thresholds(state.ssm_state)
-        if thr is not None:
-            seen = state.seen + (1 if mask is None else mask[:, 0].long())
-            fire = (seen % self.chunk_size == 0) if mask is None else (seen % self.chunk_size == 0) & mask[:, 0]
-            norm = torch.linalg.vector_norm(h, dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-            scale = torch.clamp(thr.view(1, -1, 1, 1) / norm, max=1.0)
-            state.ssm_state = torch.where(fire[:, None, None, None], h * scale, h)
-        return y.to(x.dtype)
-
-    def _windowed(self, xs: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, D: Tensor, zg: Tensor | None,
-                  off: Tensor | None, seq_idx: Tensor | None, state: Mamba2State | None) -> Tensor:
-        """``y_t = C_t (S_t - prod_{t-r<j<=t} alpha_j S_{t-r}) + D x_t`` over [ring of r past tokens | new tokens]."""
-        Bsz, T, H, P = xs.shape
-        r = self.state_window
-        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        dt = dt.to(acc)
-        off = off.to(acc) if off is not None else torch.zeros_like(dt)
-        if state is None:
-            wx, wdt = xs.new_zeros(Bsz, r, H, P, dtype=acc), dt.new_zeros(Bsz, r, H)
-            wB, woff = Bm.new_zeros(Bsz, r, *Bm.shape[2:], dtype=acc), dt.new_zeros(Bsz, r, H)
-            lag0 = None
-        else:
-            wx, wdt, wB, woff, lag0 = state.win_x, state.win_dt, state.win_B, state.win_off, state.lag_state
-        cx, cdt = torch.cat([wx, xs.to(acc)], 1), torch.cat([wdt, dt], 1)
-        cB, coff = torch.cat([wB, Bm.to(acc)], 1), torch.cat([woff, off], 1)
-        seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(-1, r), seq_idx], 1)
-        # full state S_t: a scan over the ring + new tokens from the lagged state (ring outputs discarded)
-        cC = torch.cat([Cm.new_zeros(Bsz, r, *Cm.shape[2:], dtype=acc), Cm.to(acc)], 1)
-        y_full, h_end = ssd_chunk_scan(cx, cdt, A, cB, cC, chunk_size=self.chunk_size, dA_offset=coff,
-                                       initial_states=lag0, seq_idx=seq)
-        # C_t . S_{t-r}: the first T tokens with the queries shifted by r
-        y_lag, lag_end = ssd_chunk_scan(cx[:, :T], cdt[:, :T], A, cB[:, :T], Cm.to(acc), chunk_size=self.chunk_size,
-                                        dA_offset=coff[:, :T], initial_states=lag0,
-                                        seq_idx=None if seq is None else seq[:, :T])
-        cum = F.pad((cdt.double() * A.double() + coff.double()).cumsum(1), (0, 0, 1, 0))  # [B, r+T+1, H]
-        wdecay = torch.exp(cum[:, r + 1:] - cum[:, 1:T + 1]).to(acc)  # prod of the r decays ending at t
-        if seq is not None:
-            wdecay = wdecay * (seq[:, :T] == seq[:, r:]).to(acc)[..., None]
-        y = y_full[:, r:] - wdecay[..., None] * y_lag + xs.to(acc) * (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
-        if zg is not None:
-            y = y * F.silu(zg.to(acc))
-        if state is not None:
-            state.ssm_state = h_end
-            state.lag_state = lag_end
-            state.win_x, state.win_dt, state.win_B, state.win_off = cx[:, -r:], cdt[:, -r:], cB[:, -r:], coff[:, -r:]
-        return y.to(xs.dtype)
+        """Causal depthwise conv (+ bias) of ``xBC [B, T, C]`` after ``prev [B, K-1, C]``: ``layer_conv``."""
+        return layer_conv(self, xBC, prev, seq_idx, prev_seq)
 
     def extra_repr(self) -> str:
         mit = {k: getattr(self, k) for k in ("decay_scale", "input_scale", "dt_scale") if getattr(self, k) != 1.0}

@@ -4,7 +4,7 @@
   inputs. :func:`causal_conv_ref` is the plain autograd version (also the one that honours ``seq_idx``);
   :class:`_CausalConvSiLU` computes the same with one output buffer accumulated in place (``K`` passes, no
   concatenation, no zero-filled slice gradients) and a hand-written backward (the transposed conv, the per-tap
-  weight dots, the bias sum).
+  weight dots, the bias sum). :func:`layer_conv` applies it with a layer's weights (``Mamba2._conv``).
 * :func:`decode_step_` — one token of the recurrence written into the state in place (no per-token allocation of the
   ``[B, H, P, N]`` state): ``S <- exp(dt A) S + dt x B^T``, ``y = S C + D x``; the conv as a multiply-sum over the
   rolling window. About 35 calls per token (72 aten events with the nested ones; the step before issue 17: 130): what
@@ -14,6 +14,10 @@
   ``[B, H, P, N]`` state comes back from DRAM every token, and every small op after a GEMV starts with cold caches
   (the step fused by ``torch.compile`` measured no faster in the 24-layer model, one thread: so there is no compiled
   variant).
+* :func:`tiled_forward` — on the CPU, a parallel forward / prefill (unpadded, unpacked, no mitigation) longer than
+  ``Mamba2.tile_len`` runs in tiles of that many tokens (the conv window and the SSM state carried between them), so
+  that the elementwise passes over ``[tile, d_in_proj]`` stay in cache; with autograd and ``tile_checkpoint`` each
+  tile's inner part (:func:`_tile_mix`) is recomputed in the backward (activation memory of one tile).
 
 Shapes: ``x [B, T, C]``, ``prev [B, K - 1, C]`` (the inputs before ``x``, oldest first), conv weight ``w [K, C]``
 (tap ``k`` multiplies input ``t - (K - 1) + k``).
@@ -25,9 +29,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from zoo.kernels.gated_rmsnorm.reference import rms_scale
+from zoo.kernels.ssd import ssd_chunk_scan
+from zoo.layers.mamba2_paths import thresholds
 
 
 def causal_conv_ref(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None,
@@ -122,6 +129,21 @@ def causal_conv(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None, 
     return _CausalConvSiLU.apply(x, prev, w, bias, activation)
 
 
+def layer_conv(m, xBC: Tensor, prev: Tensor | None, seq_idx: Tensor | None, prev_seq: Tensor | None = None
+               ) -> Tensor:
+    """The causal depthwise conv of the layer ``m`` on ``xBC [B, T, C]`` (+ bias) after ``prev [B, K-1, C]``, the
+    ``K-1`` inputs before it (None: zeros). ``seq_idx [B, T]``: taps read only their own document; the ``prev``
+    tokens belong to the documents ``prev_seq [B, K-1]`` (None: the first token's).
+
+    Computed as ``d_conv`` shifted multiply-adds in the ``[B, T, C]`` layout (no transposes)."""
+    w = m.conv1d.weight[:, 0].t().to(xBC.dtype)  # [K, C]
+    bias = None if m.conv1d.bias is None else m.conv1d.bias.to(xBC.dtype)
+    prev = None if prev is None else prev.to(xBC.dtype)
+    if prev_seq is None:  # one buffer accumulated in place, a hand-written backward
+        return causal_conv(xBC, prev, w, bias, activation=False, seq_idx=seq_idx)
+    return causal_conv_ref(xBC, prev, w, bias, seq_idx, prev_seq)
+
+
 class DecodePlan:
     """What a layer's decode step reads every token besides the in/out projection weights, derived once from the
     parameters in the step's dtypes instead of per token: ``negA = -exp(A_log)``; the in_proj bias with ``dt_bias``
@@ -183,7 +205,7 @@ def decode_plan(m, conv_dtype: torch.dtype, acc: torch.dtype, io_dtype: torch.dt
         plan.conv_b = None if conv_b is None else conv_b.to(conv_dtype)
         plan.norm_w = None if norm_w is None else norm_w.to(acc)
         plan.eps = None if norm_w is None else torch.tensor(m._modules["norm"].eps, dtype=acc, device=A_log.device)
-        thr = m._thresholds(plan.negA)
+        thr = thresholds(m, plan.negA)
         plan.thresholds = None if thr is None else thr.view(1, H, 1, 1).clone()
         plan.log_decay_scale = math.log(m.decay_scale)
     m.__dict__["_decode_plan"] = plan
@@ -215,7 +237,7 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     ``dt x``; the SSM state decayed in place (``mul_``), the rank-1 input added per group in place (``baddbmm_``),
     ``y = S C`` as one batched GEMV; the gated group RMSNorm; the out_proj GEMV. Parameter-derived tensors come from
     :func:`decode_plan`; no dtype cast runs where the dtypes agree; no host synchronisation. The same math as the
-    layer's reference step (``Mamba2._step``), which tests pin it to."""
+    layer's reference step (:func:`zoo.layers.mamba2_paths.step`), which tests pin it to."""
     Bsz = x.shape[0]
     H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
     ssm = state.ssm_state  # [B, H, P, N], fp32 (fp64 stays fp64)
@@ -283,3 +305,49 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     out_proj = mods["out_proj"]._parameters
     return F.linear(y, out_proj["weight"], out_proj["bias"])  # [B, 1, d_model]
+
+
+def tiled_forward(m, x: Tensor, state) -> Tensor:
+    """The parallel forward / prefill of an unpadded, unpacked call in tiles of ``tile_len`` tokens (CPU)."""
+    Bsz, T, _ = x.shape
+    K, L = m.d_conv, m.tile_len
+    lo = 2 * m.d_mlp + m.d_ssm  # xBC's columns in zxbcdt: [lo, lo + conv_dim)
+    if state is not None:
+        prev, h = state.conv_state[..., 1:].transpose(1, 2).to(x.dtype), state.ssm_state
+    else:
+        prev, h = x.new_zeros(Bsz, K - 1, m.conv_dim), None
+    grad = torch.is_grad_enabled()
+    outs = []
+    for t0 in range(0, T, L):
+        zxbcdt = m.in_proj(x[:, t0:t0 + L])
+        if grad and m.tile_checkpoint:
+            y, h = torch.utils.checkpoint.checkpoint(_tile_mix, m, zxbcdt, prev, h, use_reentrant=False)
+        else:
+            y, h = _tile_mix(m, zxbcdt, prev, h)
+        xBC = zxbcdt[..., lo:lo + m.conv_dim]
+        window = xBC if xBC.shape[1] >= K else torch.cat([prev, xBC], dim=1)
+        prev = window[:, -(K - 1):] if K > 1 else window[:, :0]
+        outs.append(m.out_proj(y.to(x.dtype)))
+    if state is not None:
+        state.conv_state = window[:, -K:].to(state.conv_state.dtype, copy=True).transpose(1, 2)  # [B, K, C] rows
+        state.ssm_state = h
+        state.seen = state.seen + T
+    return torch.cat(outs, dim=1)
+
+
+def _tile_mix(m, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
+    ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
+    state after the tile (``_out`` without its ``out_proj``, which stays outside the recomputed part)."""
+    H, P = m.nheads, m.headdim
+    z0, x0, z, xBC, dt = zxbcdt.split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, H], dim=-1)
+    xs, Bm, Cm, dt, off, A, D = m._ssm_inputs(m._conv(xBC, prev, None), dt, None)
+    zg = None if m.rmsnorm else z.unflatten(-1, (H, P))
+    y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=m.chunk_size, D=D, z=zg, initial_states=h0,
+                          dA_offset=off)
+    y = y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], m.d_ssm)
+    if m.rmsnorm:
+        y = m.norm(y, z)
+    if m.d_mlp > 0:
+        y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
+    return y, h
