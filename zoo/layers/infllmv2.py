@@ -32,16 +32,15 @@ broken, so there is nothing to match there):
 Left in both modes: ties between equal block scores go to the lower block, and forced blocks rank before
 unnormalised (+inf) scores (the reference's CUDA top-k leaves both orders unspecified). ``use_nope`` scores with the
 q, k before RoPE (the attention itself uses them after RoPE). Decode keeps the compressed keys in the state and
-appends one as each stride fills (the tail of not yet compressed keys is the end of the KV cache); its cost is
-bounded by the selected blocks, not the context. Kernels (CUDA: Triton; CPU prefill: the block-stationary torch
-schedule of ``kernels/infllmv2/cpu.py``; :mod:`zoo.kernels.infllmv2`):
-stage 1 fuses scoring, the group sum and pooling; stage 2 attends over per-query block lists.
+appends one as each stride fills (:mod:`zoo.layers.infllmv2_cache`; the tail of not yet compressed keys is the end
+of the KV cache); its cost is bounded by the selected blocks, not the context. Kernels (CUDA: Triton; CPU
+prefill: the block-stationary torch schedule of ``kernels/infllmv2/cpu.py``; :mod:`zoo.kernels.infllmv2`): stage 1
+fuses scoring, the group sum and pooling; stage 2 attends over per-query block lists.
 Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +57,8 @@ from zoo.kernels.infllmv2 import (
     visible_windows,
 )
 from zoo.layers.attention import Attention
-from zoo.layers.base import BenchCase, State
+from zoo.layers.base import BenchCase
+from zoo.layers.infllmv2_cache import InfLLMv2Cache
 from zoo.layers.rope import apply_rotary
 from zoo.registry import register_mixer
 
@@ -67,36 +67,6 @@ CITATION = r"""@article{zhao2025infllmv2,
   title={{InfLLM-V2}: Dense-Sparse Switchable Attention for Seamless Short-to-Long Adaptation},
   author={Zhao, Weilin and others}, journal={arXiv preprint arXiv:2509.24663}, year={2025}
 }"""
-
-
-@dataclass
-class InfLLMv2Cache(State):
-    """KV cache in position space (slot ``t`` = the row's token at position ``t``; the last slot takes padded tokens)
-    plus the compressed keys of every complete window: ``k, v, sk [B, Hkv, cap + 1, D]`` (``sk``: pre-RoPE selection
-    keys with ``use_nope``, else empty), ``c1 [B, Hkv, n1(cap), D]``, ``c2 [B, Hkv, n2(cap), D]`` (v2)."""
-
-    k: Tensor
-    v: Tensor
-    sk: Tensor
-    c1: Tensor
-    c2: Tensor
-    next_pos: Tensor  # [B] position of each row's next real token: the state's count of absorbed tokens
-    bound: int = 0  # host-side upper bound of next_pos (all tokens absorbed, padded too): sizes the buffers
-
-    windows: tuple[int, int, int, int] = (1, 1, 1, 1)  # (kernel_size, kernel_stride) of c1, then of c2
-
-    @property
-    def nbytes(self) -> int:  # bytes of the slots and windows written so far, not the reserved capacity
-        def per(t: Tensor) -> int:
-            return t[:, :, :1].numel() * t.element_size()
-
-        def n(size: int, stride: int) -> int:
-            return max(0, (self.bound - size) // stride + 1)
-
-        slots = per(self.k) + per(self.v) + per(self.sk)
-        ks, s, ks2, s2 = self.windows
-        return (slots * self.bound + per(self.c1) * n(ks, s) + per(self.c2) * n(ks2, s2)
-                + self.next_pos.numel() * self.next_pos.element_size())
 
 
 @register_mixer("infllmv2")
@@ -337,7 +307,7 @@ class InfLLMv2(Attention):
         B, H, T, D = q.shape
         if T > 1 and bool(real.any()) and int(positions[real].max()) >= state.bound + T:
             raise ValueError(f"positions must be below the number of tokens absorbed ({state.bound + T})")
-        self._grow(state, state.bound + T)
+        state.grow(state.bound + T)
         cap = state.k.shape[2] - 1
         slot = torch.where(real, positions, cap)[:, None, :, None].expand(B, self.num_kv_heads, T, D)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or state.k.requires_grad):
@@ -350,7 +320,7 @@ class InfLLMv2(Attention):
         old_next = state.next_pos
         state.next_pos = old_next + real.sum(1)
         state.bound += T
-        self._update_compressed(state, old_next, positions, real)
+        state.append_compressed(old_next, positions, real)
         if state.bound < self.dense_len:  # every query is dense (positions < bound): causal attention on the cache
             n = state.bound
             mask = torch.arange(n, device=q.device) <= positions[:, None, :, None]
@@ -364,67 +334,12 @@ class InfLLMv2(Attention):
         return sparse_attention(q, state.k, state.v, positions, idx, block_size=self.block_size, scale=self.scale,
                                 query_tile=1 if T == 1 else self.query_tile)
 
-    @torch.no_grad()
-    def _update_compressed(self, state: InfLLMv2Cache, old_next: Tensor, positions: Tensor, real: Tensor) -> None:
-        """Write the compressed keys of the windows completed by this call (one per stride as it fills)."""
-        src = state.sk if self.use_nope else state.k
-        ks, s = self.kernel_size, self.kernel_stride
-        levels = [(state.c1, ks, s)] + ([(state.c2, 4 * ks, 4 * s)] if self.variant == "v2" else [])
-        B, Hkv, _, D = src.shape
-        for buf, size, stride in levels:
-            if buf.shape[2] == 0:  # the buffers cannot hold a complete window yet
-                continue
-            if positions.shape[1] == 1:  # decode: no host synchronisation
-                start = positions[:, 0] + 1 - size
-                ok = real[:, 0] & (start >= 0) & (start % stride == 0)
-                win = (start.clamp(min=0)[:, None] + torch.arange(size, device=src.device)).clamp(max=src.shape[2] - 1)
-                new = compress_keys(src.gather(2, win[:, None, :, None].expand(B, Hkv, size, D)), size, stride)
-                j = torch.div(start, stride, rounding_mode="floor").clamp(min=0)
-                j = j[:, None, None, None].expand(B, Hkv, 1, D)
-                buf.scatter_(2, j, torch.where(ok[:, None, None, None], new.to(buf.dtype), buf.gather(2, j)))
-            else:  # prefill chunk: recompute the windows between the least and the most advanced row
-                lo = int(visible_windows(old_next - 1, size, stride).min())
-                hi = int(visible_windows(state.next_pos - 1, size, stride).max())
-                if hi > lo:
-                    seg = src[:, :, lo * stride: (hi - 1) * stride + size]
-                    buf[:, :, lo:hi] = compress_keys(seg, size, stride).to(buf.dtype)
-
-    # ------------------------------------------------------------------ state
-    def _grow(self, state: InfLLMv2Cache, need: int) -> None:
-        cap = state.k.shape[2] - 1
-        if need <= cap:
-            return
-        new = self._round(max(need, 2 * cap))
-        for name in ("k", "v", "sk"):
-            t = getattr(state, name)
-            if t.shape[2]:
-                setattr(state, name, F.pad(t[:, :, :cap], (0, 0, 0, new + 1 - cap)))
-        for name, size, stride in (("c1", self.kernel_size, self.kernel_stride),
-                                   ("c2", 4 * self.kernel_size, 4 * self.kernel_stride)):
-            t = getattr(state, name)
-            n = max(0, (new - size) // stride + 1) if (name == "c1" or self.variant == "v2") else 0
-            if n > t.shape[2]:
-                setattr(state, name, F.pad(t, (0, 0, 0, n - t.shape[2])))
-
-    def _round(self, cap: int) -> int:
-        """Capacity with ``cap + 1`` slots a multiple of the block size (the blocks are then a view)."""
-        return -(-(cap + 1) // self.block_size) * self.block_size - 1
-
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> InfLLMv2Cache:
-        cap = self._round(max_length or 256)
-        Hkv, D = self.num_kv_heads, self.head_dim
-
-        def z(n: int) -> Tensor:
-            return torch.zeros(batch_size, Hkv, n, D, dtype=dtype, device=device)
-
-        ks, s = self.kernel_size, self.kernel_stride
-        st = InfLLMv2Cache(
-            k=z(cap + 1), v=z(cap + 1), sk=z(cap + 1 if self.use_nope else 0),
-            c1=z(max(0, (cap - ks) // s + 1)),
-            c2=z(max(0, (cap - 4 * ks) // (4 * s) + 1) if self.variant == "v2" else 0),
-            next_pos=torch.zeros(batch_size, dtype=torch.long, device=device), windows=(ks, s, 4 * ks, 4 * s))
-        return st
+        return InfLLMv2Cache.empty(batch_size, self.num_kv_heads, self.head_dim, dtype, device,
+                                   capacity=max_length or 256, block_size=self.block_size,
+                                   windows=(self.kernel_size, self.kernel_stride), two_levels=self.variant == "v2",
+                                   selection_keys=self.use_nope)
 
     def extra_repr(self) -> str:
         names = ("kernel_size", "kernel_stride", "block_size", "init_blocks", "window_size", "topk", "dense_len",
