@@ -250,6 +250,19 @@ def test_a_killed_run_resumes_where_it_stopped(outside_mixer, tmp_path: Path,
     assert len(calls) == 2
 
 
+def test_fresh_never_replaces_a_report_under_the_default_stem(outside_mixer, tmp_path: Path) -> None:
+    args = ["bench", "--mixers", "tiny_outside", "--quick", "--no-memory", "--out", str(tmp_path), "--no-progress"]
+    assert zoo_main(args) == 0
+    first = sorted(tmp_path.glob("*.json"))
+    assert len(first) == 1
+    before = first[0].read_bytes()
+    assert zoo_main([*args, "--fresh"]) == 0
+    second = tmp_path / f"{first[0].stem}-2.json"
+    assert second.exists() and first[0].read_bytes() == before  # the earlier report is untouched
+    assert zoo_main([*args, "--fresh", "--stem", first[0].stem]) == 0  # an explicit stem is replaced
+    assert set(tmp_path.glob("*.json")) == {first[0], second}
+
+
 def test_an_unregistered_reference_mixer_is_skipped_not_an_error(outside_mixer,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     case = BenchCase(args=RunningMean.bench_cases[0].args, reference="mixer:no_such_mixer", name="tiny_outside")

@@ -104,7 +104,8 @@ def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
     p.add_argument("--gemm-n", type=int, default=None, help="size of the roofline matmul (default 2048; 256 quick)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--fresh", action="store_true",
-                   help="measure every case again even if <out>/<stem>.json holds results of an earlier run")
+                   help="measure every case again even if <out>/<stem>.json holds results of an earlier run (with "
+                        "the default stem, into a new <stem>-N; an explicit --stem is replaced)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: re-render the Markdown and PNG reports of an existing JSON report")
     return p
@@ -186,6 +187,13 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
     now = dt.datetime.now(dt.timezone.utc)
     stem = args.stem or f"{'quick-' if args.quick else ''}{device.type}-{now.strftime('%Y-%m-%d')}"
     json_path = args.out / f"{stem}.json"
+    if args.fresh and args.stem is None and json_path.exists():  # never replace a report by default
+        base, n = stem, 2
+        while (args.out / f"{base}-{n}.json").exists():
+            n += 1
+        stem, json_path = f"{base}-{n}", args.out / f"{base}-{n}.json"
+        print(f"zoo bench: {args.out / base}.json exists; --fresh writes {json_path} "
+              f"(pass --stem {base} to replace it)", file=sys.stderr)
     options = {"mode": "quick" if args.quick else "full", "device": device.type, "warmup": opts.warmup,
                "repeats": opts.repeats, "decode_repeats": opts.repeats_for("decode"), "batch": args.batch,
                "dtype": dtype, "Ts": Ts, "subjects": specs, "phases": phases, "memory": opts.memory,
