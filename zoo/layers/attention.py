@@ -275,3 +275,11 @@ class Attention(Mixer):
             v=torch.zeros(shape, dtype=dtype, device=device),
             valid=torch.zeros(batch_size, cap, dtype=torch.bool, device=device),
         )
+
+
+def dense_reference_case(full: dict[str, Any], quick: dict[str, Any], what: str) -> tuple[BenchCase, ...]:
+    """A masked pattern's benchmark case (the sparse-attention mixers): against dense causal attention (the
+    ``attention`` mixer) with the same weights, at the head sizes of the attention case."""
+    heads = Attention.bench_cases[0].args
+    return (BenchCase(args={"full": {**heads["full"], **full}, "quick": {**heads["quick"], **quick}},
+                      reference="mixer:attention", description=f"{what} vs dense causal SDPA attention, same weights"),)

@@ -216,3 +216,16 @@ def document_positions(seq_idx: Tensor) -> Tensor:
     start = torch.ones_like(seq_idx, dtype=torch.bool)
     start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
     return t - torch.where(start, t, torch.zeros_like(t)).cummax(1).values
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """``ValueError`` unless the mixer argument ``name`` is an int (not a bool) ``>= minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def check_power_of_two(name: str, value: Any) -> None:
+    """``ValueError`` unless the mixer argument ``name`` is a positive power-of-two int (block-sparse kernel tiles)."""
+    check_int(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two (block-sparse kernel tiles)")

@@ -46,7 +46,7 @@ from zoo.layers.base import BenchCase, Mixer, State
 from zoo.layers.masks import SlidingWindowRule
 from zoo.layers.norm import RMSNorm
 from zoo.layers.rope import RotaryEmbedding, apply_rotary
-from zoo.layers.sparse_ops import SparseKVCache, blocked_attention
+from zoo.layers.sparse_ops import SparseKVCache, cached_window_attention
 from zoo.registry import register_mixer
 
 
@@ -256,7 +256,8 @@ class LaCT(Mixer):
             (k * self.qk_scale[:, 1] + self.qk_offset[:, 1]).to(acc), v.to(acc)
         cos, sin = self.rotary(positions, q.dtype)
         qh, kh, vh = (t.view(B, T, self.H, self.hd).transpose(1, 2) for t in (q, k, v))
-        o = self._window(apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin), vh, positions, real, seq_idx, state)
+        o = cached_window_attention(self.rule, apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin), vh, positions,
+                                    real, seq_idx, None if state is None else state.attn, self.hd**-0.5)
 
         if self.qkv_silu:
             fq, fk = F.silu(fq), F.silu(fk)
@@ -280,34 +281,6 @@ class LaCT(Mixer):
         if self.learnable_ttt_scale:
             y = y * F.silu(self.ttt_scale_proj(x)).to(y.dtype)[..., None]
         return self.o_proj(o + y.reshape(B, T, d).to(o.dtype)), state
-
-    def _window(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, real: Tensor | None,
-                seq_idx: Tensor | None, state: LaCTState | None) -> Tensor:
-        """Sliding-window attention of ``q, k, v [B, H, T, hd]`` (after RoPE) -> ``[B, T, d]``."""
-        B, _, T, _ = q.shape
-        scale = self.hd**-0.5
-        if state is None:
-            by_slot = real is None and seq_idx is None and \
-                torch.equal(positions, torch.arange(T, device=q.device).expand(B, T))
-            if by_slot and T <= self.window_size:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            else:
-                o = blocked_attention(self.rule, q, k, v, positions, real, seq_idx, scale, 128, by_slot=by_slot)
-        else:
-            cache = state.attn
-            ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None else real
-            if T == 1 and real is None and not (torch.is_grad_enabled() and k.requires_grad):
-                cache.write_step(self.rule, k, v, positions)  # decode: in place, then attend
-                o = cache.attend(self.rule, q, None, None, positions, ok, scale)
-            else:
-                outs = []
-                for t0 in range(0, T, 512):
-                    sl = slice(t0, t0 + 512)
-                    outs.append(cache.attend(self.rule, q[:, :, sl], k[:, :, sl], v[:, :, sl], positions[:, sl],
-                                             ok[:, sl], scale))
-                    cache.write(self.rule, k[:, :, sl], v[:, :, sl], positions[:, sl], ok[:, sl])
-                o = torch.cat(outs, 2)
-        return o.transpose(1, 2).reshape(B, T, -1)
 
     def _start(self, R: int, acc: torch.dtype) -> tuple[Any, Any, Any, Any]:
         """``W_init`` (differentiable), prenorm mains, zero momenta and the row norms for ``R`` rows x heads."""

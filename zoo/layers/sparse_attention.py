@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.kernels.backend import backend
-from zoo.layers.attention import Attention
-from zoo.layers.base import BenchCase, default_positions, document_positions
-from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule, rule_layout
+from zoo.layers.attention import Attention, dense_reference_case
+from zoo.layers.attention_step import project_step
+from zoo.layers.base import check_int, check_power_of_two, default_positions, document_positions
+from zoo.layers.masks import BlockDiagonalRule, LocalStrideRule, Rule, SlidingWindowRule
 from zoo.layers.sparse_cpu import block_sparse_attention_cpu, block_sparse_supported, window_attention
-from zoo.layers.sparse_ops import SparseKVCache, block_diagonal_attention, blocked_attention
+from zoo.layers.sparse_ops import SparseKVCache, block_diagonal_attention, blocked_attention, kernel_attention
 from zoo.registry import register_mixer
 
 LONGFORMER = """@article{beltagy2020longformer,
@@ -69,40 +70,6 @@ MASFORMER = """@article{zhang2023efficient,
   journal={arXiv preprint arXiv:2310.12442},
   year={2023}
 }"""
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _power_of_two(name: str, value: Any) -> None:
-    _positive_int(name, value)
-    if value & (value - 1):
-        raise ValueError(f"{name}={value!r} must be a power of two (block-sparse kernel tiles)")
-
-
-def dense_reference_case(full: dict[str, Any], quick: dict[str, Any], what: str) -> tuple[BenchCase, ...]:
-    """A pattern's benchmark case: against dense causal attention (the ``attention`` mixer) with the same weights,
-    at the head sizes of the attention case."""
-    heads = Attention.bench_cases[0].args
-    return (BenchCase(args={"full": {**heads["full"], **full}, "quick": {**heads["quick"], **quick}},
-                      reference="mixer:attention", description=f"{what} vs dense causal SDPA attention, same weights"),)
-
-
-DYNAMIC_ROPE = ("dynamic", "longrope")  # RoPE kinds whose frequencies depend on the call's positions
-
-
-def _doubled_inv_freq(rot: Any) -> Tensor:
-    """``cat([inv_freq, inv_freq])`` in fp32 of a RoPE with static frequencies, cached on the module (a new one when
-    its buffer is replaced or written)."""
-    inv = rot._buffers["inv_freq"]
-    key = (inv.data_ptr(), inv._version)
-    c = rot.__dict__.get("_doubled")
-    if c is None or c[0] != key:
-        c = (key, torch.cat([inv, inv]).float())
-        rot.__dict__["_doubled"] = c
-    return c[1]
 
 
 class SparseAttention(Attention):
@@ -181,37 +148,9 @@ class SparseAttention(Attention):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def project_step(self, x: Tensor, positions: Tensor | None, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`project` of one token per row without autograd (``x [B, 1, d]``; ``positions [B, 1]``, or None for
-        rows at position ``offset``, a host-side int) in about 25 calls fewer: ``q`` and ``k`` rotated together (one
-        concatenation, ``x cos + rotate_half(x) sin`` with the angles computed once for both); the same values as
-        :meth:`project`, which partial rotary falls back to."""
-        rot = self.rotary
-        if rot is not None and (rot.dim != self.head_dim or (positions is None and rot.kind in DYNAMIC_ROPE)):
-            return self.project(x, default_positions(x, offset) if positions is None else positions)
-        B = x.shape[0]
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        x2 = x.view(B, -1)
-        q = self.q_proj(x2).view(B, H, D)
-        k = self.k_proj(x2).view(B, Hkv, D)
-        v = self.v_proj(x2).view(B, Hkv, 1, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rot is not None:
-            if positions is None:  # every row at `offset`: the angles of RotaryEmbedding.forward, [D]
-                ang = _doubled_inv_freq(rot) * float(offset)
-            else:  # [B, 1, D] (the length-dependent kinds pick their frequencies with tensor ops)
-                inv = rot._call_inv_freq(positions) if rot.kind in DYNAMIC_ROPE else _doubled_inv_freq(rot)
-                ang = positions.float()[..., None] * (torch.cat([inv, inv]) if rot.kind in DYNAMIC_ROPE else inv)
-            cos, sin = ang.cos(), ang.sin()
-            if rot.attention_factor != 1.0:
-                cos, sin = cos * rot.attention_factor, sin * rot.attention_factor
-            if cos.dtype != q.dtype:
-                cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            qk = torch.cat([q, k], dim=1)  # [B, H + Hkv, D]
-            x1, x2 = qk.chunk(2, dim=-1)
-            qk = torch.addcmul(qk * cos, torch.cat([-x2, x1], dim=-1), sin)  # x cos + rotate_half(x) sin
-            q, k = qk.split([H, Hkv], dim=1)
-        return q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v
+        """:meth:`project` of one token per row without autograd, in fewer calls (``positions`` None: every row at
+        ``offset``): :func:`zoo.layers.attention_step.project_step`."""
+        return project_step(self, x, positions, offset)
 
     def attend_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, attention_mask: Tensor | None = None,
                         seq_idx: Tensor | None = None, *, kv_heads: Tensor | None = None,
@@ -260,19 +199,7 @@ class SparseAttention(Attention):
 
     def _kernel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         """The block-sparse Triton kernel (another module; optional) on an unpadded batch, or None."""
-        bs = self.kernel_block()
-        if bs is None:
-            return None
-        try:
-            from zoo.kernels.block_sparse_attention import block_sparse_attention
-        except ImportError:
-            return None
-        T = q.shape[2]
-        n = -(-T // bs)
-        layout = rule_layout(self.rule, n, n, bs, device=q.device)
-        window, sinks = self.rule.kernel_args(bs)
-        return block_sparse_attention(q, k, v, block_mask=layout, block_size=bs, window=window,
-                                      num_sink_tokens=sinks, scale=self.scale)
+        return kernel_attention(self.rule, q, k, v, self.kernel_block(), self.scale)
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str,
                    max_length: int | None = None) -> SparseKVCache:
@@ -324,8 +251,8 @@ class SlidingWindowAttention(SparseAttention):
             return
         if kwargs.get("window") is None:
             raise ValueError("sliding_window needs window=<tokens, including the current one>")
-        _positive_int("window", kwargs["window"])
-        _positive_int("num_sink_tokens", kwargs.get("num_sink_tokens", 0), 0)
+        check_int("window", kwargs["window"])
+        check_int("num_sink_tokens", kwargs.get("num_sink_tokens", 0), 0)
 
     def kernel_block(self) -> int | None:
         return 64
@@ -391,13 +318,13 @@ class BlockSparseAttention(SparseAttention):
         super().check_args(d_model, kwargs)
         if cls._base_size_check(kwargs):
             return
-        _power_of_two("block_size", kwargs.get("block_size", 64))
-        _positive_int("local_blocks", kwargs.get("local_blocks", 16))
-        _positive_int("vertical_stride", kwargs.get("vertical_stride", 8))
-        _positive_int("head_sliding_offset", kwargs.get("head_sliding_offset", 0), 0)
+        check_power_of_two("block_size", kwargs.get("block_size", 64))
+        check_int("local_blocks", kwargs.get("local_blocks", 16))
+        check_int("vertical_stride", kwargs.get("vertical_stride", 8))
+        check_int("head_sliding_offset", kwargs.get("head_sliding_offset", 0), 0)
         Hkv = kwargs.get("num_kv_heads") or kwargs.get("num_heads", 8)
         nd = kwargs.get("num_dense_heads", 0)
-        _positive_int("num_dense_heads", nd, 0)
+        check_int("num_dense_heads", nd, 0)
         if nd > Hkv:
             raise ValueError(f"num_dense_heads={nd} exceeds the number of KV heads {Hkv}")
         if nd and kwargs.get("homo_head", False):
@@ -453,7 +380,7 @@ class BlockDiagonalAttention(SparseAttention):
             return
         if kwargs.get("block_size") is None:
             raise ValueError("block_diagonal needs block_size=<tokens per block>")
-        _positive_int("block_size", kwargs["block_size"])
+        check_int("block_size", kwargs["block_size"])
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
         return block_diagonal_attention(q, k, v, self.block_size, self.scale)

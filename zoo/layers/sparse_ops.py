@@ -1,5 +1,7 @@
-"""Torch compute of the sparse-attention mixers: masked SDPA, the blocked O(T * reach) parallel path, and the
-bounded KV cache (:class:`SparseKVCache`). The mask rules live in :mod:`zoo.layers.masks`.
+"""Torch compute of the sparse-attention mixers: masked SDPA, the blocked O(T * reach) parallel path, the
+dispatch to the block-sparse Triton kernel (:func:`kernel_attention`), the bounded KV cache
+(:class:`SparseKVCache`) and LaCT's window branch over it (:func:`cached_window_attention`). The mask rules live
+in :mod:`zoo.layers.masks`.
 
 Shapes: ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, masks ``[B, Hm, Tq, Tk]`` with ``Hm`` in ``{1, Hkv}``
 (a per-KV-head mask is shared by the ``G = H / Hkv`` query heads of that KV head).
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.layers.base import State
-from zoo.layers.masks import Rule, SlidingWindowRule, allowed, extra_candidates
+from zoo.layers.masks import Rule, SlidingWindowRule, allowed, extra_candidates, rule_layout
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -131,6 +133,26 @@ def blocked_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, 
                              m.reshape(B * n_c, m.shape[2], C, Tk), scale)
         outs.append(o.view(B, n_c, H, C, D).transpose(1, 2).reshape(B, H, n_c * C, D))
     return torch.cat(outs, dim=2)[:, :, :T]
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernel
+def kernel_attention(rule: Rule, q: Tensor, k: Tensor, v: Tensor, block_size: int | None, scale: float
+                     ) -> Tensor | None:
+    """The block-sparse Triton kernel (:mod:`zoo.kernels.block_sparse_attention`, imported lazily: optional) over
+    the rule's block layout for unpadded, unpacked rows (token index = slot), kernel block ``block_size``; None when
+    there is no kernel block or no kernel."""
+    if block_size is None:
+        return None
+    try:
+        from zoo.kernels.block_sparse_attention import block_sparse_attention
+    except ImportError:
+        return None
+    T = q.shape[2]
+    n = -(-T // block_size)
+    layout = rule_layout(rule, n, n, block_size, device=q.device)
+    window, sinks = rule.kernel_args(block_size)
+    return block_sparse_attention(q, k, v, block_mask=layout, block_size=block_size, window=window,
+                                  num_sink_tokens=sinks, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -307,3 +329,35 @@ def block_diagonal_attention(q: Tensor, k: Tensor, v: Tensor, block_size: int, s
     o = F.scaled_dot_product_attention(_fold(q, C, nC), _fold(k, C, nC), _fold(v, C, nC), is_causal=True,
                                        scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return o.view(B, nC, H, C, D).transpose(1, 2).reshape(B, H, nC * C, D)[:, :, :T]
+
+
+# ---------------------------------------------------------------------------------------------- LaCT's window
+def cached_window_attention(rule: SlidingWindowRule, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+                            real: Tensor | None, seq_idx: Tensor | None, cache: SparseKVCache | None,
+                            scale: float) -> Tensor:
+    """The sliding-window branch of :class:`~zoo.layers.lact.LaCT`: ``q, k, v [B, H, T, hd]`` (after RoPE) ->
+    ``[B, T, H * hd]``. Without a cache: causal SDPA when the window covers unpadded, unpacked rows, else
+    :func:`blocked_attention`; with one: a decode step (one real token, no key gradient) writes in place then
+    attends, longer calls attend and write in pieces of 512 tokens."""
+    B, _, T, _ = q.shape
+    if cache is None:
+        by_slot = real is None and seq_idx is None and \
+            torch.equal(positions, torch.arange(T, device=q.device).expand(B, T))
+        if by_slot and T <= rule.window:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            o = blocked_attention(rule, q, k, v, positions, real, seq_idx, scale, 128, by_slot=by_slot)
+    else:
+        ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None else real
+        if T == 1 and real is None and not (torch.is_grad_enabled() and k.requires_grad):
+            cache.write_step(rule, k, v, positions)  # decode: in place, then attend
+            o = cache.attend(rule, q, None, None, positions, ok, scale)
+        else:
+            outs = []
+            for t0 in range(0, T, 512):
+                sl = slice(t0, t0 + 512)
+                outs.append(cache.attend(rule, q[:, :, sl], k[:, :, sl], v[:, :, sl], positions[:, sl],
+                                         ok[:, sl], scale))
+                cache.write(rule, k[:, :, sl], v[:, :, sl], positions[:, sl], ok[:, sl])
+            o = torch.cat(outs, 2)
+    return o.transpose(1, 2).reshape(B, T, -1)
