@@ -63,6 +63,23 @@ def test_longrope_switches_factors_with_the_length_of_the_call():
     torch.testing.assert_close(cos_l[0, 0, 5, : HEAD_DIM // 2], torch.cos(5 * inv_l) * af)
 
 
+@pytest.mark.parametrize("name", [None, *CASES])
+def test_one_token_step_equals_forward(name):
+    """``RotaryEmbedding.step`` (a decode step's angles) == ``forward`` at that position, from the positions and, for
+    the static kinds, from a host-side offset; the length-dependent kinds refuse an offset alone."""
+    rot = RotaryEmbedding(HEAD_DIM, 10000.0, CASES.get(name), MAX_POS)
+    pos = torch.tensor([[5], [40], [100]])
+    cos, sin = rot(pos, torch.float64)  # [B, 1, 1, D]
+    got = rot.step(0, pos, torch.float64)  # [B, 1, D]
+    assert torch.equal(got[0], cos[:, 0]) and torch.equal(got[1], sin[:, 0])
+    if rot.kind in ("dynamic", "longrope"):
+        with pytest.raises(ValueError, match="needs the positions"):
+            rot.step(40, None, torch.float64)
+    else:
+        cos1, sin1 = rot.step(40, None, torch.float64)  # [D]
+        assert torch.equal(cos1, cos[1, 0, 0]) and torch.equal(sin1, sin[1, 0, 0])
+
+
 @pytest.mark.parametrize("name", ["yarn", "yarn_mscale", "longrope", "dynamic"])
 def test_llama_with_scaled_rope_matches_transformers(name, tmp_path):
     """Whole models: T = 100 > max_position_embeddings (64 in make_hf_llama's config below), so longrope takes the

@@ -13,36 +13,23 @@ back to :meth:`~zoo.layers.attention.Attention.project`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from zoo.layers.base import default_positions
+from zoo.layers.rope import DYNAMIC_ROPE, rotate_half
 
 if TYPE_CHECKING:
     from zoo.layers.attention import Attention
-
-DYNAMIC_ROPE = ("dynamic", "longrope")  # RoPE kinds whose frequencies depend on the call's positions
-
-
-def _doubled_inv_freq(rot: Any) -> Tensor:
-    """``cat([inv_freq, inv_freq])`` in fp32 of a RoPE with static frequencies, cached on the module (a new one when
-    its buffer is replaced or written)."""
-    inv = rot._buffers["inv_freq"]
-    key = (inv.data_ptr(), inv._version)
-    c = rot.__dict__.get("_doubled")
-    if c is None or c[0] != key:
-        c = (key, torch.cat([inv, inv]).float())
-        rot.__dict__["_doubled"] = c
-    return c[1]
 
 
 def project_step(attn: Attention, x: Tensor, positions: Tensor | None, offset: int) -> tuple[Tensor, Tensor, Tensor]:
     """``attn.project`` of one token per row without autograd (``x [B, 1, d]``; ``positions [B, 1]``, or None for
     rows at position ``offset``, a host-side int) in about 25 calls fewer: ``q`` and ``k`` rotated together (one
-    concatenation, ``x cos + rotate_half(x) sin`` with the angles computed once for both); the same values as
-    ``attn.project``, which partial rotary falls back to."""
+    concatenation; the angles of :meth:`~zoo.layers.rope.RotaryEmbedding.step`, computed once for both); the same
+    values as ``attn.project``, which partial rotary falls back to."""
     rot = attn.rotary
     if rot is not None and (rot.dim != attn.head_dim or (positions is None and rot.kind in DYNAMIC_ROPE)):
         return attn.project(x, default_positions(x, offset) if positions is None else positions)
@@ -54,19 +41,8 @@ def project_step(attn: Attention, x: Tensor, positions: Tensor | None, offset: i
     v = attn.v_proj(x2).view(B, Hkv, 1, D)
     if attn.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    if rot is not None:
-        if positions is None:  # every row at `offset`: the angles of RotaryEmbedding.forward, [D]
-            ang = _doubled_inv_freq(rot) * float(offset)
-        else:  # [B, 1, D] (the length-dependent kinds pick their frequencies with tensor ops)
-            inv = rot._call_inv_freq(positions) if rot.kind in DYNAMIC_ROPE else _doubled_inv_freq(rot)
-            ang = positions.float()[..., None] * (torch.cat([inv, inv]) if rot.kind in DYNAMIC_ROPE else inv)
-        cos, sin = ang.cos(), ang.sin()
-        if rot.attention_factor != 1.0:
-            cos, sin = cos * rot.attention_factor, sin * rot.attention_factor
-        if cos.dtype != q.dtype:
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if rot is not None:  # q and k rotated together, with the angles of this one position
+        cos, sin = rot.step(offset, positions, q.dtype)
         qk = torch.cat([q, k], dim=1)  # [B, H + Hkv, D]
-        x1, x2 = qk.chunk(2, dim=-1)
-        qk = torch.addcmul(qk * cos, torch.cat([-x2, x1], dim=-1), sin)  # x cos + rotate_half(x) sin
-        q, k = qk.split([H, Hkv], dim=1)
+        q, k = torch.addcmul(qk * cos, rotate_half(qk), sin).split([H, Hkv], dim=1)  # few calls: one token
     return q.view(B, H, 1, D), k.view(B, Hkv, 1, D), v

@@ -152,6 +152,9 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None = None,
     return rope_parameters(dim, theta, scaling, max_position_embeddings)[0]
 
 
+DYNAMIC_ROPE = ("dynamic", "longrope")  # RoPE kinds whose frequencies depend on the call's positions
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
                  max_position_embeddings: int | None = None) -> None:
@@ -192,12 +195,38 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``positions: [B, T]`` -> ``cos, sin: [B, 1, T, dim]`` (broadcast over heads), times the attention factor."""
-        angles = positions.float()[..., None] * self._call_inv_freq(positions)  # [B, T, dim/2], fp32 for every dtype
-        emb = torch.cat((angles, angles), dim=-1)
+        inv = self._call_inv_freq(positions)
+        emb = positions.float()[..., None] * torch.cat((inv, inv))  # [B, T, dim], fp32 for every dtype
+        cos, sin = self._cos_sin(emb, dtype)
+        return cos[:, None], sin[:, None]
+
+    def step(self, offset: int, positions: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of one token per row, the values of :meth:`forward` with fewer calls (a decode step):
+        ``[dim]`` for every row at the host-side ``offset`` (``positions`` None; the static kinds only: the
+        length-dependent ones need the positions), else ``[B, 1, dim]`` from ``positions [B, 1]``."""
+        if positions is None:
+            if self.kind in DYNAMIC_ROPE:
+                raise ValueError(f"RotaryEmbedding.step: the {self.kind!r} RoPE needs the positions")
+            return self._cos_sin(self._doubled_inv_freq() * float(offset), dtype)
+        inv = self._call_inv_freq(positions)
+        doubled = torch.cat((inv, inv)) if self.kind in DYNAMIC_ROPE else self._doubled_inv_freq()
+        return self._cos_sin(positions.float()[..., None] * doubled, dtype)
+
+    def _cos_sin(self, emb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = emb.cos(), emb.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        return (cos, sin) if cos.dtype == dtype else (cos.to(dtype), sin.to(dtype))
+
+    def _doubled_inv_freq(self) -> Tensor:
+        """``cat([inv_freq, inv_freq])`` in fp32 (the static kinds), cached until the buffer is replaced or written."""
+        inv = self._buffers["inv_freq"]
+        key = (inv.data_ptr(), inv._version)
+        c = self.__dict__.get("_doubled")
+        if c is None or c[0] != key:
+            c = (key, torch.cat([inv, inv]).float())
+            self.__dict__["_doubled"] = c
+        return c[1]
 
 
 def rotate_half(x: Tensor) -> Tensor:
