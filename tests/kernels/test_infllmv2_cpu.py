@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_oracle
+from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_case, scores_oracle
 from zoo.kernels.infllmv2 import select_blocks
 from zoo.kernels.infllmv2.cpu import block_scores_cpu, select_blocks_cpu, select_cpu, sparse_attention_cpu
 from zoo.kernels.infllmv2.reference import block_scores_ref, sparse_attention_ref
@@ -104,16 +104,9 @@ def test_first_block_off_diagonal_with_scores_far_below_floor():
 
 @pytest.mark.parametrize("G,exact", [(1, False), (3, False), (16, False), (2, True)])
 def test_block_scores_cpu_matches_oracle(G, exact):
-    torch.manual_seed(0)
-    B, Hkv, Tq, D, bs, s = 2, 2, 9, 8, 8, 2
-    q = torch.randn(B, Hkv * G, Tq, D, dtype=torch.float64)
-    c1, c2 = torch.randn(B, Hkv, 14, D, dtype=torch.float64), torch.randn(B, Hkv, 3, D, dtype=torch.float64)
-    v1 = torch.randint(0, 15, (B, Tq))
-    e1 = torch.maximum(v1, torch.randint(0, 15, (B, Tq)))
-    v2 = torch.randint(0, 4, (B, Tq))
+    bs, s = 8, 2
+    args = q, c1, c2, v1, e1, v2 = scores_case(G, exact, B=2)
     v2[0, :2] = 0  # no normalising key: visible scores are +inf
-    c2 = None if exact else c2
-    args = (q, c1, c2, v1, e1, v2)
     kw = dict(block_size=bs, kernel_stride=s, num_blocks=5, scale=0.3)
     got = block_scores_cpu(*args, **kw)
     ref = scores_oracle(q, c1, c2, v1, e1, v2, bs, s, 5, 0.3)

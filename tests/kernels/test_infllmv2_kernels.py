@@ -90,16 +90,22 @@ def test_compress_and_visibility():
     assert visible_windows(pos, 4, 2).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
-@pytest.mark.parametrize("G,exact", [(1, False), (3, False), (2, True)])
-def test_block_scores_ref_matches_oracle(G, exact):
+def scores_case(G: int, exact: bool, B: int = 1, Hkv: int = 2, Tq: int = 9, D: int = 8):
+    """Stage-1 inputs ``(q, c1, c2, v1, e1, v2)`` (fp64, seed 0): 14 C1 and 3 C2 windows, visible counts ``v1``,
+    existing counts ``e1 >= v1`` (the reference prefill's existing-but-masked keys); ``c2`` None when ``exact``."""
     torch.manual_seed(0)
-    B, Hkv, Tq, D, bs, s = 1, 2, 9, 8, 8, 2
     q = torch.randn(B, Hkv * G, Tq, D, dtype=torch.float64)
     c1, c2 = torch.randn(B, Hkv, 14, D, dtype=torch.float64), torch.randn(B, Hkv, 3, D, dtype=torch.float64)
     v1 = torch.randint(0, 15, (B, Tq))
-    e1 = torch.maximum(v1, torch.randint(0, 15, (B, Tq)))  # the reference prefill's existing-but-masked keys
+    e1 = torch.maximum(v1, torch.randint(0, 15, (B, Tq)))
     v2 = torch.randint(0, 4, (B, Tq))
-    c2 = None if exact else c2
+    return q, c1, None if exact else c2, v1, e1, v2
+
+
+@pytest.mark.parametrize("G,exact", [(1, False), (3, False), (2, True)])
+def test_block_scores_ref_matches_oracle(G, exact):
+    bs, s = 8, 2
+    q, c1, c2, v1, e1, v2 = scores_case(G, exact)
     got = block_scores_ref(q, c1, c2, v1, e1, v2, block_size=bs, kernel_stride=s, num_blocks=4, scale=0.3)
     ref = scores_oracle(q, c1, c2, v1, e1, v2, bs, s, 4, 0.3)
     assert torch.equal(got.isinf(), ref.isinf())
