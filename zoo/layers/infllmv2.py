@@ -201,7 +201,7 @@ class InfLLMv2(Attention):
         """Block indices ``[B, Hkv, Tq, width]`` of the queries ``qs [B, H, Tq, D]`` at ``qpos [B, Tq]``."""
         B, H, Tq, _ = qs.shape
         v1, e1, v2 = self._counts(qpos, lengths)
-        if Tq > 1 and not use_triton(qs, c1):  # CPU prefill: cache-sized query chunks on threads (cpu.py)
+        if Tq > 1 and not use_triton(qs, c1):  # CPU prefill: query chunks on threads (cpu.py)
             return select_cpu(qs, qpos, c1, c2, v1, e1, v2, block_size=self.block_size,
                               kernel_stride=self.kernel_stride, num_blocks=num_blocks, scale=self.scale,
                               init_blocks=self.init_blocks, local_blocks=self.local_blocks, budget=self.budget,

@@ -217,7 +217,7 @@ def _online(c: _Ctx, cq: Tensor, cblk: Tensor, n_masked: int, bounds: list[int],
         M = M_new
         shift = M.index_fill(0, pad, 0.0)
         # exp of -inf or < -87 is slow: masked keys are zeroed after it
-        S.sub_(shift.masked_fill(M == -math.inf, 0.0)[qh].view_as(m)[..., None]).clamp_(min=FLOOR)
+        S.sub_(M.masked_fill(M == -math.inf, 0.0)[qh].view_as(m)[..., None]).clamp_(min=FLOOR)
         S.exp_()
         if hide is not None:
             S.masked_fill_(hide, 0.0)
