@@ -195,8 +195,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``positions: [B, T]`` -> ``cos, sin: [B, 1, T, dim]`` (broadcast over heads), times the attention factor."""
-        inv = self._call_inv_freq(positions)
-        emb = positions.float()[..., None] * torch.cat((inv, inv))  # [B, T, dim], fp32 for every dtype
+        emb = positions.float()[..., None] * self._doubled_freqs(positions)  # [B, T, dim], fp32 for every dtype
         cos, sin = self._cos_sin(emb, dtype)
         return cos[:, None], sin[:, None]
 
@@ -208,9 +207,14 @@ class RotaryEmbedding(nn.Module):
             if self.kind in DYNAMIC_ROPE:
                 raise ValueError(f"RotaryEmbedding.step: the {self.kind!r} RoPE needs the positions")
             return self._cos_sin(self._doubled_inv_freq() * float(offset), dtype)
-        inv = self._call_inv_freq(positions)
-        doubled = torch.cat((inv, inv)) if self.kind in DYNAMIC_ROPE else self._doubled_inv_freq()
-        return self._cos_sin(positions.float()[..., None] * doubled, dtype)
+        return self._cos_sin(positions.float()[..., None] * self._doubled_freqs(positions), dtype)
+
+    def _doubled_freqs(self, positions: Tensor) -> Tensor:
+        """``cat([inv, inv])`` of this call's fp32 frequencies ``[dim]`` (cached for the static kinds)."""
+        if self.kind in DYNAMIC_ROPE:
+            inv = self._call_inv_freq(positions)
+            return torch.cat((inv, inv))
+        return self._doubled_inv_freq()
 
     def _cos_sin(self, emb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = emb.cos(), emb.sin()
