@@ -126,13 +126,7 @@ class SparseAttention(Attention):
                     and not torch.is_grad_enabled()):  # into an empty cache: the parallel fast path, then write
                 o = self._prefill_fast(q, k, v, positions, state)
             if o is None:
-                outs = []
-                for t0 in range(0, T, self.prefill_chunk):
-                    sl = slice(t0, t0 + self.prefill_chunk)
-                    q_, k_, v_ = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-                    outs.append(state.attend(self.rule, q_, k_, v_, positions[:, sl], real[:, sl], self.scale))
-                    state.write(self.rule, k_, v_, positions[:, sl], real[:, sl])
-                o = torch.cat(outs, dim=2)
+                o = state.prefill(self.rule, q, k, v, positions, real, self.scale, self.prefill_chunk)
         else:
             plain = positions is None and attention_mask is None and seq_idx is None
             if positions is None:

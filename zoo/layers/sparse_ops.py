@@ -280,6 +280,18 @@ class SparseKVCache(State):
             self.vv.scatter_(2, gi, torch.where(w[..., None], v, self.vv.gather(2, gi)))
             self.vpos.scatter_(2, idx, torch.where(w, pos[:, None].expand(B, Hkv, 1), self.vpos.gather(2, idx)))
 
+    def prefill(self, rule: Rule, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, real: Tensor, scale: float,
+                chunk: int = 512) -> Tensor:
+        """Continue with ``T`` tokens: each piece of ``chunk`` tokens attends to the cache and itself
+        (:meth:`attend`), then is written (:meth:`write`) -> ``o [B, H, T, D]``."""
+        outs = []
+        for t0 in range(0, q.shape[2], chunk):
+            sl = slice(t0, t0 + chunk)
+            q_, k_, v_ = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+            outs.append(self.attend(rule, q_, k_, v_, pos[:, sl], real[:, sl], scale))
+            self.write(rule, k_, v_, pos[:, sl], real[:, sl])
+        return torch.cat(outs, dim=2)
+
     def write(self, rule: Rule, k: Tensor, v: Tensor, pos: Tensor, real: Tensor) -> None:
         """Store the chunk's real tokens (after :meth:`attend`)."""
         B, Hkv, T, D = k.shape
@@ -353,11 +365,5 @@ def cached_window_attention(rule: SlidingWindowRule, q: Tensor, k: Tensor, v: Te
             cache.write_step(rule, k, v, positions)  # decode: in place, then attend
             o = cache.attend(rule, q, None, None, positions, ok, scale)
         else:
-            outs = []
-            for t0 in range(0, T, 512):
-                sl = slice(t0, t0 + 512)
-                outs.append(cache.attend(rule, q[:, :, sl], k[:, :, sl], v[:, :, sl], positions[:, sl],
-                                         ok[:, sl], scale))
-                cache.write(rule, k[:, :, sl], v[:, :, sl], positions[:, sl], ok[:, sl])
-            o = torch.cat(outs, 2)
+            o = cache.prefill(rule, q, k, v, positions, ok, scale)
     return o.transpose(1, 2).reshape(B, T, -1)
