@@ -7,7 +7,10 @@ Speed is never asserted: only that every case runs and the reports are complete 
 from __future__ import annotations
 
 import json
+import platform
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,8 @@ from zoo.registry import register_mixer, unregister_mixer
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("bench")
-    rc = zoo_main(["bench", "--quick", "--no-memory", "--out", str(out), "--stem", "quick", "--no-progress"])
+    rc = zoo_main(["bench", "--quick", "--no-memory", "--out", str(out), "--stem", "quick", "--no-progress",
+                   "--system-malloc"])  # the test process keeps glibc's defaults (the soak tests measure its RSS)
     return rc, out
 
 
@@ -203,7 +207,7 @@ def outside_mixer():
 
 def _tiny_args(out: Path, *extra: str) -> list[str]:
     return ["bench", "--mixers", "tiny_outside", "--quick", "--no-memory", "--out", str(out), "--stem", "t",
-            "--no-progress", *extra]
+            "--no-progress", "--system-malloc", *extra]
 
 
 def test_zoo_bench_mixers_runs_a_mixer_registered_outside(outside_mixer, tmp_path: Path) -> None:
@@ -250,8 +254,55 @@ def test_a_killed_run_resumes_where_it_stopped(outside_mixer, tmp_path: Path,
     assert len(calls) == 2
 
 
+def test_the_run_keeps_freed_memory_unless_told_not_to(outside_mixer, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import zoo.bench.cli as cli
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or "kept (test)")
+    args = _tiny_args(tmp_path)
+    args.remove("--system-malloc")
+    assert zoo_main(args) == 0
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert calls == [1] and report["options"]["malloc"] == "keep" and report["machine"]["allocator"] == "kept (test)"
+    assert "Allocator (the timed process" in (tmp_path / "t.md").read_text()
+    assert zoo_main(_tiny_args(tmp_path)) == 2  # resuming with the other allocator setting is refused
+    assert zoo_main(_tiny_args(tmp_path, "--fresh")) == 0 and calls == [1]
+    assert json.loads((tmp_path / "t.json").read_text())["machine"]["allocator"] == "system default"
+
+
+_FAULTS = """
+import resource, sys, torch
+from zoo.bench.machine import keep_freed_memory
+if sys.argv[1] == "keep":
+    print(keep_freed_memory())
+faults = []
+for i in range(6):  # 48 MiB: above the largest threshold glibc picks by itself (32 MiB), so mmapped each time
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(12 << 20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print(sum(faults[3:]))  # the steady state: the heap holds a free block of that size by then
+"""
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_of_reallocated_blocks() -> None:
+    def faults(mode: str) -> tuple[int, str]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        *head, last = out.stdout.split("\n")[:-1]
+        return int(last), " ".join(head)
+
+    default, _ = faults("system")
+    kept, how = faults("keep")
+    assert how.startswith("glibc malloc keeping freed memory")
+    # 3 x 12288 pages of 4 KiB (or 3 x 24 transparent huge pages) faulted in again by default, none when kept
+    assert default >= 60 and kept * 10 <= default, (default, kept)
+
+
 def test_fresh_never_replaces_a_report_under_the_default_stem(outside_mixer, tmp_path: Path) -> None:
-    args = ["bench", "--mixers", "tiny_outside", "--quick", "--no-memory", "--out", str(tmp_path), "--no-progress"]
+    args = ["bench", "--mixers", "tiny_outside", "--quick", "--no-memory", "--out", str(tmp_path), "--no-progress",
+            "--system-malloc"]
     assert zoo_main(args) == 0
     first = sorted(tmp_path.glob("*.json"))
     assert len(first) == 1

@@ -28,12 +28,18 @@ from typing import Any
 import torch
 
 from zoo.bench.cases import PHASES, make_cases, subjects
-from zoo.bench.machine import gpu_peak_flops, machine_info, measure_gemm_flops, measure_memory_bandwidth
+from zoo.bench.machine import (
+    gpu_peak_flops,
+    keep_freed_memory,
+    machine_info,
+    measure_gemm_flops,
+    measure_memory_bandwidth,
+)
 from zoo.bench.report import SCHEMA, write_json, write_reports
 from zoo.bench.runner import RunOptions, finished, memory_probe, run_cases, scaling
 
 # options a resumed run must share with the report it continues
-RESUME_KEYS = ("mode", "device", "dtype", "batch", "warmup", "repeats", "Ts", "subjects", "phases")
+RESUME_KEYS = ("mode", "device", "dtype", "batch", "warmup", "repeats", "Ts", "subjects", "phases", "malloc")
 
 
 def _csv(value: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
@@ -103,6 +109,9 @@ def parser(prog: str = "zoo bench") -> argparse.ArgumentParser:
                         "bandwidth (the weight-streaming floor of decode cases)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the roofline matmul (default 2048; 256 quick)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc at its defaults (by default the run keeps freed memory for reuse, "
+                        "for every implementation alike: see zoo.bench.machine.keep_freed_memory)")
     p.add_argument("--fresh", action="store_true",
                    help="measure every case again even if <out>/<stem>.json holds results of an earlier run (with "
                         "the default stem, into a new <stem>-N; an explicit --stem is replaced)")
@@ -198,7 +207,8 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
                "repeats": opts.repeats, "decode_repeats": opts.repeats_for("decode"), "batch": args.batch,
                "dtype": dtype, "Ts": Ts, "subjects": specs, "phases": phases, "memory": opts.memory,
                "max_case_seconds": opts.max_case_seconds, "decode_steps": opts.decode_steps,
-               "spread_limit": opts.spread_limit, "floors": opts.floors}
+               "spread_limit": opts.spread_limit, "floors": opts.floors,
+               "malloc": "system" if args.system_malloc else "keep"}
 
     old, why_not = (None, None) if args.fresh else _resume(json_path, options)
     if why_not:
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None, prog: str = "zoo bench") -> int:
     pending = [c for c in cases if c.id not in done]
     probe = memory_probe(pending, opts)  # its server imports torch/transformers while we collect machine info
     machine = machine_info(device)
+    machine["allocator"] = "system default" if args.system_malloc else keep_freed_memory()
     if probe is not None:
         probe.idle_bytes  # noqa: B018 - wait for the server (and the idle baseline): nothing timed runs beside it
     machine["gemm"] = measure_gemm_flops(device, getattr(torch, dtype), n=args.gemm_n or (256 if args.quick else 2048))
