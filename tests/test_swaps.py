@@ -218,7 +218,7 @@ def test_mamba2_derived_from_attention_is_linear_attention():
     expect = 30.0 * torch.einsum("bhts,bshd->bthd", scores, v)  # dt = 30 scales every write
     zxbcdt = m.in_proj(x)
     _, _, _, xBC, dt = zxbcdt.split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, m.nheads], dim=-1)
-    xBC = torch.nn.functional.silu(m._conv(xBC, None, None))
+    xBC = m._conv(xBC, None, None)  # silu(conv(xBC))
     xs, Bm, Cm = xBC.split([m.d_ssm, 32, 32], dim=-1)
     assert torch.allclose(xs.view(1, 10, 4, 8), v) and torch.allclose(Bm.view(1, 10, 4, 8), k)
     assert torch.allclose(Cm.view(1, 10, 4, 8), q)

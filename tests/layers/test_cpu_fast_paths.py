@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from zoo.layers.mamba2 import Mamba2
+from zoo.layers.mamba2_ops import _conv_forward, causal_conv, causal_conv_ref
 from zoo.layers.masks import LocalStrideRule
 from zoo.layers.sparse_attention import BlockSparseAttention, SlidingWindowAttention
 from zoo.layers.sparse_cpu import block_sparse_attention_cpu, window_attention
@@ -60,6 +61,37 @@ def test_mamba2_tiles_match_one_piece(kw, checkpoint):
         results.append((y, *grads, yp, *_state_tensors(st).values()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------- Mamba-2 conv
+@pytest.mark.parametrize("T", [1, 2, 7, 40])
+@pytest.mark.parametrize("with_prev", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocked_causal_conv_matches_the_plain_conv(T, with_prev, with_bias):
+    """The conv written block by block (blocks of 3 and of 128 rows: blocks shorter than the kernel, a ragged last
+    one, one block for all) == the plain shifted-sum conv; with the SiLU in place per block == SiLU after it; the
+    autograd path's gradients (input, prev, taps, bias) == the plain conv's."""
+    torch.manual_seed(T)
+    x = torch.randn(2, T, 5, dtype=torch.float64)
+    prev = torch.randn(2, 3, 5, dtype=torch.float64) if with_prev else None
+    w = torch.randn(4, 5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64) if with_bias else None
+    ref = causal_conv_ref(x, prev, w, b)
+    for rows in (3, 128):
+        torch.testing.assert_close(_conv_forward(x, prev, w, b, rows=rows), ref, **EXACT)
+        torch.testing.assert_close(_conv_forward(x, prev, w, b, True, rows=rows), torch.nn.functional.silu(ref),
+                                   **EXACT)
+    leaves = [t.clone().requires_grad_() for t in (x, prev, w, b) if t is not None]
+    grads = []
+    for fn in (causal_conv, lambda *a: torch.nn.functional.silu(causal_conv_ref(*a))):
+        args = iter(leaves)
+        call = [next(args) if t is not None else None for t in (x, prev, w, b)]
+        y = fn(*call)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                         leaves))
+        grads[-1] = (y.detach(), *grads[-1])
+    for a, c in zip(*grads):
+        torch.testing.assert_close(a, c, **EXACT)
 
 
 # ---------------------------------------------------------------------------------------------- Mamba-2 decode

@@ -346,10 +346,11 @@ class Mamba2(Mixer):
 
     def _ssm_inputs(self, conv: Tensor, dt: Tensor, mask: Tensor | None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-        """The conv output ``[B, T, conv_dim]`` and raw ``dt`` -> the scan's ``x [B, T, H, P]``, ``B, C [B, T, G,
-        N]``, ``dt [B, T, H]`` (fp32/fp64, zero at padded tokens), log-decay offset (or None), ``A [H]``, ``D``."""
+        """The activated conv output ``silu(conv(xBC)) [B, T, conv_dim]`` and raw ``dt`` -> the scan's ``x [B, T, H,
+        P]``, ``B, C [B, T, G, N]``, ``dt [B, T, H]`` (fp32/fp64, zero at padded tokens), log-decay offset (or None),
+        ``A [H]``, ``D``."""
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        xs, Bm, Cm = F.silu(conv).split([self.d_ssm, G * N, G * N], dim=-1)
+        xs, Bm, Cm = conv.split([self.d_ssm, G * N, G * N], dim=-1)
         xs, Bm, Cm = xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
         acc = torch.float64 if conv.dtype == torch.float64 else torch.float32
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
@@ -380,7 +381,7 @@ class Mamba2(Mixer):
 
     def _conv(self, xBC: Tensor, prev: Tensor | None, seq_idx: Tensor | None, prev_seq: Tensor | None = None
               ) -> Tensor:
-        """Causal depthwise conv (+ bias) of ``xBC [B, T, C]`` after ``prev [B, K-1, C]``: ``layer_conv``."""
+        """SiLU of the causal depthwise conv (+ bias) of ``xBC [B, T, C]`` after ``prev [B, K-1, C]``."""
         return layer_conv(self, xBC, prev, seq_idx, prev_seq)
 
     def extra_repr(self) -> str:
