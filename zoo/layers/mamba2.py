@@ -276,7 +276,7 @@ class Mamba2(Mixer):
 
     # ------------------------------------------------------------------ forward
     # CPU: a plain parallel forward / prefill longer than this runs in tiles (mamba2_ops.tiled_forward); None: one piece
-    tile_len: int | None = 1024
+    tile_len: int | None = 2048  # measured at d_model 768: 1.60x vs 1.67x its GEMM floor at 4k with 1024 (16k: same)
     tile_checkpoint: bool = True  # recompute each tile's inner part in the backward (False: keep activations)
 
     def forward(self, x: Tensor, *, positions: Tensor | None = None, state: Mamba2State | None = None,
