@@ -231,5 +231,8 @@ def test_bad_arguments_are_refused():
         make(**{**BASE, "topk": 1, "init_blocks": 1})
     with pytest.raises(ValueError, match="variant"):
         make(**{**BASE, "variant": "v3"})
+    for name, bad in (("topk", 0), ("window_size", -1), ("block_size", True), ("kernel_size", 32.0)):
+        with pytest.raises(ValueError, match=f"infllmv2: {name}={bad!r} must be an int >= "):
+            make(**{**BASE, name: bad})
     with pytest.raises(ValueError, match="packed"):
         make(**BASE)(torch.randn(1, 4, D_MODEL, dtype=torch.float64), seq_idx=torch.zeros(1, 4, dtype=torch.long))

@@ -192,6 +192,9 @@ def test_bad_arguments_name_the_field():
         LaCT(32, num_attn_heads=4, num_lact_heads=3)
     with pytest.raises(ValueError, match="lr_dim"):
         LaCT(32, num_attn_heads=4, num_lact_heads=2, lr_dim=2)
+    for name, bad in (("window_size", 0), ("chunk_size", True), ("num_attn_heads", 4.0)):
+        with pytest.raises(ValueError, match=f"lact: {name}={bad!r} must be an int >= 1"):
+            LaCT(32, **{"num_attn_heads": 4, "num_lact_heads": 2, name: bad})
     with pytest.raises(ValueError, match="seq_idx"):
         m, _ = build()
         m(torch.randn(1, 4, D, dtype=torch.float64), state=m.init_state(1, dtype=torch.float64, device="cpu"),

@@ -57,7 +57,7 @@ from zoo.kernels.infllmv2 import (
     visible_windows,
 )
 from zoo.layers.attention import Attention
-from zoo.layers.base import BenchCase
+from zoo.layers.base import BenchCase, check_int
 from zoo.layers.infllmv2_cache import InfLLMv2Cache
 from zoo.layers.rope import apply_rotary
 from zoo.registry import register_mixer
@@ -123,8 +123,7 @@ class InfLLMv2(Attention):
         a.update({k: v for k, v in kwargs.items() if k in a})
         for name, low in (("kernel_size", 1), ("kernel_stride", 1), ("block_size", 1), ("init_blocks", 0),
                           ("window_size", 0), ("topk", 1)):
-            if not isinstance(a[name], int) or isinstance(a[name], bool) or a[name] < low:
-                raise ValueError(f"infllmv2: {name}={a[name]!r} must be an int >= {low}")
+            check_int(f"infllmv2: {name}", a[name], low)
         if a["variant"] not in VARIANTS:
             raise ValueError(f"infllmv2: variant={a['variant']!r} is not one of {list(VARIANTS)} "
                              "(v2 = MiniCPM4.1 / paper, v1 = MiniCPM4 June 2025)")

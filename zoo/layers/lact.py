@@ -42,7 +42,7 @@ from zoo.kernels.lact import (
     swiglu_apply,
     to_heads,
 )
-from zoo.layers.base import BenchCase, Mixer, State
+from zoo.layers.base import BenchCase, Mixer, State, check_int
 from zoo.layers.masks import SlidingWindowRule
 from zoo.layers.norm import RMSNorm
 from zoo.layers.rope import RotaryEmbedding, apply_rotary
@@ -183,8 +183,7 @@ class LaCT(Mixer):
         for name, default in (("num_attn_heads", 32), ("num_lact_heads", 4), ("window_size", 2048),
                               ("chunk_size", 2048)):
             v = kwargs.get(name, default)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"lact: {name}={v!r} must be a positive int")
+            check_int(f"lact: {name}", v)
             if name.startswith("num_") and d_model % v:
                 raise ValueError(f"lact: d_model={d_model} is not divisible by {name}={v}")
         if (d_model // kwargs.get("num_attn_heads", 32)) % 2:
