@@ -372,12 +372,16 @@ class Mamba2(Mixer):
         return xs, Bm, Cm, dt, off, A, D
 
     def _out(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor, dtype: torch.dtype) -> Tensor:
-        """``y [B, T, d_ssm]`` -> gated norm, the MLP part of ``in_proj`` (``d_ssm < d_inner``), ``out_proj``."""
+        """``y [B, T, d_ssm]`` -> :meth:`_out_proj_input`, then ``out_proj``."""
+        return self.out_proj(self._out_proj_input(y, z, z0, x0).to(dtype))
+
+    def _out_proj_input(self, y: Tensor, z: Tensor, z0: Tensor, x0: Tensor) -> Tensor:
+        """``y [B, T, d_ssm]`` -> the gated norm and the MLP part of ``in_proj`` (``d_ssm < d_inner``) before it."""
         if self.rmsnorm:
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
-        return self.out_proj(y.to(dtype))
+        return y
 
     def _conv(self, xBC: Tensor, prev: Tensor | None, seq_idx: Tensor | None, prev_seq: Tensor | None = None
               ) -> Tensor:

@@ -351,16 +351,11 @@ def tiled_forward(m, x: Tensor, state) -> Tensor:
 def _tile_mix(m, zxbcdt: Tensor, prev: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
     """A tile's inner part, a pure function (recomputed in the backward): ``zxbcdt [B, L, d_in_proj]``, the
     ``d_conv - 1`` pre-conv inputs before it ``prev``, the entering state ``h0`` -> the out_proj input and the
-    state after the tile (``_out`` without its ``out_proj``, which stays outside the recomputed part)."""
+    state after the tile (``Mamba2._out_proj_input``: ``out_proj`` stays outside the recomputed part)."""
     H, P = m.nheads, m.headdim
     z0, x0, z, xBC, dt = zxbcdt.split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, H], dim=-1)
     xs, Bm, Cm, dt, off, A, D = m._ssm_inputs(m._conv(xBC, prev, None), dt, None)
     zg = None if m.rmsnorm else z.unflatten(-1, (H, P))
     y, h = ssd_chunk_scan(xs, dt, A, Bm, Cm, chunk_size=m.chunk_size, D=D, z=zg, initial_states=h0,
                           dA_offset=off)
-    y = y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], m.d_ssm)
-    if m.rmsnorm:
-        y = m.norm(y, z)
-    if m.d_mlp > 0:
-        y = torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
-    return y, h
+    return m._out_proj_input(y.reshape(zxbcdt.shape[0], zxbcdt.shape[1], m.d_ssm), z, z0, x0), h
