@@ -8,6 +8,7 @@ _HUB_CACHE = tempfile.mkdtemp(prefix="zoo-hf-cache-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = _HUB_CACHE
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["ZOO_CACHE"] = tempfile.mkdtemp(prefix="zoo-cache-")  # native kernels build here, not in ~/.cache
 
 import torch  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The wheel carries what the package reads at run time (model-card templates, the default model, the demo's
-ablation spec): a non-editable install saves a checkpoint with its family's card and loads the default model."""
+ablation spec, the native kernels' C++ sources): a non-editable install saves a checkpoint with its family's card and
+loads the default model."""
 
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def test_wheel_install_has_the_cards_the_default_model_and_the_demo_spec(tmp_pat
     assert (assets / "demo.yaml").is_file()
     assert sorted(p.name for p in (assets / "default_model").iterdir()) == sorted(
         p.name for p in (ROOT / "zoo" / "assets" / "default_model").iterdir())
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "zoo").rglob("*.cpp"))
+    assert sources and all((site / s).is_file() for s in sources), sources
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(site), str(tmp_path / "ckpt")], capture_output=True,
                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-2000:]

@@ -3,13 +3,16 @@ block-stationary stage 2 (forward without and with gradient, backward), chunked 
 
 from __future__ import annotations
 
+import functools
 import math
+import shutil
 
 import pytest
 import torch
 
 from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_case, scores_oracle
-from zoo.kernels.infllmv2 import select_blocks
+from zoo.kernels import native
+from zoo.kernels.infllmv2 import cpu, select_blocks
 from zoo.kernels.infllmv2.cpu import block_scores_cpu, select_blocks_cpu, select_cpu, sparse_attention_cpu
 from zoo.kernels.infllmv2.reference import block_scores_ref, sparse_attention_ref
 
@@ -166,3 +169,94 @@ def test_block_scores_cpu_with_far_apart_scores():
     want = block_scores_ref(q, c1, None, v1, e1, None, **kw)
     assert want.min() < 1e-30  # the case is extreme enough
     torch.testing.assert_close(got, want, atol=1e-20, rtol=1e-9)
+
+
+# --- the fused C++ kernel (attend_cpu.cpp through zoo.kernels.native) ---------------------------------------------
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="no C++ compiler on this machine: the native kernel cannot be built")
+
+
+@needs_compiler
+@pytest.mark.parametrize("G,D,bs", [(16, 64, 64), (5, 32, 16), (1, 16, 32), (4, 128, 16), (3, 16, 48)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_sparse_attention_matches_oracle(G, D, bs, threads, monkeypatch):
+    """Every head-tile remainder (G mod 4), vector-multiple D and block sizes, a partial last block, queries without
+    a visible key, several kernel calls (a range of 3 rows each) on 1 and 2 threads."""
+    monkeypatch.setattr(cpu, "NATIVE_RANGE_BYTES", 3 * 4 * G * D)
+    q, k, v, qpos, idx = _case(G, D=D, bs=bs, N=5 * bs - 3, Tq=11, W=3, dtype=torch.float32, seed=G + D)
+    qpos[:, -1] = 5 * bs - 4  # the last key: its block is partial
+    idx = random_idx(2, 2, 11, qpos, bs, 3, seed=G)
+    idx[0, 0, 1] = -1  # no block at all
+    idx[1, 1, 0] = -1
+    idx[1, 1, 0, 0] = int(qpos[1, 0]) // bs + 1  # only a block after the query
+    want = attention_oracle(q, k, v, qpos, idx, bs, 0.3)
+    with torch.no_grad():
+        got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=bs, scale=0.3, threads=threads, native=True)
+        torch_schedule = sparse_attention_cpu(q, k, v, qpos, idx, block_size=bs, scale=0.3, native=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)  # fp32: sums over up to 3 blocks of keys
+    torch.testing.assert_close(got, torch_schedule, atol=1e-5, rtol=0)
+    assert got[0, :G, 1].abs().max() == 0 and got[1, G:, 0].abs().max() == 0
+
+
+@needs_compiler
+def test_native_sparse_attention_far_apart_scores_and_half_inputs():
+    """Scores spread far beyond exp's range (maxima rising across blocks: rescaled accumulators, terms flushed to 0),
+    a first block met with every score near -200, and fp16 inputs (fp32 math, fp16 out)."""
+    q, k, v, qpos, idx = _case(4, D=16, bs=16, N=64, Tq=12, W=4, dtype=torch.float32, seed=11)
+    idx = random_idx(2, 2, 12, qpos, 16, 4, seed=11)
+    for scale_q in (40.0, -500.0):
+        qq = q * scale_q if scale_q > 0 else q.clone().index_fill_(-1, torch.tensor([0]), scale_q)
+        kk = k if scale_q > 0 else k.clone().index_fill_(-1, torch.tensor([0]), 1.0)
+        want = attention_oracle(qq, kk, v, qpos, idx, 16, 0.4)
+        with torch.no_grad():
+            got = sparse_attention_cpu(qq, kk, v, qpos, idx, block_size=16, scale=0.4, native=True)
+            torch_schedule = sparse_attention_cpu(qq, kk, v, qpos, idx, block_size=16, scale=0.4, native=False)
+        # scores of magnitude ~200 carry fp32 rounding of ~1e-5 into exp: both fp32 paths sit ~4e-5 off the fp64
+        # oracle, and within a few ulp of each other
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, torch_schedule, atol=2e-6, rtol=0)
+    want = attention_oracle(q.half(), k.half(), v.half(), qpos, idx, 16, 0.4)
+    with torch.no_grad():
+        half = sparse_attention_cpu(q.half(), k.half(), v.half(), qpos, idx, block_size=16, scale=0.4, native=True)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), want, atol=2e-3, rtol=0)
+
+
+@needs_compiler
+def test_native_kernel_is_used_only_where_it_applies(monkeypatch):
+    """Default (ZOO_NATIVE unset): fp32 without gradient takes the kernel; fp64, gradient, a head dim that is not a
+    multiple of 16, ``native=False`` and ``ZOO_NATIVE=off`` take the torch schedule."""
+    calls = []
+    real = cpu._attend_native
+    monkeypatch.setattr(cpu, "_attend_native", lambda *a: calls.append(1) or real(*a))
+    q, k, v, qpos, idx = _case(2, D=16, bs=16, N=40, Tq=6, W=2, dtype=torch.float32)
+    idx = random_idx(2, 2, 6, qpos, 16, 2)
+    run = functools.partial(sparse_attention_cpu, block_size=16, scale=0.4)
+    with torch.no_grad():
+        run(q, k, v, qpos, idx)
+        assert len(calls) == 1
+        run(q.double(), k.double(), v.double(), qpos, idx)
+        run(q, k, v, qpos, idx, native=False)
+        run(q[..., :8], k[..., :8], v[..., :8], qpos, idx)
+        monkeypatch.setenv("ZOO_NATIVE", "off")
+        run(q, k, v, qpos, idx)
+    monkeypatch.delenv("ZOO_NATIVE")
+    run(q.requires_grad_(True), k, v, qpos, idx)
+    assert len(calls) == 1
+
+
+def test_native_unavailable_falls_back_to_the_torch_schedule(monkeypatch, tmp_path):
+    """No compiler: one RuntimeWarning, then the torch schedule's result; ``native=True`` raises instead."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_LOADED", {})
+    q, k, v, qpos, idx = _case(2, D=16, bs=16, N=40, Tq=6, W=2, dtype=torch.float32)
+    idx = random_idx(2, 2, 6, qpos, 16, 2)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="attend_cpu.cpp unavailable, using the torch path"):
+            got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4)
+        torch.testing.assert_close(got, sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4,
+                                                             native=False), atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match="attend_cpu.cpp cannot be built"):
+            sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4, native=True)

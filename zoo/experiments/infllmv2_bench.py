@@ -6,8 +6,9 @@ layer (projections included) for both; the sparse layer step by step (the calls 
 ``dense_len=-1``), so that its split into block selection (stage 1: compressed keys, scores, pooling, top-k) and
 attention over the selected blocks (stage 2) is reported too. Dense and sparse runs alternate (repeat r: dense,
 then sparse), and each time is the minimum over the repeats, so a burst of load from other processes hits both.
-Recorded per case: the torch schedule of stage 2 (``block-stationary``: :mod:`zoo.kernels.infllmv2.cpu`; or the
-reference's per query / tile of 16 queries, when ``InfLLMv2.query_tile`` is set), the mean union of blocks per
+Recorded per case: the schedule of stage 2 (``native``: the fused C++ kernel ``attend_cpu.cpp``; ``block-stationary
+(torch)`` where it cannot be built or ``ZOO_NATIVE=off``: :mod:`zoo.kernels.infllmv2.cpu`; or the reference's per
+query / tile of 16 queries, when ``InfLLMv2.query_tile`` is set), the mean union of blocks per
 16-query tile, the load average before and after (``os.getloadavg()``, 1 minute), and the machine.
 
 Input kinds: ``iid`` (independent Gaussian tokens: neighbouring queries select unrelated blocks, the worst case for
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zoo.kernels.infllmv2 import sparse_attention
+from zoo.kernels.infllmv2.cpu import native_kernel
 from zoo.layers.attention import Attention
 from zoo.layers.infllmv2 import InfLLMv2
 
@@ -108,7 +110,7 @@ def measure(s: Setup, T: int, kind: str) -> dict[str, Any]:
     ids = idx[:, :, : (T // C) * C].long().reshape(1, -1, T // C, C * idx.shape[-1])
     sel = torch.zeros(*ids.shape[:3], nb + 1, dtype=torch.bool).scatter_(-1, torch.where(ids >= 0, ids, nb), True)
     return dict(T=T, input=kind, dense_s=t_dense, sparse_s=t_sparse, speedup=t_dense / t_sparse,
-                select_s=t_select, attend_s=t_attend, schedule=_schedule(sparse.query_tile),
+                select_s=t_select, attend_s=t_attend, schedule=_schedule(sparse),
                 blocks_per_query=float((idx >= 0).sum(-1).float().mean()),
                 union_per_tile16=float(sel[..., :nb].sum(-1).float().mean()),
                 load_before=load0, load_after=os.getloadavg()[0], threads=torch.get_num_threads())
@@ -119,8 +121,11 @@ def _select(m: InfLLMv2, qs: torch.Tensor, ks: torch.Tensor, pos: torch.Tensor, 
     return m._select(qs, pos, c1, c2, num_blocks=-(-T // m.block_size), width=m.budget)
 
 
-def _schedule(query_tile: int | None) -> str:
-    return "block-stationary" if query_tile is None else "per query" if query_tile == 1 else f"tile {query_tile}"
+def _schedule(m: InfLLMv2) -> str:
+    if m.query_tile is not None:
+        return "per query" if m.query_tile == 1 else f"tile {m.query_tile}"
+    fused = native_kernel(m.head_dim, m.block_size, torch.float32) is not None
+    return "native (attend_cpu.cpp)" if fused else "block-stationary (torch)"
 
 
 def write_report(s: Setup, rows: list[dict[str, Any]], out: Path) -> None:

@@ -5,7 +5,11 @@
 * ``__init__.py``: the public function, which picks one of the two through :mod:`zoo.kernels.backend` (the one
   reader of ``ZOO_BACKEND``: Triton on CUDA tensors, the reference otherwise; ``torch`` / ``triton`` force one).
 
-Ops: ``ssd`` (Mamba-2's chunked scan), ``gated_rmsnorm``, ``block_sparse_attention``.
+A CPU path may also have a native kernel: a small C++ file beside its torch version, compiled on first use by
+:mod:`zoo.kernels.native` (``ZOO_NATIVE=auto|off|on``; the torch version runs where no compiler builds it).
+
+Ops: ``ssd`` (Mamba-2's chunked scan), ``gated_rmsnorm``, ``block_sparse_attention``, ``infllmv2`` (stage 2 on the
+CPU: ``attend_cpu.cpp``), ``lact``, ``s4``.
 """
 
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref

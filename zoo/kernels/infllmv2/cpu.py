@@ -1,5 +1,9 @@
 r"""InfLLM-v2 stage 2 on the CPU: attention over per-query selected blocks, computed block-stationary.
 
+Without gradient (prefill) the fused C++ kernel ``attend_cpu.cpp`` (same schedule, one pass per (query, block) pair
+with no gathered copies; built by :mod:`zoo.kernels.native`) runs where it builds; the torch schedule below is its
+fallback and the differentiable path.
+
 Same result as :func:`~zoo.kernels.infllmv2.reference.sparse_attention_ref` (the oracle), a different schedule.
 The reference gathers, for every query, the ``W`` selected blocks of K and V (``2 W bs D`` values per query, 2 MB at
 ``W = 64``, ``bs = 64``, ``D = 64``). Here the (query, block) *pairs* are sorted by block and cut into chunks of
@@ -32,29 +36,37 @@ path).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from zoo.kernels import native
 from zoo.kernels.infllmv2.reference import _blocks_view, forced_blocks
 
 __all__ = ["sparse_attention_cpu", "FLOOR"]
 
 FLOOR = -60.0
 CEIL = 50.0
+NATIVE_RANGE_BYTES = 1 << 20  # output rows per call of the native kernel (their accumulators stay in L2)
 
 
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
                          scale: float | None = None, chunk: int = 16, seg_pairs: int = 1 << 15,
-                         batch_rows: int = 1 << 13, threads: int | None = None) -> Tensor:
+                         batch_rows: int = 1 << 13, threads: int | None = None, native: bool | None = None) -> Tensor:
     """Attention of ``q [B, H, Tq, D]`` (positions ``qpos [B, Tq]``) over the keys ``t <= qpos`` of the selected blocks
     ``idx [B, Hkv, Tq, W]`` (-1 padded) of ``k, v [B, Hkv, N, D]`` -> ``[B, H, Tq, D]`` in q.dtype (fp32 math for half
     inputs, fp64 stays fp64). A query without a visible key returns zeros. ``chunk``: queries per matmul (its rows are
     ``chunk * G``); ``seg_pairs``: (query, block) pairs per segment; ``batch_rows``: matmul rows per op (L2-sized);
-    ``threads``: Python worker threads without gradient (default ``torch.get_num_threads()``)."""
+    ``threads``: Python worker threads without gradient (default ``torch.get_num_threads()``).
+
+    ``native``: without gradient, below fp64, with ``D`` and ``block_size`` multiples of 16, the fused C++ kernel
+    (``attend_cpu.cpp``, :mod:`zoo.kernels.native`) runs instead of the torch schedule when it builds (``None``: as
+    ``ZOO_NATIVE`` says; ``True``: required; ``False``: the torch schedule)."""
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if H % Hkv:
@@ -65,6 +77,13 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
     cdt = torch.promote_types(q.dtype, torch.float32)
     dev = q.device
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if native is not False:
+        fits = not grad and dev.type == "cpu"
+        lib = native_kernel(D, bs, cdt, required=bool(native)) if fits else None
+        if lib is not None:
+            return _attend_native(lib, q, k, v, qpos, idx, bs, scale, threads)
+        if native and not fits:
+            raise ValueError("sparse_attention_cpu: native=True needs CPU tensors and no gradient")
     R = B * Hkv * Tq  # query rows (b, h, t); row R is a zero query for the chunks' padding slots
     kb, vb = _blocks_view(k.to(cdt), bs), _blocks_view(v.to(cdt), bs)  # [B*Hkv*nb, bs, D]
     qr = (q.to(cdt) * scale).view(B, Hkv, G, Tq, D).transpose(2, 3).reshape(R, G * D)
@@ -123,6 +142,50 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
 
         run_threaded(run, segs, threads)
     return o.view(B, Hkv, Tq, G, D).transpose(2, 3).reshape(B, H, Tq, D).to(q.dtype)
+
+
+def native_kernel(head_dim: int, block_size: int, dtype: torch.dtype, *, required: bool = False):
+    """The built ``attend_cpu.cpp`` for these sizes (a ``ctypes`` library), or ``None`` where it does not apply (fp64;
+    a head dim or block size that is not a multiple of 16) or is not available (:func:`zoo.kernels.native.library`;
+    ``required``: raise instead)."""
+    if dtype == torch.float64 or head_dim % 16 or block_size % 16:
+        if required:
+            raise ValueError(f"sparse_attention_cpu: the native kernel takes fp32 math with head_dim and block_size "
+                             f"multiples of 16, not {dtype}, head_dim={head_dim}, block_size={block_size}")
+        return None
+    lib = native.library(Path(__file__).with_name("attend_cpu.cpp"), {"HEAD_DIM": head_dim, "BLOCK": block_size},
+                         required=required)
+    if lib is not None and lib.infllmv2_attend.argtypes is None:
+        lib.infllmv2_attend.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 6
+        lib.infllmv2_attend.restype = None
+    return lib
+
+
+def _attend_native(lib, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, bs: int, scale: float,
+                   threads: int | None) -> Tensor:
+    """:func:`sparse_attention_cpu` through ``attend_cpu.cpp``: rows ``(b, h_kv, t)`` of ``G`` heads in ranges of
+    about 1 MB of output (a range's accumulators stay in L2), on :func:`run_threaded` threads."""
+    B, H, Tq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G, W, R = H // Hkv, idx.shape[-1], B * Hkv * Tq
+    nb = -(-N // bs)
+    qr = (q.float() * scale).view(B, Hkv, G, Tq, D).transpose(2, 3).contiguous()  # [B, Hkv, Tq, G, D]
+    kb, vb = _blocks_view(k.float(), bs), _blocks_view(v.float(), bs)  # [B*Hkv*nb, bs, D]
+    kT, vb = kb.transpose(1, 2).contiguous(), vb.contiguous()
+    blk = idx.long()
+    base = (torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)) * nb
+    rows = torch.where(blk >= 0, blk + base[:, :, None, None], -1).contiguous()  # [B, Hkv, Tq, W] rows of kT / vb
+    visible = torch.minimum(qpos[:, None, :, None] - blk * bs + 1, N - blk * bs).clamp_(0, bs)
+    cnt = visible.masked_fill_(blk < 0, 0).to(torch.int32).contiguous()
+    out = torch.empty(B, Hkv, Tq, G, D)
+    step = max(1, NATIVE_RANGE_BYTES // (4 * G * D))
+
+    def run(r0: int) -> None:
+        lib.infllmv2_attend(r0, min(R, r0 + step), G, W, qr.data_ptr(), kT.data_ptr(), vb.data_ptr(),
+                            rows.data_ptr(), cnt.data_ptr(), out.data_ptr())
+
+    run_threaded(run, list(range(0, R, step)), threads)
+    return out.transpose(2, 3).reshape(B, H, Tq, D).to(q.dtype)
 
 
 def run_threaded(fn, items: list, threads: int | None = None) -> None:

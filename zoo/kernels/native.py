@@ -1,0 +1,113 @@
+"""Native CPU kernels: small C++ files compiled on first use with the machine's compiler, loaded with ctypes.
+
+A kernel here is one C++ source next to its op (e.g. ``zoo/kernels/infllmv2/attend_cpu.cpp``) with ``extern "C"``
+functions over raw pointers: no Python or torch headers, so it compiles in about a second, and a ctypes call releases
+the GIL (the callers run row ranges on :func:`~zoo.kernels.infllmv2.cpu.run_threaded` threads). Its torch version
+stays beside it as the reference, and the op runs that version whenever the library is not available.
+
+* ``ZOO_NATIVE``: ``auto`` (default, also when unset or empty): build and use the kernel, or fall back to the torch
+  path with one warning when no compiler builds it; ``off`` (or ``0``): never; ``on`` (or ``1``): a build failure is
+  an error. Read at each call.
+* Compiler: ``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``; flags ``-O3 -march=native``.
+* Cache: ``$ZOO_CACHE`` (default ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``) ``/native/<name>-<hash>.so``; the hash
+  covers the source, the macros, the flags, the compiler's version and the CPU's model and flags (``-march=native``
+  code is for this CPU only), so an edited source or another machine sharing the home directory builds anew. A build
+  writes a temporary file in that directory and renames it: a concurrent or interrupted build leaves no half
+  library behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+__all__ = ["MODES", "mode", "library", "cache_dir"]
+
+MODES = ("auto", "off", "on")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
+_ALIASES = {"": "auto", "0": "off", "1": "on", "false": "off", "true": "on"}
+_LOADED: dict[tuple, ctypes.CDLL | None] = {}
+_ERRORS: dict[tuple, Exception] = {}
+_LOCK = threading.Lock()
+
+
+def mode() -> str:
+    """The validated value of ``ZOO_NATIVE`` (``auto`` when unset or empty)."""
+    raw = os.environ.get("ZOO_NATIVE", "").strip().lower()
+    value = _ALIASES.get(raw, raw)
+    if value not in MODES:
+        raise ValueError(f"ZOO_NATIVE={os.environ['ZOO_NATIVE']!r} is not one of {list(MODES)} (or 0 / 1)")
+    return value
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$ZOO_CACHE/native`` (default ``$XDG_CACHE_HOME/zoo/native``)."""
+    root = os.environ.get("ZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zoo"
+    return Path(root).expanduser() / "native"
+
+
+def library(source: Path, defines: dict[str, int] | None = None, *, required: bool = False) -> ctypes.CDLL | None:
+    """The compiled ``source`` with ``-D`` ``defines``, built on first use; ``None`` when ``ZOO_NATIVE=off`` or when it
+    cannot be built (one ``RuntimeWarning`` per source and macros, naming the compiler's complaint). ``required``
+    (or ``ZOO_NATIVE=on``): a build failure raises ``RuntimeError`` instead; ``required`` also overrides ``off``."""
+    choice = mode()
+    if choice == "off" and not required:
+        return None
+    required = required or choice == "on"
+    compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    key = (str(source), tuple(sorted((defines or {}).items())), compiler)
+    with _LOCK:
+        if key not in _LOADED:
+            try:
+                _LOADED[key] = ctypes.CDLL(str(_build(Path(source), defines or {}, compiler)))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _LOADED[key], _ERRORS[key] = None, e
+                if not required:
+                    warnings.warn(f"zoo: native kernel {Path(source).name} unavailable, using the torch path: {e}",
+                                  RuntimeWarning, stacklevel=3)
+        lib = _LOADED[key]
+    if lib is None and required:
+        raise RuntimeError(f"ZOO_NATIVE=on (or required) but {Path(source).name} cannot be built: "
+                           f"{_ERRORS[key]}")
+    return lib
+
+
+def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    text = source.read_bytes()
+    flags = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
+    out = cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        run = subprocess.run([compiler, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True,
+                             timeout=600)
+        if run.returncode:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"{compiler} exited with {run.returncode}: " + " | ".join(tail))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    picked = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(sorted(set(picked))) or f"{platform.machine()} {platform.processor()}"
