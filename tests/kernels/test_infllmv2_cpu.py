@@ -12,7 +12,7 @@ import torch
 
 from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_case, scores_oracle
 from zoo.kernels import native
-from zoo.kernels.infllmv2 import cpu, select_blocks
+from zoo.kernels.infllmv2 import cpu, cpu_native, select_blocks
 from zoo.kernels.infllmv2.cpu import block_scores_cpu, select_blocks_cpu, select_cpu, sparse_attention_cpu
 from zoo.kernels.infllmv2.reference import block_scores_ref, sparse_attention_ref
 
@@ -171,7 +171,7 @@ def test_block_scores_cpu_with_far_apart_scores():
     torch.testing.assert_close(got, want, atol=1e-20, rtol=1e-9)
 
 
-# --- the fused C++ kernel (attend_cpu.cpp through zoo.kernels.native) ---------------------------------------------
+# --- the fused C++ kernel (cpu.cpp through zoo.kernels.native) ---------------------------------------------
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                     reason="no C++ compiler on this machine: the native kernel cannot be built")
@@ -183,7 +183,7 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
 def test_native_sparse_attention_matches_oracle(G, D, bs, threads, monkeypatch):
     """Every head-tile remainder (G mod 4), vector-multiple D and block sizes, a partial last block, queries without
     a visible key, several kernel calls (a range of 3 rows each) on 1 and 2 threads."""
-    monkeypatch.setattr(cpu, "NATIVE_RANGE_BYTES", 3 * 4 * G * D)
+    monkeypatch.setattr(cpu_native, "NATIVE_RANGE_BYTES", 3 * 4 * G * D)
     q, k, v, qpos, idx = _case(G, D=D, bs=bs, N=5 * bs - 3, Tq=11, W=3, dtype=torch.float32, seed=G + D)
     qpos[:, -1] = 5 * bs - 4  # the last key: its block is partial
     idx = random_idx(2, 2, 11, qpos, bs, 3, seed=G)
@@ -229,8 +229,8 @@ def test_native_kernel_is_used_only_where_it_applies(monkeypatch):
     """Default (ZOO_NATIVE unset): fp32 without gradient takes the kernel; fp64, gradient, a head dim that is not a
     multiple of 16, ``native=False`` and ``ZOO_NATIVE=off`` take the torch schedule."""
     calls = []
-    real = cpu._attend_native
-    monkeypatch.setattr(cpu, "_attend_native", lambda *a: calls.append(1) or real(*a))
+    real = cpu.attend_native
+    monkeypatch.setattr(cpu, "attend_native", lambda *a: calls.append(1) or real(*a))
     q, k, v, qpos, idx = _case(2, D=16, bs=16, N=40, Tq=6, W=2, dtype=torch.float32)
     idx = random_idx(2, 2, 6, qpos, 16, 2)
     run = functools.partial(sparse_attention_cpu, block_size=16, scale=0.4)
@@ -254,9 +254,69 @@ def test_native_unavailable_falls_back_to_the_torch_schedule(monkeypatch, tmp_pa
     q, k, v, qpos, idx = _case(2, D=16, bs=16, N=40, Tq=6, W=2, dtype=torch.float32)
     idx = random_idx(2, 2, 6, qpos, 16, 2)
     with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match="attend_cpu.cpp unavailable, using the torch path"):
+        with pytest.warns(RuntimeWarning, match="cpu.cpp unavailable, using the torch path"):
             got = sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4)
         torch.testing.assert_close(got, sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4,
                                                              native=False), atol=0, rtol=0)
-        with pytest.raises(RuntimeError, match="attend_cpu.cpp cannot be built"):
+        with pytest.raises(RuntimeError, match="cpu.cpp cannot be built"):
             sparse_attention_cpu(q, k, v, qpos, idx, block_size=16, scale=0.4, native=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("G,exact", [(1, False), (5, False), (16, False), (4, True)])
+def test_native_block_scores_match_oracle(G, exact):
+    """Stage 1 in cpu.cpp: every head-tile remainder, both normalisers, queries without a normalising key (+inf),
+    existing-but-masked entries (0), no visible entry at all (-inf), and a half score dtype (rounded as the
+    reference rounds)."""
+    bs, s = 16, 2
+    q, c1, c2, v1, e1, v2 = scores_case(G, exact, B=2, D=16)
+    v2[0, :2] = 0
+    v1[1, 0], e1[1, 0] = 0, 0
+    args = tuple(t.float() if t is not None and t.is_floating_point() else t for t in (q, c1, c2, v1, e1, v2))
+    kw = dict(block_size=bs, kernel_stride=s, num_blocks=3, scale=0.3)
+    got = cpu_native.block_scores_native(*args, **kw)
+    ref = scores_oracle(*args, bs, s, 3, 0.3)
+    assert torch.equal(got.isinf(), ref.isinf()) and torch.equal(got == math.inf, ref == math.inf)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_native.block_scores_native(*args, **kw, score_dtype=torch.bfloat16),
+                               block_scores_ref(*args, **kw, score_dtype=torch.bfloat16), rtol=1e-2, atol=0)
+
+
+def _exact_scores_case(T=150, G=1, seed=0):
+    """Integer q and compressed keys, scale 1: every logit is an exact small integer, so the block scores order
+    the same in every fp32 path (distinct logits differ by e), and equal logits tie exactly (lower block first)."""
+    g = torch.Generator().manual_seed(seed)
+    ks, s, bsz, D = 8, 4, 16, 16
+    qs = torch.randint(-1, 2, (2, 2 * G, T, D), generator=g).float()
+    n1, n2 = (T - ks) // s + 1, (T - 4 * ks) // (4 * s) + 1
+    c1 = torch.randint(-1, 2, (2, 2, n1, D), generator=g).float()
+    c1[:, :, 10:14] = c1[:, :, 2:3]  # equal keys: tied scores
+    c2 = torch.randint(-1, 2, (2, 2, n2, D), generator=g).float()
+    qpos = torch.arange(T).expand(2, T)
+    v1 = torch.clamp(torch.div(qpos + 1 - ks, s, rounding_mode="floor") + 1, min=0)
+    v2 = torch.clamp(torch.div(qpos + 1 - 4 * ks, 4 * s, rounding_mode="floor") + 1, min=0)  # 0 early: +inf scores
+    v2[:, 100:110] = 0  # +inf scores where they compete with the forced blocks for the budget
+    return qs, qpos, c1, c2, v1, v2, dict(block_size=bsz, kernel_stride=s, num_blocks=-(-T // bsz), scale=1.0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("budget,width,dense", [(3, 3, False), (3, 6, True), (12, 12, False)])
+def test_native_selection_equals_reference_on_exact_scores(budget, width, dense):
+    """The top-k in cpu.cpp against select_blocks on the fp64 reference scores: forced initial and local blocks,
+    ties, +inf scores (no normalising key yet) ranking after the forced blocks, -inf (nothing visible), dense rows
+    taking every visible block (width > budget), and several chunks on two threads."""
+    qs, qpos, c1, c2, v1, v2, kw = _exact_scores_case()
+    sel = dict(init_blocks=1, local_blocks=1, budget=budget, width=width)
+    rows = torch.zeros(2, qs.shape[2], dtype=torch.bool)
+    rows[:, 40::7] = dense
+    scores = block_scores_ref(qs.double(), c1.double(), c2.double(), v1, v1, v2, **kw)
+    want = select_blocks(scores, qpos, block_size=kw["block_size"], **sel, dense=rows if dense else None)
+    for threads in (1, 2):
+        got = select_cpu(qs, qpos, c1, c2, v1, v1, v2, **kw, **sel, dense=rows if dense else None, threads=threads)
+        assert torch.equal(got, want)
+    # and the same through the half-score-dtype route (pooled scores from the kernel, rounded, selected in torch)
+    scores = block_scores_ref(qs.double(), c1.double(), c2.double(), v1, v1, v2, **kw, score_dtype=torch.bfloat16)
+    want = select_blocks(scores, qpos, block_size=kw["block_size"], **sel, dense=rows if dense else None)
+    got = select_cpu(qs, qpos, c1, c2, v1, v1, v2, **kw, **sel, dense=rows if dense else None,
+                     score_dtype=torch.bfloat16)
+    assert torch.equal(got, want)

@@ -6,7 +6,7 @@ layer (projections included) for both; the sparse layer step by step (the calls 
 ``dense_len=-1``), so that its split into block selection (stage 1: compressed keys, scores, pooling, top-k) and
 attention over the selected blocks (stage 2) is reported too. Dense and sparse runs alternate (repeat r: dense,
 then sparse), and each time is the minimum over the repeats, so a burst of load from other processes hits both.
-Recorded per case: the schedule of stage 2 (``native``: the fused C++ kernel ``attend_cpu.cpp``; ``block-stationary
+Recorded per case: the schedule of stage 2 (``native``: the fused C++ kernel ``cpu.cpp``; ``block-stationary
 (torch)`` where it cannot be built or ``ZOO_NATIVE=off``: :mod:`zoo.kernels.infllmv2.cpu`; or the reference's per
 query / tile of 16 queries, when ``InfLLMv2.query_tile`` is set), the mean union of blocks per
 16-query tile, the load average before and after (``os.getloadavg()``, 1 minute), and the machine.
@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zoo.kernels.infllmv2 import sparse_attention
-from zoo.kernels.infllmv2.cpu import native_kernel
+from zoo.kernels.infllmv2.cpu_native import native_kernel
 from zoo.layers.attention import Attention
 from zoo.layers.infllmv2 import InfLLMv2
 
@@ -125,7 +125,7 @@ def _schedule(m: InfLLMv2) -> str:
     if m.query_tile is not None:
         return "per query" if m.query_tile == 1 else f"tile {m.query_tile}"
     fused = native_kernel(m.head_dim, m.block_size, torch.float32) is not None
-    return "native (attend_cpu.cpp)" if fused else "block-stationary (torch)"
+    return "native (cpu.cpp)" if fused else "block-stationary (torch)"
 
 
 def write_report(s: Setup, rows: list[dict[str, Any]], out: Path) -> None:

@@ -9,7 +9,7 @@ A CPU path may also have a native kernel: a small C++ file beside its torch vers
 :mod:`zoo.kernels.native` (``ZOO_NATIVE=auto|off|on``; the torch version runs where no compiler builds it).
 
 Ops: ``ssd`` (Mamba-2's chunked scan), ``gated_rmsnorm``, ``block_sparse_attention``, ``infllmv2`` (stage 2 on the
-CPU: ``attend_cpu.cpp``), ``lact``, ``s4``.
+CPU: ``cpu.cpp``), ``lact``, ``s4``.
 """
 
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref

@@ -1,8 +1,8 @@
 """Native CPU kernels: small C++ files compiled on first use with the machine's compiler, loaded with ctypes.
 
-A kernel here is one C++ source next to its op (e.g. ``zoo/kernels/infllmv2/attend_cpu.cpp``) with ``extern "C"``
+A kernel here is one C++ source next to its op (e.g. ``zoo/kernels/infllmv2/cpu.cpp``) with ``extern "C"``
 functions over raw pointers: no Python or torch headers, so it compiles in about a second, and a ctypes call releases
-the GIL (the callers run row ranges on :func:`~zoo.kernels.infllmv2.cpu.run_threaded` threads). Its torch version
+the GIL (the callers run row ranges on :func:`run_threaded` threads). Its torch version
 stays beside it as the reference, and the op runs that version whenever the library is not available.
 
 * ``ZOO_NATIVE``: ``auto`` (default, also when unset or empty): build and use the kernel, or fall back to the torch
@@ -26,9 +26,12 @@ import shutil
 import subprocess
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["MODES", "mode", "library", "cache_dir"]
+import torch
+
+__all__ = ["MODES", "mode", "library", "cache_dir", "run_threaded"]
 
 MODES = ("auto", "off", "on")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
@@ -111,3 +114,31 @@ def _cpu_id() -> str:
         lines = []
     picked = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
     return "\n".join(sorted(set(picked))) or f"{platform.machine()} {platform.processor()}"
+
+
+def run_threaded(fn, items: list, threads: int | None = None) -> None:
+    """``fn(item)`` for every item, on ``threads`` Python threads (default ``torch.get_num_threads()``) that pull
+    items until none is left, each with intra-op parallelism 1 (restored afterwards); in order on one thread."""
+    workers = min(len(items), max(1, torch.get_num_threads() if threads is None else threads))
+    if workers <= 1:
+        for it in items:
+            fn(it)
+        return
+    todo, lock = iter(items), threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                it = next(todo, None)
+            if it is None:
+                return
+            fn(it)
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            for f in [ex.submit(worker) for _ in range(workers)]:
+                f.result()
+    finally:
+        torch.set_num_threads(n_threads)

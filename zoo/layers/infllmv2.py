@@ -34,7 +34,7 @@ unnormalised (+inf) scores (the reference's CUDA top-k leaves both orders unspec
 q, k before RoPE (the attention itself uses them after RoPE). Decode keeps the compressed keys in the state and
 appends one as each stride fills (:mod:`zoo.layers.infllmv2_cache`; the tail of not yet compressed keys is the end
 of the KV cache); its cost is bounded by the selected blocks, not the context. Kernels (CUDA: Triton; CPU
-prefill: ``kernels/infllmv2/cpu.py``, whose stage 2 runs the fused C++ kernel ``attend_cpu.cpp`` where a compiler
+prefill: ``kernels/infllmv2/cpu.py``, whose stage 2 runs the fused C++ kernel ``cpu.cpp`` where a compiler
 builds it and a block-stationary torch schedule otherwise; :mod:`zoo.kernels.infllmv2`): stage 1 fuses scoring, the
 group sum and pooling; stage 2 attends over per-query block lists.
 Shapes: ``x [B, T, d] -> q [B, H, T, D], k, v [B, Hkv, T, D] -> y [B, T, d]``.

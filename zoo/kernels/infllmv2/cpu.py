@@ -1,8 +1,10 @@
-r"""InfLLM-v2 stage 2 on the CPU: attention over per-query selected blocks, computed block-stationary.
+r"""InfLLM-v2 prefill on the CPU: stage 2 (attention over per-query selected blocks, computed block-stationary) and
+stage 1 (block scores and top-k in query chunks).
 
-Without gradient (prefill) the fused C++ kernel ``attend_cpu.cpp`` (same schedule, one pass per (query, block) pair
-with no gathered copies; built by :mod:`zoo.kernels.native`) runs where it builds; the torch schedule below is its
-fallback and the differentiable path.
+The native half, ``cpu.cpp`` (built by :mod:`zoo.kernels.native` where a C++ compiler is found; fp32 math, head dim
+and block size multiples of 16): stage 2 without gradient in the same block-stationary order, one fused pass per
+(query, block) pair with no gathered copies; stage 1 (scores, pooling and the top-k) in one pass per query. The torch
+code below is its fallback, the differentiable path and the fp64 path.
 
 Same result as :func:`~zoo.kernels.infllmv2.reference.sparse_attention_ref` (the oracle), a different schedule.
 The reference gathers, for every query, the ``W`` selected blocks of K and V (``2 W bs D`` values per query, 2 MB at
@@ -36,23 +38,19 @@ path).
 
 from __future__ import annotations
 
-import ctypes
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from zoo.kernels import native
+from zoo.kernels.infllmv2.cpu_native import attend_native, key_chunks, native_kernel, stage1_native
 from zoo.kernels.infllmv2.reference import _blocks_view, forced_blocks
+from zoo.kernels.native import run_threaded
 
-__all__ = ["sparse_attention_cpu", "FLOOR"]
+__all__ = ["sparse_attention_cpu", "select_cpu", "block_scores_cpu", "select_blocks_cpu", "run_threaded", "FLOOR"]
 
 FLOOR = -60.0
 CEIL = 50.0
-NATIVE_RANGE_BYTES = 1 << 20  # output rows per call of the native kernel (their accumulators stay in L2)
 
 
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, *, block_size: int,
@@ -65,7 +63,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
     ``threads``: Python worker threads without gradient (default ``torch.get_num_threads()``).
 
     ``native``: without gradient, below fp64, with ``D`` and ``block_size`` multiples of 16, the fused C++ kernel
-    (``attend_cpu.cpp``, :mod:`zoo.kernels.native`) runs instead of the torch schedule when it builds (``None``: as
+    (``cpu.cpp``, :mod:`zoo.kernels.native`) runs instead of the torch schedule when it builds (``None``: as
     ``ZOO_NATIVE`` says; ``True``: required; ``False``: the torch schedule)."""
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -81,7 +79,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
         fits = not grad and dev.type == "cpu"
         lib = native_kernel(D, bs, cdt, required=bool(native)) if fits else None
         if lib is not None:
-            return _attend_native(lib, q, k, v, qpos, idx, bs, scale, threads)
+            return attend_native(lib, q, k, v, qpos, idx, bs, scale, threads)
         if native and not fits:
             raise ValueError("sparse_attention_cpu: native=True needs CPU tensors and no gradient")
     R = B * Hkv * Tq  # query rows (b, h, t); row R is a zero query for the chunks' padding slots
@@ -142,78 +140,6 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Ten
 
         run_threaded(run, segs, threads)
     return o.view(B, Hkv, Tq, G, D).transpose(2, 3).reshape(B, H, Tq, D).to(q.dtype)
-
-
-def native_kernel(head_dim: int, block_size: int, dtype: torch.dtype, *, required: bool = False):
-    """The built ``attend_cpu.cpp`` for these sizes (a ``ctypes`` library), or ``None`` where it does not apply (fp64;
-    a head dim or block size that is not a multiple of 16) or is not available (:func:`zoo.kernels.native.library`;
-    ``required``: raise instead)."""
-    if dtype == torch.float64 or head_dim % 16 or block_size % 16:
-        if required:
-            raise ValueError(f"sparse_attention_cpu: the native kernel takes fp32 math with head_dim and block_size "
-                             f"multiples of 16, not {dtype}, head_dim={head_dim}, block_size={block_size}")
-        return None
-    lib = native.library(Path(__file__).with_name("attend_cpu.cpp"), {"HEAD_DIM": head_dim, "BLOCK": block_size},
-                         required=required)
-    if lib is not None and lib.infllmv2_attend.argtypes is None:
-        lib.infllmv2_attend.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 6
-        lib.infllmv2_attend.restype = None
-    return lib
-
-
-def _attend_native(lib, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tensor, bs: int, scale: float,
-                   threads: int | None) -> Tensor:
-    """:func:`sparse_attention_cpu` through ``attend_cpu.cpp``: rows ``(b, h_kv, t)`` of ``G`` heads in ranges of
-    about 1 MB of output (a range's accumulators stay in L2), on :func:`run_threaded` threads."""
-    B, H, Tq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    G, W, R = H // Hkv, idx.shape[-1], B * Hkv * Tq
-    nb = -(-N // bs)
-    qr = (q.float() * scale).view(B, Hkv, G, Tq, D).transpose(2, 3).contiguous()  # [B, Hkv, Tq, G, D]
-    kb, vb = _blocks_view(k.float(), bs), _blocks_view(v.float(), bs)  # [B*Hkv*nb, bs, D]
-    kT, vb = kb.transpose(1, 2).contiguous(), vb.contiguous()
-    blk = idx.long()
-    base = (torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)) * nb
-    rows = torch.where(blk >= 0, blk + base[:, :, None, None], -1).contiguous()  # [B, Hkv, Tq, W] rows of kT / vb
-    visible = torch.minimum(qpos[:, None, :, None] - blk * bs + 1, N - blk * bs).clamp_(0, bs)
-    cnt = visible.masked_fill_(blk < 0, 0).to(torch.int32).contiguous()
-    out = torch.empty(B, Hkv, Tq, G, D)
-    step = max(1, NATIVE_RANGE_BYTES // (4 * G * D))
-
-    def run(r0: int) -> None:
-        lib.infllmv2_attend(r0, min(R, r0 + step), G, W, qr.data_ptr(), kT.data_ptr(), vb.data_ptr(),
-                            rows.data_ptr(), cnt.data_ptr(), out.data_ptr())
-
-    run_threaded(run, list(range(0, R, step)), threads)
-    return out.transpose(2, 3).reshape(B, H, Tq, D).to(q.dtype)
-
-
-def run_threaded(fn, items: list, threads: int | None = None) -> None:
-    """``fn(item)`` for every item, on ``threads`` Python threads (default ``torch.get_num_threads()``) that pull
-    items until none is left, each with intra-op parallelism 1 (restored afterwards); in order on one thread."""
-    workers = min(len(items), max(1, torch.get_num_threads() if threads is None else threads))
-    if workers <= 1:
-        for it in items:
-            fn(it)
-        return
-    todo, lock = iter(items), threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                it = next(todo, None)
-            if it is None:
-                return
-            fn(it)
-
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as ex:
-            for f in [ex.submit(worker) for _ in range(workers)]:
-                f.result()
-    finally:
-        torch.set_num_threads(n_threads)
 
 
 class _Ctx:
@@ -424,11 +350,19 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
     visible compressed keys) holds about ``rows`` values (4 MB: fewer, larger ops, as every op holds the GIL a
     moment; each chunk reads only the compressed keys its queries can see), on :func:`run_threaded` threads without
     gradient. The compressed keys are copied once to a ``[.., D, N]`` layout: the score matmuls then read ``K^T`` as
-    rows (~35% faster than a transposed view)."""
-    B, H, Tq, _ = qs.shape
+    rows (~35% faster than a transposed view).
+
+    Where the native kernel applies (:func:`native_kernel`), it computes each chunk's scores and selection in one call
+    (the pooled scores only, when ``score_dtype`` rounds them first), in chunks of equal work, 16 per thread."""
+    B, H, Tq, D = qs.shape
     Hkv = c1.shape[1]
     G = H // Hkv
     out = torch.empty(B, Hkv, Tq, width, dtype=torch.int32, device=qs.device)
+    cdt = torch.promote_types(qs.dtype, torch.float32)
+    lib = native_kernel(D, block_size, cdt) if qs.device.type == "cpu" else None
+    rounded = score_dtype is not None and torch.finfo(score_dtype).bits < 32  # scores rounded before the selection
+    if lib is not None:
+        c1T, c2T = key_chunks(c1), None if c2 is None else key_chunks(c2)
     # the same [.., N, D] views over a [.., D, N] layout
     c1 = c1.transpose(-1, -2).contiguous().transpose(-1, -2)
     c2 = None if c2 is None else c2.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -436,7 +370,12 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
     # chunk bounds from the counts (host side): more queries per chunk where they see fewer keys
     e1_max = e1.amax(0).tolist() if Tq else []
     bounds, t0 = [0], 0
-    while t0 < Tq:
+    if lib is not None:  # no score matrix to bound: chunks of equal work (compressed keys seen), 16 per thread
+        work = torch.tensor(e1_max, dtype=torch.float64).add_(1).cumsum(0)
+        parts = 16 * max(1, torch.get_num_threads() if threads is None else threads)
+        cuts = torch.searchsorted(work, work[-1] * torch.arange(1, parts, dtype=torch.float64) / parts) if Tq else []
+        bounds = sorted({0, Tq, *(int(c) for c in cuts if 0 < c < Tq)})
+    while t0 < Tq and lib is None:
         n = max(1, min(e1_max[min(Tq - 1, t0 + 255)], n_all) + 1)
         t0 = min(Tq, t0 + max(1, rows // (G * n)))
         bounds.append(t0)
@@ -446,9 +385,19 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
         sl = slice(a, z)
         k1 = c1[:, :, : int(e1[:, sl].max())]
         k2 = None if c2 is None else c2[:, :, : int(v2[:, sl].max())]
-        sc = block_scores_cpu(qs[:, :, sl], k1, k2, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl],
-                              block_size=block_size, kernel_stride=kernel_stride, num_blocks=num_blocks, scale=scale,
-                              score_dtype=score_dtype)
+        if lib is not None:
+            native_args = (lib, qs[:, :, sl], c1T, c2T, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl])
+            native_kw = dict(st=block_size // kernel_stride, num_blocks=num_blocks, scale=scale)
+            if not rounded:  # scores and selection in the kernel
+                out[:, :, sl] = stage1_native(*native_args, **native_kw, select=dict(
+                    qpos=qpos[:, sl], dense=None if dense is None else dense[:, sl], block_size=block_size,
+                    init_blocks=init_blocks, local_blocks=local_blocks, budget=budget, width=width))
+                return
+            sc = stage1_native(*native_args, **native_kw).to(score_dtype).float()  # rounding commutes with max
+        else:
+            sc = block_scores_cpu(qs[:, :, sl], k1, k2, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl],
+                                  block_size=block_size, kernel_stride=kernel_stride, num_blocks=num_blocks,
+                                  scale=scale, score_dtype=score_dtype)
         out[:, :, sl] = select_blocks_cpu(sc, qpos[:, sl], block_size=block_size, init_blocks=init_blocks,
                                           local_blocks=local_blocks, budget=budget, width=width,
                                           dense=None if dense is None else dense[:, sl])
