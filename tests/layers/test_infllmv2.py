@@ -4,6 +4,7 @@ reference prefill's quirks and the gradient. Three modes, padding, reorder, ... 
 (tests/contract, zoo.testing.check_mixer over InfLLMv2.example_args)."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -236,3 +237,25 @@ def test_bad_arguments_are_refused():
             make(**{**BASE, name: bad})
     with pytest.raises(ValueError, match="packed"):
         make(**BASE)(torch.randn(1, 4, D_MODEL, dtype=torch.float64), seq_idx=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler: the native CPU kernels cannot be built")
+@pytest.mark.parametrize("variant", ["v2", "v1"])
+def test_fp32_prefill_through_the_native_kernels_matches_brute_force_and_decode(variant):
+    """fp32, head dim and blocks of 16: the prefill runs both stages in cpu.cpp (tests/kernels/test_infllmv2_cpu.py
+    pins them to the oracles). Here the layer: the fp64 brute force, a chunked prefill, and token-by-token decode
+    (the reference's per-query path) agree with it to fp32 rounding."""
+    args = dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=16, topk=4, dense_len=-1,
+                variant=variant)
+    m = make(torch.float32, heads=dict(num_heads=8, num_kv_heads=2, head_dim=16), **args)
+    x = torch.randn(2, 100, D_MODEL)
+    with torch.no_grad():
+        y = m(x)[0]
+        state = m.init_state(2, dtype=torch.float32, device="cpu", max_length=100)
+        chunked = torch.cat([m(x[:, a:b], state=state)[0] for a, b in ((0, 37), (37, 100))], 1)
+        state = m.init_state(2, dtype=torch.float32, device="cpu", max_length=100)
+        decoded = torch.cat([m(x[:, t: t + 1], state=state)[0] for t in range(100)], 1)
+    torch.testing.assert_close(y.double(), brute_force(m, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decoded, y, atol=1e-5, rtol=0)
