@@ -38,7 +38,7 @@ def test_wheel_install_has_the_cards_the_default_model_and_the_demo_spec(tmp_pat
     assert (assets / "demo.yaml").is_file()
     assert sorted(p.name for p in (assets / "default_model").iterdir()) == sorted(
         p.name for p in (ROOT / "zoo" / "assets" / "default_model").iterdir())
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "zoo").rglob("*.cpp"))
+    sources = sorted(str(p.relative_to(ROOT)) for ext in ("*.cpp", "*.h") for p in (ROOT / "zoo").rglob(ext))
     assert sources and all((site / s).is_file() for s in sources), sources
     run = subprocess.run([sys.executable, "-c", SCRIPT, str(site), str(tmp_path / "ckpt")], capture_output=True,
                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})

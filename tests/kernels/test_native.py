@@ -68,6 +68,23 @@ def test_builds_once_per_source_and_macros(cache, tmp_path, monkeypatch):
 
 
 @needs_compiler
+def test_an_edited_header_builds_anew(cache, tmp_path):
+    (tmp_path / "inc").mkdir()
+    header = tmp_path / "inc" / "factor.h"
+    header.write_text("#define FACTOR 2\n")
+    src = tmp_path / "answer.cpp"
+    src.write_text('#include "inc/factor.h"\n' + SOURCE)
+    lib = native.library(src)
+    lib.zoo_answer.argtypes, lib.zoo_answer.restype = [ctypes.c_int], ctypes.c_int
+    assert lib.zoo_answer(5) == 10
+    header.write_text("#define FACTOR 4\n")
+    native._LOADED.clear()
+    lib = native.library(src)
+    lib.zoo_answer.argtypes, lib.zoo_answer.restype = [ctypes.c_int], ctypes.c_int
+    assert lib.zoo_answer(5) == 20 and len(list(cache.iterdir())) == 2
+
+
+@needs_compiler
 def test_a_failed_build_warns_leaves_nothing_and_raises_when_required(cache, tmp_path, monkeypatch):
     src = tmp_path / "broken.cpp"
     src.write_text("this is not C++\n")

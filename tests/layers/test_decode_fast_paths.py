@@ -6,6 +6,7 @@ Speed is measured by ``zoo bench``, never here."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,35 @@ def test_mamba2_lean_step_fp32_within_1e5():
         lean = m.init_state(2, dtype=torch.float32, device="cpu")
         m(x[:, :4], state=lean)
         _steps_match(m, lean, copy.deepcopy(lean), x[:, 4:], dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler: the native decode step cannot be built")
+@pytest.mark.parametrize("kw", [{}, {"norm_before_gate": True, "D_has_hdim": True}, {"rmsnorm": False, "bias": True},
+                                {"conv_bias": False, "d_ssm": 24, "ngroups": 1},
+                                {"dt_limit": (0.01, 0.5), "dt_scale": 0.7, "input_scale": 0.5, "decay_scale": 0.9}])
+def test_mamba2_native_step_matches_the_reference_and_torch_steps(kw, monkeypatch):
+    """fp32 with d_state 16: the fused step of kernels/ssd/decode_cpu.cpp (every option it takes: norm before or
+    after the gate, no norm, per-channel D, biases, the MLP part of a d_ssm < d_inner layer, the Stuffed-Mamba
+    scales) == the reference step and the torch calls of the lean step, outputs and states. Thresholds (state-norm
+    renormalisation) keep the torch calls."""
+    m = _mamba(d_state=16, **kw).float()
+    x = torch.randn(2, 14, D_MODEL)
+    with torch.no_grad():
+        lean = m.init_state(2, dtype=torch.float32, device="cpu")
+        m(x[:, :4], state=lean)
+        torch_calls = copy.deepcopy(lean)
+        _steps_match(m, lean, copy.deepcopy(lean), x[:, 4:], dict(rtol=1e-5, atol=1e-5))
+        assert m._decode_plan.native  # the fused step ran
+        monkeypatch.setenv("ZOO_NATIVE", "off")
+        for t in range(4, 14):
+            m(x[:, t:t + 1], state=torch_calls)
+        for name in ("conv_state", "ssm_state", "seen"):
+            torch.testing.assert_close(getattr(torch_calls, name), getattr(lean, name), rtol=1e-5, atol=1e-5)
+    m.state_norm_threshold = [0.05] * m.nheads
+    with torch.no_grad():
+        m(x[:, :1], state=m.init_state(2, dtype=torch.float32, device="cpu"))
+    assert m._decode_plan.native is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -10,10 +10,10 @@ stays beside it as the reference, and the op runs that version whenever the libr
   an error. Read at each call.
 * Compiler: ``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``; flags ``-O3 -march=native``.
 * Cache: ``$ZOO_CACHE`` (default ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``) ``/native/<name>-<hash>.so``; the hash
-  covers the source, the macros, the flags, the compiler's version and the CPU's model and flags (``-march=native``
-  code is for this CPU only), so an edited source or another machine sharing the home directory builds anew. A build
-  writes a temporary file in that directory and renames it: a concurrent or interrupted build leaves no half
-  library behind.
+  covers the source and the headers it includes with quotes (``zoo/kernels/simd.h``), the macros, the flags, the
+  compiler's version and the CPU's model and flags (``-march=native`` code is for this CPU only), so an edited
+  source or another machine sharing the home directory builds anew. A build writes a temporary file in that
+  directory and renames it: a concurrent or interrupted build leaves no half library behind.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -85,7 +86,7 @@ def library(source: Path, defines: dict[str, int] | None = None, *, required: bo
 def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    text = source.read_bytes()
+    text = b"".join(f.read_bytes() for f in _with_local_includes(source))
     flags = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
@@ -104,6 +105,19 @@ def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _with_local_includes(source: Path) -> list[Path]:
+    """``source`` and the files its ``#include "..."`` lines name, recursively (their text is part of the hash)."""
+    seen: list[Path] = []
+    todo = [source.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.append(f)
+        todo += [(f.parent / m).resolve() for m in re.findall(r'^\s*#\s*include\s*"([^"]+)"', f.read_text(), re.M)]
+    return seen
 
 
 def _cpu_id() -> str:

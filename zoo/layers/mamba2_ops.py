@@ -25,13 +25,17 @@ Shapes: ``x [B, T, C]``, ``prev [B, K - 1, C]`` (the inputs before ``x``, oldest
 
 from __future__ import annotations
 
+import ctypes
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
+import zoo.kernels.ssd as ssd_kernels
+from zoo.kernels import native
 from zoo.kernels.gated_rmsnorm.reference import rms_scale
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.mamba2_paths import thresholds
@@ -169,7 +173,7 @@ class DecodePlan:
     threshold (``calibrate_state_norm``) makes a new plan."""
 
     __slots__ = ("key", "negA", "in_bias", "dt_bias", "D", "conv_w", "conv_wt", "conv_b", "norm_w", "eps",
-                 "thresholds", "log_decay_scale")
+                 "thresholds", "log_decay_scale", "native")
 
 
 def _sources(m) -> tuple:
@@ -221,6 +225,7 @@ def decode_plan(m, conv_dtype: torch.dtype, acc: torch.dtype, io_dtype: torch.dt
         thr = thresholds(m, plan.negA)
         plan.thresholds = None if thr is None else thr.view(1, H, 1, 1).clone()
         plan.log_decay_scale = math.log(m.decay_scale)
+        plan.native = None  # the fused step's library and fixed arguments, looked up on the first step
     m.__dict__["_decode_plan"] = plan
     return plan
 
@@ -250,7 +255,11 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     ``dt x``; the SSM state decayed in place (``mul_``), the rank-1 input added per group in place (``baddbmm_``),
     ``y = S C`` as one batched GEMV; the gated group RMSNorm; the out_proj GEMV. Parameter-derived tensors come from
     :func:`decode_plan`; no dtype cast runs where the dtypes agree; no host synchronisation. The same math as the
-    layer's reference step (:func:`zoo.layers.mamba2_paths.step`), which tests pin it to."""
+    layer's reference step (:func:`zoo.layers.mamba2_paths.step`), which tests pin it to.
+
+    In fp32 with ``d_state`` a multiple of 16 and no state-norm thresholds, everything between the two GEMVs is one
+    call of the fused C++ step (``kernels/ssd/decode_cpu.cpp``, :mod:`zoo.kernels.native`; the SSM state read and
+    written once), where it builds and ``ZOO_NATIVE`` is not ``off``."""
     Bsz = x.shape[0]
     H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
     ssm = state.ssm_state  # [B, H, P, N], fp32 (fp64 stays fp64)
@@ -261,8 +270,20 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     in_proj = mods["in_proj"]._parameters
     # every per-token tensor stays [B, 1, *] (the layer's own layout): no reshapes in and out
     zx = F.linear(x, in_proj["weight"], in_proj["bias"] if plan.in_bias is None else plan.in_bias)  # [B, 1, n]
-    z0, x0, z, xBC, dt = zx.split(m._decode_split, dim=-1)
     _, _, Sg, cw = _state_views(m, state)
+    if plan.native is None:
+        plan.native = _native_step(m, plan)
+    if plan.native and cw is not None and x.dtype == ssm.dtype == cs.dtype and ssm.is_contiguous() and \
+            native.mode() != "off":
+        fn, sizes, params, tail = plan.native
+        y = torch.empty(Bsz, 1, m.d_mlp + m.d_ssm, dtype=x.dtype)
+        lo, hi = m.dt_limit
+        fn(Bsz, *sizes, zx.data_ptr(), cw.data_ptr(), *params, lo, hi, m.dt_scale, m.input_scale,
+           plan.log_decay_scale, ssm.data_ptr(), *tail, y.data_ptr())
+        state.seen.add_(1)
+        out_proj = mods["out_proj"]._parameters
+        return F.linear(y, out_proj["weight"], out_proj["bias"])
+    z0, x0, z, xBC, dt = zx.split(m._decode_split, dim=-1)
     if cw is not None:  # the window as [B, K, C] rows: shift by one row, taps summed over the outer axis
         win = torch.cat([cw[:, 1:], xBC], dim=1)  # [B, K, C]: the window ending at this token
         cw.copy_(win)
@@ -318,6 +339,31 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
     out_proj = mods["out_proj"]._parameters
     return F.linear(y, out_proj["weight"], out_proj["bias"])  # [B, 1, d_model]
+
+
+def _native_step(m, plan: DecodePlan) -> tuple | bool:
+    """The fused step of ``kernels/ssd/decode_cpu.cpp`` for this plan: ``(function, sizes, parameter pointers, norm
+    arguments)``, or False where it does not apply (not fp32 on the CPU, ``dt`` cast after the GEMV, state-norm
+    thresholds, ``d_state`` not a multiple of 16) or cannot be built (then the torch calls below run)."""
+    if (plan.negA.dtype != torch.float32 or plan.negA.device.type != "cpu" or plan.in_bias is None
+            or plan.thresholds is not None or plan.conv_wt.dtype != torch.float32 or m.d_state % 16):
+        return False
+    lib = native.library(Path(ssd_kernels.__file__).with_name("decode_cpu.cpp"))
+    if lib is None:
+        return False
+    fn = lib.mamba2_decode
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    fn.argtypes = [i64] * 8 + [ptr] * 6 + [f32] * 5 + [ptr, ptr, ctypes.c_int32, f32, ptr]
+    fn.restype = None
+    sizes = (m.d_mlp, m.d_ssm, m.nheads, m.headdim, m.ngroups, m.d_state, plan.conv_wt.shape[0])
+    params = (plan.conv_wt.data_ptr(), None if plan.conv_b is None else plan.conv_b.data_ptr(),
+              plan.negA.data_ptr(), plan.D.data_ptr())
+    if plan.norm_w is None:
+        tail = (None, 0, 0.0)
+    else:
+        norm = m._modules["norm"]
+        tail = (plan.norm_w.data_ptr(), int(not norm.norm_before_gate), float(norm.eps))
+    return fn, sizes, params, tail
 
 
 def tiled_forward(m, x: Tensor, state) -> Tensor:
