@@ -6,6 +6,7 @@ measured by ``zoo bench``, never here."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -179,6 +180,27 @@ def test_window_attention_matches_masked_reference(T, window, chunk, group):
     pos = torch.arange(T).expand(2, T)
     ref = blocked_attention(m.rule, q, k, v, pos, None, None, 0.3, 16, by_slot=True)
     torch.testing.assert_close(window_attention(q, k, v, window, 0.3, chunk, group), ref, **EXACT)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler: the native sliding-window kernel cannot be built")
+@pytest.mark.parametrize("T,window,H,Hkv,D", [(150, 37, 4, 2, 16), (77, 64, 3, 3, 32), (61, 200, 2, 1, 96),
+                                              (40, 1, 4, 4, 16), (130, 16, 8, 2, 64)])
+def test_native_window_attention_matches_masked_reference(T, window, H, Hkv, D, monkeypatch):
+    """fp32: sliding_window_cpu.cpp (16 queries per item, the last item ragged, windows ending inside a block and
+    spanning several, a window of 1, one larger than T, GQA groups of 1-4, D 16-96) == the masked blocked reference
+    (fp64) and the torch schedule (``ZOO_NATIVE=off``)."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, H, T, D, generator=g)
+    k, v = (torch.randn(2, Hkv, T, D, generator=g) for _ in range(2))
+    m = SlidingWindowAttention(H * D, 0, num_heads=H, num_kv_heads=Hkv, head_dim=D, window=window).double()
+    ref = blocked_attention(m.rule, q.double(), k.double(), v.double(), torch.arange(T).expand(2, T), None, None,
+                            0.3, 16, by_slot=True)
+    got = window_attention(q, k, v, window, 0.3)
+    assert got.transpose(1, 2).is_contiguous()  # [B, H, T, D] seen over a [B, T, H, D] buffer, as the torch path
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)  # fp32 sums over up to 200 keys
+    monkeypatch.setenv("ZOO_NATIVE", "off")
+    torch.testing.assert_close(got, window_attention(q, k, v, window, 0.3), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sinks", [0, 2])

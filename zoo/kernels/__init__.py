@@ -9,8 +9,9 @@ A CPU path may also have a native kernel: a small C++ file beside its torch vers
 :mod:`zoo.kernels.native` (``ZOO_NATIVE=auto|off|on``; the torch version runs where no compiler builds it).
 
 Ops: ``ssd`` (Mamba-2's chunked scan; the fused CPU decode step ``decode_cpu.cpp``), ``gated_rmsnorm``,
-``block_sparse_attention``, ``infllmv2`` (CPU prefill, both stages: ``cpu.cpp``), ``lact``, ``s4``. ``simd.h``: the
-vector types and helpers of the native kernels.
+``block_sparse_attention``, ``infllmv2`` (CPU prefill, both stages: ``cpu.cpp``), ``lact``, ``s4``. Beside them the
+native sliding-window prefill ``sliding_window_cpu.cpp``; ``simd.h`` (vector types, ``exp``) and ``flash_tile.h`` (one
+online-softmax tile) are shared by the native kernels.
 """
 
 from zoo.kernels.ssd import ssd_chunk_scan, ssd_chunk_scan_ref

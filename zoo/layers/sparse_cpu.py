@@ -6,7 +6,9 @@ the group's queries, its outputs) and write the output straight into its final `
 
 * :func:`window_attention` -- sliding window without sinks: the first ``window`` queries see every earlier key
   (one causal call); the rest go in chunks of ``C`` queries over the ``C + window - 1`` keys ending at their last
-  token, one ``[C, C + window - 1]`` band mask shared by every chunk.
+  token, one ``[C, C + window - 1]`` band mask shared by every chunk. In fp32 with a head dim that is a multiple of
+  16, the native kernel ``zoo/kernels/sliding_window_cpu.cpp`` (:mod:`zoo.kernels.native`) runs instead where it
+  builds: 16 queries per work item over the 64-key blocks of their windows, nothing masked but the window's edges.
 * :func:`block_sparse_attention_cpu` -- dkernel's local + vertical-stride pattern (:class:`~zoo.layers.masks.
   LocalStrideRule`) in time and memory proportional to the active blocks, forward and backward. Per range of
   query blocks (``group``, default twice the vertical stride) the keys of each query block split in up to three
@@ -30,10 +32,14 @@ masks (per KV head at most) broadcast over them and the flash kernel sees longer
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zoo.kernels import native
 from zoo.layers.masks import LocalStrideRule
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -52,6 +58,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
     group only), its key windows strided views of ``k, v`` (a padded copy of the group's rows only past ``T``),
     one ``[G * chunk, chunk + window - 1]`` band mask shared by every chunk (stride 0), the output written straight
     into the final layout. Every temporary is the size of one group."""
+    native_out = _window_native(q, k, v, window, scale)
+    if native_out is not None:
+        return native_out
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -276,6 +285,36 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 def _rows(x: Tensor, c0: int, c1: int, bs: int, Hkv: int, G: int) -> Tensor:
     """Rows of query blocks ``c0..c1`` of ``x [T', H, D]`` as ``[n, bs, Hkv, G, D]`` (a view)."""
     return x[c0 * bs:c1 * bs].view(c1 - c0, bs, Hkv, G, x.shape[-1])
+
+
+def _window_native(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, items: int = 64) -> Tensor | None:
+    """:func:`window_attention` through ``sliding_window_cpu.cpp`` (fp32 CPU tensors, head dim a multiple of 16),
+    ``items`` work items of 16 queries per call on :func:`~zoo.kernels.native.run_threaded` threads; None where it
+    does not apply or cannot be built."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if D % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
+        return None
+    lib = native.library(Path(native.__file__).with_name("sliding_window_cpu.cpp"), {"HEAD_DIM": D, "BLOCK": 64})
+    if lib is None:
+        return None
+    fn = lib.sliding_window_attend
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
+        fn.restype = None
+    nb = -(-T // 64)
+    qs = (q * scale).contiguous()  # [B, H, T, D]
+    kT = F.pad(k, (0, 0, 0, nb * 64 - T)).view(B, Hkv, nb, 64, D).transpose(-1, -2).contiguous()  # [.., nb, D, 64]
+    vp = F.pad(v, (0, 0, 0, nb * 64 - T)).contiguous()
+    out = torch.empty(B, T, H, D)
+    total = B * H * -(-T // 16)
+
+    def run(i0: int) -> None:
+        fn(i0, min(total, i0 + items), H, H // Hkv, T, window, qs.data_ptr(), kT.data_ptr(), vp.data_ptr(),
+           out.data_ptr())
+
+    native.run_threaded(run, list(range(0, total, items)))
+    return out.transpose(1, 2)
 
 
 def _fold_range(x: Tensor, Hkv: int, G: int, bs: int, c0: int, c1: int) -> Tensor:

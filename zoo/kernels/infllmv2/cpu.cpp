@@ -20,9 +20,9 @@
 //     P = e^(S - m');  l += rowsum P;  o += P V_b                          [G, HEAD_DIM]
 //     out_r = o / l                     (0 for a row without a visible key)
 //
-// Tiles of 4 heads keep the scores (4 x 64) and the o rows (4 x HEAD_DIM) in vector registers. e^x is Cephes' expf
-// polynomial (~1 ulp), 0 below -87.3 (no denormals), +inf above 88.72. HEAD_DIM and BLOCK are compile-time macros
-// (multiples of the vector width); one library per pair.
+// Tiles of 4 heads (flash_tile.h) keep the scores (4 x 64) and the o rows (4 x HEAD_DIM) in vector registers. e^x
+// is Cephes' expf polynomial (~1 ulp), 0 below -87.3 (no denormals), +inf above 88.72. HEAD_DIM and BLOCK are
+// compile-time macros (multiples of the vector width); one library per pair.
 
 #include <float.h>
 #include <math.h>
@@ -33,17 +33,10 @@
 #include <functional>
 #include <vector>
 
-#ifndef HEAD_DIM
-#define HEAD_DIM 64
-#endif
-#ifndef BLOCK
-#define BLOCK 64
-#endif
-
 #include "../simd.h"
+#include "../flash_tile.h"
 
-constexpr int DV = HEAD_DIM / L, BV = BLOCK / L, ROWS = 4;
-static_assert(HEAD_DIM % L == 0 && BLOCK % L == 0, "HEAD_DIM and BLOCK must be multiples of the vector width");
+constexpr int ROWS = 4;  // heads per tile
 
 // ---- stage 1: block scores -----------------------------------------------------------------------------------
 
@@ -178,59 +171,6 @@ extern "C" void infllmv2_select(int64_t R, int64_t T, int64_t G, const float *q,
 
 // ---- stage 2: attention over the selected blocks -----------------------------------------------------------------
 
-// NR heads of one row against one block of `c` visible keys (K^T [HEAD_DIM, BLOCK], V [BLOCK, HEAD_DIM]):
-// online softmax into o [NR, HEAD_DIM], m, l [NR]
-template <int NR>
-static inline void tile(const float *q, const float *kT, const float *v, int c, float *o, float *m, float *l) {
-    vf s[NR][BV];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < BV; j++) s[i][j] = splat(0.0f);
-    for (int d = 0; d < HEAD_DIM; d++) {  // S = q K^T, a row of K^T at a time
-        const vf_mem *kd = (const vf_mem *)(kT + d * BLOCK);
-        for (int i = 0; i < NR; i++) {
-            vf qd = splat(q[i * HEAD_DIM + d]);
-            for (int j = 0; j < BV; j++) s[i][j] += qd * kd[j];
-        }
-    }
-    if (c < BLOCK) {  // keys after the query (or past the end of the keys)
-        for (int j = 0; j < BV; j++)
-            for (int i = 0; i < NR; i++) s[i][j] = lanes(j * L) < c ? s[i][j] : splat(-INFINITY);
-    }
-    alignas(64) float p[NR][BLOCK];
-    for (int i = 0; i < NR; i++) {
-        vf mx = s[i][0];
-        for (int j = 1; j < BV; j++) mx = mx > s[i][j] ? mx : s[i][j];
-        float top = hmax(mx);
-        if (top > m[i]) {
-            if (m[i] > -INFINITY) {  // rescale what this head accumulated to the new maximum
-                float a = vexp(splat(m[i] - top))[0];
-                for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * HEAD_DIM))[j] *= a;
-                l[i] *= a;
-            }
-            m[i] = top;
-        }
-        vf sum = splat(0.0f);
-        for (int j = 0; j < BV; j++) {
-            vf e = vexp(s[i][j] - m[i]);
-            sum += e;
-            ((vf_mem *)p[i])[j] = e;
-        }
-        l[i] += hsum(sum);
-    }
-    vf acc[NR][DV];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < DV; j++) acc[i][j] = ((const vf_mem *)(o + i * HEAD_DIM))[j];
-    for (int key = 0; key < c; key++) {  // o += P V, a row of V at a time
-        const vf_mem *vk = (const vf_mem *)(v + key * HEAD_DIM);
-        for (int i = 0; i < NR; i++) {
-            vf pk = splat(p[i][key]);
-            for (int j = 0; j < DV; j++) acc[i][j] += pk * vk[j];
-        }
-    }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * HEAD_DIM))[j] = acc[i][j];
-}
-
 // Rows [r0, r1) of q [R, G, HEAD_DIM] (scaled); their pairs blk, cnt [R, W]: the row of kT [NB, HEAD_DIM, BLOCK] and
 // v [NB, BLOCK, HEAD_DIM] of the selected block (-1: none) and its number of visible keys; out [R, G, HEAD_DIM].
 extern "C" void infllmv2_attend(int64_t r0, int64_t r1, int64_t G, int64_t W, const float *q, const float *kT,
@@ -252,9 +192,12 @@ extern "C" void infllmv2_attend(int64_t r0, int64_t r1, int64_t G, int64_t W, co
         int64_t r = e / W, b = blk[e];
         const float *qr = q + r * G * HEAD_DIM, *kb = kT + b * HEAD_DIM * BLOCK, *vb = v + b * BLOCK * HEAD_DIM;
         float *o = out + r * G * HEAD_DIM, *mr = m.data() + (r - r0) * G, *lr = l.data() + (r - r0) * G;
+        const int lo[ROWS] = {0, 0, 0, 0}, hi[ROWS] = {cnt[e], cnt[e], cnt[e], cnt[e]};
         int64_t g = 0;
-        for (; g + ROWS <= G; g += ROWS) tile<ROWS>(qr + g * HEAD_DIM, kb, vb, cnt[e], o + g * HEAD_DIM, mr + g, lr + g);
-        for (; g < G; g++) tile<1>(qr + g * HEAD_DIM, kb, vb, cnt[e], o + g * HEAD_DIM, mr + g, lr + g);
+        for (; g + ROWS <= G; g += ROWS)
+            flash_tile<ROWS>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, lo, hi, o + g * HEAD_DIM, HEAD_DIM, mr + g, lr + g);
+        for (; g < G; g++)
+            flash_tile<1>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, lo, hi, o + g * HEAD_DIM, HEAD_DIM, mr + g, lr + g);
     }
     for (int64_t i = 0; i < (r1 - r0) * G; i++) {
         float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;

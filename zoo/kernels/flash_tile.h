@@ -1,0 +1,79 @@
+// One flash-attention tile for the native CPU kernels: NR query rows against one block of BLOCK keys, online softmax.
+// Needs HEAD_DIM and BLOCK (multiples of the vector width) and simd.h.
+#pragma once
+
+#ifndef HEAD_DIM  // both set by the build (-D); these defaults only let an editor parse the file
+#define HEAD_DIM 64
+#endif
+#ifndef BLOCK
+#define BLOCK 64
+#endif
+
+constexpr int DV = HEAD_DIM / L, BV = BLOCK / L;
+static_assert(HEAD_DIM % L == 0 && BLOCK % L == 0, "HEAD_DIM and BLOCK must be multiples of the vector width");
+
+// Rows q_i = q + i q_stride (scaled) against K^T [HEAD_DIM, BLOCK] and V [BLOCK, HEAD_DIM], row i seeing the keys
+// [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none): S (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers;
+//     m' = max(m, rowmax S);  o *= e^(m - m');  l *= e^(m - m')           (only when the maximum rises)
+//     P = e^(S - m');  l += rowsum P;  o += P V
+// A row that sees no key of the block is left as it is.
+template <int NR>
+static inline void flash_tile(const float *q, int64_t q_stride, const float *kT, const float *v, const int *lo,
+                              const int *hi, float *o, int64_t o_stride, float *m, float *l) {
+    vf s[NR][BV];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < BV; j++) s[i][j] = splat(0.0f);
+    for (int d = 0; d < HEAD_DIM; d++) {  // S = q K^T, a row of K^T at a time
+        const vf_mem *kd = (const vf_mem *)(kT + d * BLOCK);
+        for (int i = 0; i < NR; i++) {
+            vf qd = splat(q[i * q_stride + d]);
+            for (int j = 0; j < BV; j++) s[i][j] += qd * kd[j];
+        }
+    }
+    int first = BLOCK, end = 0;  // the keys some row sees
+    for (int i = 0; i < NR; i++) {
+        if (lo[i] < hi[i]) {
+            first = lo[i] < first ? lo[i] : first;
+            end = hi[i] > end ? hi[i] : end;
+        }
+        if (lo[i] > 0 || hi[i] < BLOCK)  // keys outside the row's range: -inf
+            for (int j = 0; j < BV; j++) s[i][j] = (lanes(j * L) >= lo[i]) & (lanes(j * L) < hi[i]) ? s[i][j] : splat(-INFINITY);
+    }
+    alignas(64) float p[NR][BLOCK];
+    for (int i = 0; i < NR; i++) {
+        vf mx = s[i][0];
+        for (int j = 1; j < BV; j++) mx = mx > s[i][j] ? mx : s[i][j];
+        float top = hmax(mx);
+        if (top == -INFINITY) {  // no key of this block for this row
+            for (int j = 0; j < BV; j++) ((vf_mem *)p[i])[j] = splat(0.0f);
+            continue;
+        }
+        if (top > m[i]) {
+            if (m[i] > -INFINITY) {  // rescale what this row accumulated to the new maximum
+                float a = vexp(splat(m[i] - top))[0];
+                for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * o_stride))[j] *= a;
+                l[i] *= a;
+            }
+            m[i] = top;
+        }
+        vf sum = splat(0.0f);
+        for (int j = 0; j < BV; j++) {
+            vf e = vexp(s[i][j] - m[i]);
+            sum += e;
+            ((vf_mem *)p[i])[j] = e;
+        }
+        l[i] += hsum(sum);
+    }
+    vf acc[NR][DV];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < DV; j++) acc[i][j] = ((const vf_mem *)(o + i * o_stride))[j];
+    for (int key = first; key < end; key++) {  // o += P V, a row of V at a time
+        const vf_mem *vk = (const vf_mem *)(v + key * HEAD_DIM);
+        for (int i = 0; i < NR; i++) {
+            vf pk = splat(p[i][key]);
+            for (int j = 0; j < DV; j++) acc[i][j] += pk * vk[j];
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * o_stride))[j] = acc[i][j];
+}

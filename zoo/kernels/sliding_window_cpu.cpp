@@ -1,0 +1,61 @@
+// Sliding-window causal attention on the CPU, fused (fp32): query t sees keys t - window < j <= t. Built and loaded
+// by zoo.kernels.native; zoo.layers.sparse_cpu.window_attention calls it (its torch schedule is the fallback).
+//
+// Work items are (batch x query head, 16 consecutive queries). An item visits the key blocks its window covers
+// (~window / BLOCK + 1), each block's K^T and V read once into L1 and used by the 4 tiles of 4 queries
+// (flash_tile.h: scores and output rows in vector registers, online softmax, per-row key ranges at the window's
+// two edges). Output rows are written in place in a [B, T, H, D] buffer.
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "simd.h"
+#include "flash_tile.h"
+
+constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, tiles per item
+
+// q [B*H, T, HEAD_DIM] (scaled); kT [B*Hkv, nb, HEAD_DIM, BLOCK] and v [B*Hkv, nb * BLOCK, HEAD_DIM] (zero padded);
+// out [B, T, H, HEAD_DIM]. Items [i0, i1) of B * H * ceil(T / ITEM); G = H / Hkv.
+extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t window,
+                                      const float *q, const float *kT, const float *v, float *out) {
+    const int64_t items_per_head = (T + ITEM - 1) / ITEM, nb = (T + BLOCK - 1) / BLOCK;
+    for (int64_t item = i0; item < i1; item++) {
+        int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;
+        int64_t b = bh / H, h = bh % H, kv = b * (H / G) + h / G;
+        int64_t n = T - t0 < ITEM ? T - t0 : ITEM;
+        const float *qi = q + (bh * T + t0) * HEAD_DIM;
+        float *oi = out + ((b * T + t0) * H + h) * HEAD_DIM;
+        float m[ITEM], l[ITEM];
+        for (int64_t r = 0; r < ITEM; r++) {
+            m[r] = -INFINITY, l[r] = 0.0f;
+            if (r < n) memset(oi + r * H * HEAD_DIM, 0, sizeof(float) * HEAD_DIM);
+        }
+        int64_t first = t0 - window + 1 < 0 ? 0 : (t0 - window + 1) / BLOCK, last = (t0 + n - 1) / BLOCK;
+        for (int64_t blk = first; blk <= last && blk < nb; blk++) {
+            const float *kb = kT + (kv * nb + blk) * HEAD_DIM * BLOCK, *vb = v + (kv * nb + blk) * BLOCK * HEAD_DIM;
+            for (int64_t tile = 0; tile * ROWS < n; tile++) {
+                int lo[ROWS], hi[ROWS];
+                int64_t rows = n - tile * ROWS < ROWS ? n - tile * ROWS : ROWS;
+                for (int r = 0; r < ROWS; r++) {  // keys [t - window + 1, t] of this block (none past the item)
+                    int64_t t = t0 + tile * ROWS + r, a = t - window + 1 - blk * BLOCK, z = t + 1 - blk * BLOCK;
+                    a = a < 0 ? 0 : a > BLOCK ? BLOCK : a;
+                    z = r >= rows || z < 0 ? 0 : z > BLOCK ? BLOCK : z;
+                    lo[r] = (int)a, hi[r] = (int)z;  // lo >= hi: no key of this block
+                }
+                int64_t r0 = tile * ROWS;
+                if (rows == ROWS)
+                    flash_tile<ROWS>(qi + r0 * HEAD_DIM, HEAD_DIM, kb, vb, lo, hi, oi + r0 * H * HEAD_DIM, H * HEAD_DIM,
+                                     m + r0, l + r0);
+                else
+                    for (int64_t r = 0; r < rows; r++)
+                        flash_tile<1>(qi + (r0 + r) * HEAD_DIM, HEAD_DIM, kb, vb, lo + r, hi + r,
+                                      oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
+            }
+        }
+        for (int64_t r = 0; r < n; r++) {
+            float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+            for (int d = 0; d < HEAD_DIM; d++) oi[r * H * HEAD_DIM + d] *= inv;
+        }
+    }
+}
