@@ -191,8 +191,9 @@ def test_native_window_attention_matches_masked_reference(T, window, H, Hkv, D, 
     spanning several, a window of 1, one larger than T, GQA groups of 1-4, D 16-96) == the masked blocked reference
     (fp64) and the torch schedule (``ZOO_NATIVE=off``)."""
     g = torch.Generator().manual_seed(T)
-    q = torch.randn(2, H, T, D, generator=g)
-    k, v = (torch.randn(2, Hkv, T, D, generator=g) for _ in range(2))
+    q = torch.randn(2, T, H, D, generator=g).transpose(1, 2)  # q and v as the layer makes them: views, read in place
+    k = torch.randn(2, Hkv, T, D, generator=g)
+    v = torch.randn(2, T, Hkv, D, generator=g).transpose(1, 2)
     m = SlidingWindowAttention(H * D, 0, num_heads=H, num_kv_heads=Hkv, head_dim=D, window=window).double()
     ref = blocked_attention(m.rule, q.double(), k.double(), v.double(), torch.arange(T).expand(2, T), None, None,
                             0.3, 16, by_slot=True)

@@ -12,21 +12,22 @@
 constexpr int DV = HEAD_DIM / L, BV = BLOCK / L;
 static_assert(HEAD_DIM % L == 0 && BLOCK % L == 0, "HEAD_DIM and BLOCK must be multiples of the vector width");
 
-// Rows q_i = q + i q_stride (scaled) against K^T [HEAD_DIM, BLOCK] and V [BLOCK, HEAD_DIM], row i seeing the keys
-// [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none): S (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers;
+// Rows q_i = q + i q_stride (times scale) against K^T [HEAD_DIM, BLOCK] and the V rows v + j v_stride, row i seeing
+// the keys [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none; keys past hi are never read): S (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers;
 //     m' = max(m, rowmax S);  o *= e^(m - m');  l *= e^(m - m')           (only when the maximum rises)
 //     P = e^(S - m');  l += rowsum P;  o += P V
 // A row that sees no key of the block is left as it is.
 template <int NR>
-static inline void flash_tile(const float *q, int64_t q_stride, const float *kT, const float *v, const int *lo,
-                              const int *hi, float *o, int64_t o_stride, float *m, float *l) {
+static inline void flash_tile(const float *q, int64_t q_stride, float scale, const float *kT, const float *v,
+                              int64_t v_stride, const int *lo, const int *hi, float *o, int64_t o_stride, float *m,
+                              float *l) {
     vf s[NR][BV];
     for (int i = 0; i < NR; i++)
         for (int j = 0; j < BV; j++) s[i][j] = splat(0.0f);
     for (int d = 0; d < HEAD_DIM; d++) {  // S = q K^T, a row of K^T at a time
         const vf_mem *kd = (const vf_mem *)(kT + d * BLOCK);
         for (int i = 0; i < NR; i++) {
-            vf qd = splat(q[i * q_stride + d]);
+            vf qd = splat(q[i * q_stride + d] * scale);
             for (int j = 0; j < BV; j++) s[i][j] += qd * kd[j];
         }
     }
@@ -68,7 +69,7 @@ static inline void flash_tile(const float *q, int64_t q_stride, const float *kT,
     for (int i = 0; i < NR; i++)
         for (int j = 0; j < DV; j++) acc[i][j] = ((const vf_mem *)(o + i * o_stride))[j];
     for (int key = first; key < end; key++) {  // o += P V, a row of V at a time
-        const vf_mem *vk = (const vf_mem *)(v + key * HEAD_DIM);
+        const vf_mem *vk = (const vf_mem *)(v + key * v_stride);
         for (int i = 0; i < NR; i++) {
             vf pk = splat(p[i][key]);
             for (int j = 0; j < DV; j++) acc[i][j] += pk * vk[j];

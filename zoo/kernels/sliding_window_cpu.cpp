@@ -15,16 +15,19 @@
 
 constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, tiles per item
 
-// q [B*H, T, HEAD_DIM] (scaled); kT [B*Hkv, nb, HEAD_DIM, BLOCK] and v [B*Hkv, nb * BLOCK, HEAD_DIM] (zero padded);
-// out [B, T, H, HEAD_DIM]. Items [i0, i1) of B * H * ceil(T / ITEM); G = H / Hkv.
+// q: element strides (batch, head, token) and the softmax scale; kT [B*Hkv, nb, HEAD_DIM, BLOCK] (zero padded);
+// v: element strides (batch, KV head, token); out [B, T, H, HEAD_DIM]. Items [i0, i1) of B * H * ceil(T / ITEM);
+// G = H / Hkv. The rows of q and v are read in place (unit stride inside a row).
 extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t window,
-                                      const float *q, const float *kT, const float *v, float *out) {
+                                      const float *q, int64_t qsb, int64_t qsh, int64_t qst, float scale,
+                                      const float *kT, const float *v, int64_t vsb, int64_t vsh, int64_t vst,
+                                      float *out) {
     const int64_t items_per_head = (T + ITEM - 1) / ITEM, nb = (T + BLOCK - 1) / BLOCK;
     for (int64_t item = i0; item < i1; item++) {
         int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;
         int64_t b = bh / H, h = bh % H, kv = b * (H / G) + h / G;
         int64_t n = T - t0 < ITEM ? T - t0 : ITEM;
-        const float *qi = q + (bh * T + t0) * HEAD_DIM;
+        const float *qi = q + b * qsb + h * qsh + t0 * qst, *vh = v + b * vsb + (h / G) * vsh;
         float *oi = out + ((b * T + t0) * H + h) * HEAD_DIM;
         float m[ITEM], l[ITEM];
         for (int64_t r = 0; r < ITEM; r++) {
@@ -33,7 +36,7 @@ extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t
         }
         int64_t first = t0 - window + 1 < 0 ? 0 : (t0 - window + 1) / BLOCK, last = (t0 + n - 1) / BLOCK;
         for (int64_t blk = first; blk <= last && blk < nb; blk++) {
-            const float *kb = kT + (kv * nb + blk) * HEAD_DIM * BLOCK, *vb = v + (kv * nb + blk) * BLOCK * HEAD_DIM;
+            const float *kb = kT + (kv * nb + blk) * HEAD_DIM * BLOCK, *vb = vh + blk * BLOCK * vst;
             for (int64_t tile = 0; tile * ROWS < n; tile++) {
                 int lo[ROWS], hi[ROWS];
                 int64_t rows = n - tile * ROWS < ROWS ? n - tile * ROWS : ROWS;
@@ -45,11 +48,11 @@ extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t
                 }
                 int64_t r0 = tile * ROWS;
                 if (rows == ROWS)
-                    flash_tile<ROWS>(qi + r0 * HEAD_DIM, HEAD_DIM, kb, vb, lo, hi, oi + r0 * H * HEAD_DIM, H * HEAD_DIM,
-                                     m + r0, l + r0);
+                    flash_tile<ROWS>(qi + r0 * qst, qst, scale, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
+                                     H * HEAD_DIM, m + r0, l + r0);
                 else
                     for (int64_t r = 0; r < rows; r++)
-                        flash_tile<1>(qi + (r0 + r) * HEAD_DIM, HEAD_DIM, kb, vb, lo + r, hi + r,
+                        flash_tile<1>(qi + (r0 + r) * qst, qst, scale, kb, vb, vst, lo + r, hi + r,
                                       oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
             }
         }

@@ -293,25 +293,25 @@ def _window_native(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, i
     does not apply or cannot be built."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if D % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
+    if D % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
         return None
     lib = native.library(Path(native.__file__).with_name("sliding_window_cpu.cpp"), {"HEAD_DIM": D, "BLOCK": 64})
     if lib is None:
         return None
     fn = lib.sliding_window_attend
     if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [i64] * 6 + [ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64, i64, ptr]
         fn.restype = None
     nb = -(-T // 64)
-    qs = (q * scale).contiguous()  # [B, H, T, D]
-    kT = F.pad(k, (0, 0, 0, nb * 64 - T)).view(B, Hkv, nb, 64, D).transpose(-1, -2).contiguous()  # [.., nb, D, 64]
-    vp = F.pad(v, (0, 0, 0, nb * 64 - T)).contiguous()
+    # K^T blocks [B, Hkv, nb, D, 64] (a copy, zero padded); q and v are read in place through their strides
+    kT = F.pad(k, (0, 0, 0, nb * 64 - T)).view(B, Hkv, nb, 64, D).transpose(-1, -2).contiguous()
     out = torch.empty(B, T, H, D)
     total = B * H * -(-T // 16)
 
     def run(i0: int) -> None:
-        fn(i0, min(total, i0 + items), H, H // Hkv, T, window, qs.data_ptr(), kT.data_ptr(), vp.data_ptr(),
-           out.data_ptr())
+        fn(i0, min(total, i0 + items), H, H // Hkv, T, window, q.data_ptr(), *q.stride()[:3], scale, kT.data_ptr(),
+           v.data_ptr(), *v.stride()[:3], out.data_ptr())
 
     native.run_threaded(run, list(range(0, total, items)))
     return out.transpose(1, 2)
