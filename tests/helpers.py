@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from zoo.kernels import native
+
+# tests of the native CPU kernels: the same compiler lookup as zoo.kernels.native.library
+needs_compiler = pytest.mark.skipif(native.find_compiler() is None,
+                                    reason="no C++ compiler on this machine: the native kernels cannot be built")
+
 
 def make_hf_llama(path: Path, *, vocab_size: int = 1001, tie: bool = False, seed: int = 0, **overrides):
     """A random-weight transformers LlamaForCausalLM (fp32, eager) saved with save_pretrained into ``path``."""

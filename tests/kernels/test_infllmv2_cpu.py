@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 
 import pytest
 import torch
 
+from tests.helpers import needs_compiler
 from tests.kernels.test_infllmv2_kernels import attention_oracle, random_idx, scores_case, scores_oracle
 from zoo.kernels import native
 from zoo.kernels.infllmv2 import cpu, cpu_native, select_blocks
@@ -173,8 +173,6 @@ def test_block_scores_cpu_with_far_apart_scores():
 
 # --- the fused C++ kernel (cpu.cpp through zoo.kernels.native) ---------------------------------------------
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                    reason="no C++ compiler on this machine: the native kernel cannot be built")
 
 
 @needs_compiler

@@ -4,14 +4,11 @@ fall back with a warning or raise when the kernel is required."""
 from __future__ import annotations
 
 import ctypes
-import shutil
 
 import pytest
 
+from tests.helpers import needs_compiler
 from zoo.kernels import native
-
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                    reason="no C++ compiler on this machine")
 
 SOURCE = 'extern "C" int zoo_answer(int x) { return x * FACTOR; }\n'
 

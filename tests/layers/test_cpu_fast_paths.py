@@ -6,11 +6,11 @@ measured by ``zoo bench``, never here."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 
+from tests.helpers import needs_compiler
 from zoo.layers.mamba2 import Mamba2
 from zoo.layers.mamba2_ops import _conv_forward, causal_conv, causal_conv_ref
 from zoo.layers.masks import LocalStrideRule
@@ -182,8 +182,7 @@ def test_window_attention_matches_masked_reference(T, window, chunk, group):
     torch.testing.assert_close(window_attention(q, k, v, window, 0.3, chunk, group), ref, **EXACT)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="no C++ compiler: the native sliding-window kernel cannot be built")
+@needs_compiler
 @pytest.mark.parametrize("T,window,H,Hkv,D", [(150, 37, 4, 2, 16), (77, 64, 3, 3, 32), (61, 200, 2, 1, 96),
                                               (40, 1, 4, 4, 16), (130, 16, 8, 2, 64)])
 def test_native_window_attention_matches_masked_reference(T, window, H, Hkv, D, monkeypatch):

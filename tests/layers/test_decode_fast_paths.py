@@ -6,12 +6,12 @@ Speed is measured by ``zoo bench``, never here."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 
 import zoo
+from tests.helpers import needs_compiler
 from zoo.layers.mamba2 import Mamba2
 from zoo.layers.norm import RMSNorm
 from zoo.layers.sparse_attention import SlidingWindowAttention
@@ -93,8 +93,7 @@ def test_mamba2_lean_step_fp32_within_1e5():
         _steps_match(m, lean, copy.deepcopy(lean), x[:, 4:], dict(rtol=1e-5, atol=1e-5))
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="no C++ compiler: the native decode step cannot be built")
+@needs_compiler
 @pytest.mark.parametrize("kw", [{}, {"norm_before_gate": True, "D_has_hdim": True}, {"rmsnorm": False, "bias": True},
                                 {"conv_bias": False, "d_ssm": 24, "ngroups": 1},
                                 {"dt_limit": (0.01, 0.5), "dt_scale": 0.7, "input_scale": 0.5, "decay_scale": 0.9}])

@@ -4,11 +4,11 @@ reference prefill's quirks and the gradient. Three modes, padding, reorder, ... 
 (tests/contract, zoo.testing.check_mixer over InfLLMv2.example_args)."""
 
 import math
-import shutil
 
 import pytest
 import torch
 
+from tests.helpers import needs_compiler
 from zoo.kernels.infllmv2 import block_scores_ref
 from zoo.layers.attention import Attention
 from zoo.layers.infllmv2 import InfLLMv2
@@ -239,8 +239,7 @@ def test_bad_arguments_are_refused():
         make(**BASE)(torch.randn(1, 4, D_MODEL, dtype=torch.float64), seq_idx=torch.zeros(1, 4, dtype=torch.long))
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="no C++ compiler: the native CPU kernels cannot be built")
+@needs_compiler
 @pytest.mark.parametrize("variant", ["v2", "v1"])
 def test_fp32_prefill_through_the_native_kernels_matches_brute_force_and_decode(variant):
     """fp32, head dim and blocks of 16: the prefill runs both stages in cpu.cpp (tests/kernels/test_infllmv2_cpu.py

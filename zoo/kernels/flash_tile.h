@@ -13,7 +13,8 @@ constexpr int DV = HEAD_DIM / L, BV = BLOCK / L;
 static_assert(HEAD_DIM % L == 0 && BLOCK % L == 0, "HEAD_DIM and BLOCK must be multiples of the vector width");
 
 // Rows q_i = q + i q_stride (times scale) against K^T [HEAD_DIM, BLOCK] and the V rows v + j v_stride, row i seeing
-// the keys [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none; keys past hi are never read): S (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers;
+// the keys [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none; keys past hi are never read). S
+// (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers:
 //     m' = max(m, rowmax S);  o *= e^(m - m');  l *= e^(m - m')           (only when the maximum rises)
 //     P = e^(S - m');  l += rowsum P;  o += P V
 // A row that sees no key of the block is left as it is.
@@ -38,7 +39,8 @@ static inline void flash_tile(const float *q, int64_t q_stride, float scale, con
             end = hi[i] > end ? hi[i] : end;
         }
         if (lo[i] > 0 || hi[i] < BLOCK)  // keys outside the row's range: -inf
-            for (int j = 0; j < BV; j++) s[i][j] = (lanes(j * L) >= lo[i]) & (lanes(j * L) < hi[i]) ? s[i][j] : splat(-INFINITY);
+            for (int j = 0; j < BV; j++)
+                s[i][j] = (lanes(j * L) >= lo[i]) & (lanes(j * L) < hi[i]) ? s[i][j] : splat(-INFINITY);
     }
     alignas(64) float p[NR][BLOCK];
     for (int i = 0; i < NR; i++) {

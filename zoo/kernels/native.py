@@ -8,7 +8,8 @@ stays beside it as the reference, and the op runs that version whenever the libr
 * ``ZOO_NATIVE``: ``auto`` (default, also when unset or empty): build and use the kernel, or fall back to the torch
   path with one warning when no compiler builds it; ``off`` (or ``0``): never; ``on`` (or ``1``): a build failure is
   an error. Read at each call.
-* Compiler: ``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``; flags ``-O3 -march=native``.
+* Compiler: :func:`find_compiler` (``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``); flags
+  ``-O3 -march=native``.
 * Cache: ``$ZOO_CACHE`` (default ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``) ``/native/<name>-<hash>.so``; the hash
   covers the source and the headers it includes with quotes (``zoo/kernels/simd.h``), the macros, the flags, the
   compiler's version and the CPU's model and flags (``-march=native`` code is for this CPU only), so an edited
@@ -31,8 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["MODES", "mode", "library", "cache_dir", "run_threaded"]
+__all__ = ["MODES", "mode", "library", "cache_dir", "find_compiler", "transposed_blocks", "run_threaded"]
 
 MODES = ("auto", "off", "on")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
@@ -65,7 +68,7 @@ def library(source: Path, defines: dict[str, int] | None = None, *, required: bo
     if choice == "off" and not required:
         return None
     required = required or choice == "on"
-    compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    compiler = find_compiler()
     key = (str(source), tuple(sorted((defines or {}).items())), compiler)
     with _LOCK:
         if key not in _LOADED:
@@ -81,6 +84,19 @@ def library(source: Path, defines: dict[str, int] | None = None, *, required: bo
         raise RuntimeError(f"ZOO_NATIVE=on (or required) but {Path(source).name} cannot be built: "
                            f"{_ERRORS[key]}")
     return lib
+
+
+def find_compiler() -> str | None:
+    """``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH`` (None: no compiler)."""
+    return os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def transposed_blocks(x: Tensor, block: int) -> Tensor:
+    """Keys ``x [B, Hkv, n, D]`` as the blocks ``K^T [D, block]`` the native attention kernels read:
+    ``[B * Hkv, ceil(n / block), D, block]``, contiguous fp32, zeros past the keys."""
+    B, Hkv, n, D = x.shape
+    nb = -(-n // block)
+    return F.pad(x.float(), (0, 0, 0, nb * block - n)).view(B * Hkv, nb, block, D).transpose(-1, -2).contiguous()
 
 
 def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:

@@ -303,9 +303,7 @@ def _window_native(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, i
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [i64] * 6 + [ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64, i64, ptr]
         fn.restype = None
-    nb = -(-T // 64)
-    # K^T blocks [B, Hkv, nb, D, 64] (a copy, zero padded); q and v are read in place through their strides
-    kT = F.pad(k, (0, 0, 0, nb * 64 - T)).view(B, Hkv, nb, 64, D).transpose(-1, -2).contiguous()
+    kT = native.transposed_blocks(k, 64)  # a copy; q and v are read in place through their strides
     out = torch.empty(B, T, H, D)
     total = B * H * -(-T // 16)
 

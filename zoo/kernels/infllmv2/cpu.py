@@ -43,9 +43,9 @@ import math
 import torch
 from torch import Tensor
 
-from zoo.kernels.infllmv2.cpu_native import attend_native, key_chunks, native_kernel, stage1_native
+from zoo.kernels.infllmv2.cpu_native import attend_native, native_kernel, stage1_native
 from zoo.kernels.infllmv2.reference import _blocks_view, forced_blocks
-from zoo.kernels.native import run_threaded
+from zoo.kernels.native import run_threaded, transposed_blocks
 
 __all__ = ["sparse_attention_cpu", "select_cpu", "block_scores_cpu", "select_blocks_cpu", "run_threaded", "FLOOR"]
 
@@ -362,10 +362,10 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
     lib = native_kernel(D, block_size, cdt) if qs.device.type == "cpu" else None
     rounded = score_dtype is not None and torch.finfo(score_dtype).bits < 32  # scores rounded before the selection
     if lib is not None:
-        c1T, c2T = key_chunks(c1), None if c2 is None else key_chunks(c2)
-    # the same [.., N, D] views over a [.., D, N] layout
-    c1 = c1.transpose(-1, -2).contiguous().transpose(-1, -2)
-    c2 = None if c2 is None else c2.transpose(-1, -2).contiguous().transpose(-1, -2)
+        c1T, c2T = transposed_blocks(c1, 64), None if c2 is None else transposed_blocks(c2, 64)
+    else:  # the same [.., N, D] views over a [.., D, N] layout
+        c1 = c1.transpose(-1, -2).contiguous().transpose(-1, -2)
+        c2 = None if c2 is None else c2.transpose(-1, -2).contiguous().transpose(-1, -2)
     n_all = max(1, c1.shape[2] + (0 if c2 is None else c2.shape[2]))
     # chunk bounds from the counts (host side): more queries per chunk where they see fewer keys
     e1_max = e1.amax(0).tolist() if Tq else []
@@ -383,8 +383,6 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
     def run(span: tuple[int, int]) -> None:
         a, z = span
         sl = slice(a, z)
-        k1 = c1[:, :, : int(e1[:, sl].max())]
-        k2 = None if c2 is None else c2[:, :, : int(v2[:, sl].max())]
         if lib is not None:
             native_args = (lib, qs[:, :, sl], c1T, c2T, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl])
             native_kw = dict(st=block_size // kernel_stride, num_blocks=num_blocks, scale=scale)
@@ -395,6 +393,8 @@ def select_cpu(qs: Tensor, qpos: Tensor, c1: Tensor, c2: Tensor | None, v1: Tens
                 return
             sc = stage1_native(*native_args, **native_kw).to(score_dtype).float()  # rounding commutes with max
         else:
+            k1 = c1[:, :, : int(e1[:, sl].max())]
+            k2 = None if c2 is None else c2[:, :, : int(v2[:, sl].max())]
             sc = block_scores_cpu(qs[:, :, sl], k1, k2, v1[:, sl], e1[:, sl], None if v2 is None else v2[:, sl],
                                   block_size=block_size, kernel_stride=kernel_stride, num_blocks=num_blocks,
                                   scale=scale, score_dtype=score_dtype)

@@ -8,14 +8,13 @@ import ctypes
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.kernels import native
 from zoo.kernels.infllmv2.reference import _blocks_view
-from zoo.kernels.native import run_threaded
+from zoo.kernels.native import run_threaded, transposed_blocks
 
-__all__ = ["native_kernel", "attend_native", "block_scores_native", "stage1_native", "key_chunks"]
+__all__ = ["native_kernel", "attend_native", "block_scores_native", "stage1_native"]
 
 NATIVE_RANGE_BYTES = 1 << 20  # output rows per call of the stage 2 kernel (their accumulators stay in L2)
 
@@ -51,8 +50,8 @@ def attend_native(lib, q: Tensor, k: Tensor, v: Tensor, qpos: Tensor, idx: Tenso
     G, W, R = H // Hkv, idx.shape[-1], B * Hkv * Tq
     nb = -(-N // bs)
     qr = (q.float() * scale).view(B, Hkv, G, Tq, D).transpose(2, 3).contiguous()  # [B, Hkv, Tq, G, D]
-    kb, vb = _blocks_view(k.float(), bs), _blocks_view(v.float(), bs)  # [B*Hkv*nb, bs, D]
-    kT, vb = kb.transpose(1, 2).contiguous(), vb.contiguous()
+    kT = transposed_blocks(k, bs)  # [B*Hkv, nb, D, bs]
+    vb = _blocks_view(v.float(), bs).contiguous()  # [B*Hkv*nb, bs, D]
     blk = idx.long()
     base = (torch.arange(B)[:, None] * Hkv + torch.arange(Hkv)) * nb
     rows = torch.where(blk >= 0, blk + base[:, :, None, None], -1).contiguous()  # [B, Hkv, Tq, W] rows of kT / vb
@@ -75,22 +74,15 @@ def block_scores_native(q: Tensor, c1: Tensor, c2: Tensor | None, v1: Tensor, e1
     """:func:`block_scores_cpu` through ``cpu.cpp`` (fp32 math; an error when it cannot be built). Same values up to
     fp32 rounding: the terms below ``e^-87.3`` count as 0 (:func:`block_scores_cpu`: below ``e^FLOOR``)."""
     lib = native_kernel(q.shape[-1], block_size, torch.float32, required=True)
-    out = stage1_native(lib, q, key_chunks(c1), None if c2 is None else key_chunks(c2), v1, e1, v2,
-                         st=block_size // kernel_stride, num_blocks=num_blocks, scale=scale)
+    out = stage1_native(lib, q, transposed_blocks(c1, 64), None if c2 is None else transposed_blocks(c2, 64), v1, e1,
+                        v2, st=block_size // kernel_stride, num_blocks=num_blocks, scale=scale)
     return out.to(score_dtype).float() if score_dtype is not None and torch.finfo(score_dtype).bits < 32 else out
-
-
-def key_chunks(c: Tensor) -> Tensor:
-    """Compressed keys ``[B, Hkv, n, D]`` as the chunks ``C^T [D, 64]`` the native kernel reads:
-    ``[B * Hkv, ceil(n / 64), D, 64]`` fp32, zeros past the keys."""
-    B, Hkv, n, D = c.shape
-    chunks = -(-n // 64)
-    return F.pad(c.float(), (0, 0, 0, chunks * 64 - n)).view(B * Hkv, chunks, 64, D).transpose(-1, -2).contiguous()
 
 
 def stage1_native(lib, q: Tensor, c1T: Tensor, c2T: Tensor | None, v1: Tensor, e1: Tensor, v2: Tensor | None, *,
                    st: int, num_blocks: int, scale: float, select: dict | None = None) -> Tensor:
-    """Stage 1 through ``cpu.cpp`` for the queries ``q [B, H, Tq, D]`` (counts ``[B, Tq]``): the pooled block scores
+    """Stage 1 through ``cpu.cpp`` for the queries ``q [B, H, Tq, D]`` (counts ``[B, Tq]``; the compressed keys as
+    :func:`~zoo.kernels.native.transposed_blocks` of 64): the pooled block scores
     ``[B, Hkv, Tq, num_blocks]`` (:func:`block_scores_cpu`), or with ``select`` (``qpos``, ``dense`` and the keyword
     arguments of :func:`select_blocks_cpu`) the selected blocks ``[B, Hkv, Tq, width]``."""
     B, H, Tq, D = q.shape
