@@ -184,14 +184,14 @@ def test_window_attention_matches_masked_reference(T, window, chunk, group):
 
 @needs_compiler
 @pytest.mark.parametrize("T,window,H,Hkv,D", [(150, 37, 4, 2, 16), (77, 64, 3, 3, 32), (61, 200, 2, 1, 96),
-                                              (40, 1, 4, 4, 16), (130, 16, 8, 2, 64)])
+                                              (40, 1, 4, 4, 16), (130, 16, 8, 2, 64), (128, 50, 4, 2, 16)])
 def test_native_window_attention_matches_masked_reference(T, window, H, Hkv, D, monkeypatch):
     """fp32: sliding_window_cpu.cpp (16 queries per item, the last item ragged, windows ending inside a block and
-    spanning several, a window of 1, one larger than T, GQA groups of 1-4, D 16-96) == the masked blocked reference
-    (fp64) and the torch schedule (``ZOO_NATIVE=off``)."""
+    spanning several, a window of 1, one larger than T, T a multiple of the block (no padding), GQA groups of 1-4,
+    D 16-96) == the masked blocked reference (fp64) and the torch schedule (``ZOO_NATIVE=off``)."""
     g = torch.Generator().manual_seed(T)
-    q = torch.randn(2, T, H, D, generator=g).transpose(1, 2)  # q and v as the layer makes them: views, read in place
-    k = torch.randn(2, Hkv, T, D, generator=g)
+    q = torch.randn(2, T, H, D, generator=g).transpose(1, 2)  # q, k, v as the layer makes them: strided views
+    k = torch.randn(2, T, Hkv, D, generator=g).transpose(1, 2)
     v = torch.randn(2, T, Hkv, D, generator=g).transpose(1, 2)
     m = SlidingWindowAttention(H * D, 0, num_heads=H, num_kv_heads=Hkv, head_dim=D, window=window).double()
     ref = blocked_attention(m.rule, q.double(), k.double(), v.double(), torch.arange(T).expand(2, T), None, None,

@@ -96,7 +96,7 @@ def transposed_blocks(x: Tensor, block: int) -> Tensor:
     ``[B * Hkv, ceil(n / block), D, block]``, contiguous fp32, zeros past the keys."""
     B, Hkv, n, D = x.shape
     nb = -(-n // block)
-    return F.pad(x.float(), (0, 0, 0, nb * block - n)).view(B * Hkv, nb, block, D).transpose(-1, -2).contiguous()
+    return F.pad(x.float(), (0, 0, 0, nb * block - n)).reshape(B * Hkv, nb, block, D).transpose(-1, -2).contiguous()
 
 
 def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:
