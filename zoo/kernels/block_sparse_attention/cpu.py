@@ -1,0 +1,59 @@
+"""The glue to ``cpu.cpp``: the local + vertical-stride forward (:class:`~zoo.layers.masks.LocalStrideRule`) as one
+native kernel over the active key blocks, with the log-sum-exp the backward of :mod:`zoo.layers.sparse_cpu` reads.
+:mod:`zoo.kernels.native` builds the library; where it does not apply or build, the caller runs its torch
+schedule."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from zoo.kernels import native
+
+__all__ = ["block_sparse_native"]
+
+ITEMS_PER_CALL = 64  # work items (16 queries of one head) per kernel call, calls pulled by the threads
+
+
+def _library(head_dim: int, block: int):
+    lib = native.library(Path(__file__).with_name("cpu.cpp"), {"HEAD_DIM": head_dim, "BLOCK": block})
+    if lib is not None and lib.block_sparse_attend.argtypes is None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.block_sparse_attend.argtypes = [i64] * 8 + [ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64,
+                                                       i64, i64, ptr, ptr]
+        lib.block_sparse_attend.restype = None
+    return lib
+
+
+def block_sparse_native(q: Tensor, k: Tensor, v: Tensor, block_size: int, local_blocks: int, vertical_stride: int,
+                        residue: Tensor, scale: float) -> tuple[Tensor, Tensor] | None:
+    """``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]`` (any strides with unit stride in a row; q is read in place),
+    ``residue [Hkv]``: KV head ``h`` reads the vertical blocks ``kb = residue[h] (mod vertical_stride)`` before
+    its local ones -> ``(o [B, T, H, D], lse [B, H, T])``; ``None`` where the kernel does not apply (not fp32 on
+    the CPU, a head dim or block size that is not a multiple of 16) or cannot be built."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if (D % 16 or block_size % 16
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v))):
+        return None
+    block = 64 if block_size % 64 == 0 else block_size  # kernel blocks of at most 64 keys (scores in registers)
+    lib = _library(D, block)
+    if lib is None:
+        return None
+    kT = native.transposed_blocks(k, block)  # copies of the keys as K^T blocks and of the values with rows D apart:
+    v = v.contiguous()  # rows H_kv * D apart (the layer's view) alias in L1 and cost ~30%; q is read in place
+    res = residue.to(torch.int64).contiguous()
+    out = torch.empty(B, T, H, D)
+    lse = torch.empty(B, H, T)
+    total = B * H * -(-T // 16)
+
+    def run(i0: int) -> None:
+        lib.block_sparse_attend(i0, min(total, i0 + ITEMS_PER_CALL), H, H // Hkv, T, block_size, local_blocks,
+                                vertical_stride, res.data_ptr(), q.data_ptr(), *q.stride()[:3], scale,
+                                kT.data_ptr(), v.data_ptr(), *v.stride()[:3], out.data_ptr(), lse.data_ptr())
+
+    native.run_threaded(run, list(range(0, total, ITEMS_PER_CALL)))
+    return out, lse
