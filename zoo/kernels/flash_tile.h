@@ -12,14 +12,14 @@
 constexpr int DV = HEAD_DIM / L, BV = BLOCK / L;
 static_assert(HEAD_DIM % L == 0 && BLOCK % L == 0, "HEAD_DIM and BLOCK must be multiples of the vector width");
 
-// Rows q_i = q + i q_stride (times scale) against K^T [HEAD_DIM, BLOCK] and the V rows v + j v_stride, row i seeing
-// the keys [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none; keys past hi are never read). S
+// Rows q_i = q + i q_stride (scaled by the caller) against K^T [HEAD_DIM, BLOCK] and the V rows v + j v_stride, row
+// i seeing the keys [lo[i], hi[i]) of the block (0 <= lo, hi <= BLOCK; lo >= hi: none; keys past hi are never read). S
 // (NR x BLOCK) and the o rows (o + i o_stride) stay in vector registers:
 //     m' = max(m, rowmax S);  o *= e^(m - m');  l *= e^(m - m')           (only when the maximum rises)
 //     P = e^(S - m');  l += rowsum P;  o += P V
 // A row that sees no key of the block is left as it is.
 template <int NR>
-static inline void flash_tile(const float *q, int64_t q_stride, float scale, const float *kT, const float *v,
+static inline void flash_tile(const float *q, int64_t q_stride, const float *kT, const float *v,
                               int64_t v_stride, const int *lo, const int *hi, float *o, int64_t o_stride, float *m,
                               float *l) {
     vf s[NR][BV];
@@ -28,7 +28,7 @@ static inline void flash_tile(const float *q, int64_t q_stride, float scale, con
     for (int d = 0; d < HEAD_DIM; d++) {  // S = q K^T, a row of K^T at a time
         const vf_mem *kd = (const vf_mem *)(kT + d * BLOCK);
         for (int i = 0; i < NR; i++) {
-            vf qd = splat(q[i * q_stride + d] * scale);
+            vf qd = splat(q[i * q_stride + d]);
             for (int j = 0; j < BV; j++) s[i][j] += qd * kd[j];
         }
     }

@@ -17,7 +17,7 @@ constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, ti
 
 // q: element strides (batch, head, token) and the softmax scale; kT [B*Hkv, nb, HEAD_DIM, BLOCK] (zero padded);
 // v: element strides (batch, KV head, token); out [B, T, H, HEAD_DIM]. Items [i0, i1) of B * H * ceil(T / ITEM);
-// G = H / Hkv. The rows of q and v are read in place (unit stride inside a row).
+// G = H / Hkv. The rows of q and v are read in place (unit stride inside a row; an item copies its queries, scaled).
 extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t window,
                                       const float *q, int64_t qsb, int64_t qsh, int64_t qst, float scale,
                                       const float *kT, const float *v, int64_t vsb, int64_t vsh, int64_t vst,
@@ -30,9 +30,13 @@ extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t
         const float *qi = q + b * qsb + h * qsh + t0 * qst, *vh = v + b * vsb + (h / G) * vsh;
         float *oi = out + ((b * T + t0) * H + h) * HEAD_DIM;
         float m[ITEM], l[ITEM];
+        alignas(64) float qs[ITEM][HEAD_DIM];  // the item's queries, scaled, contiguous
         for (int64_t r = 0; r < ITEM; r++) {
             m[r] = -INFINITY, l[r] = 0.0f;
-            if (r < n) memset(oi + r * H * HEAD_DIM, 0, sizeof(float) * HEAD_DIM);
+            if (r < n) {
+                memset(oi + r * H * HEAD_DIM, 0, sizeof(float) * HEAD_DIM);
+                for (int d = 0; d < HEAD_DIM; d++) qs[r][d] = qi[r * qst + d] * scale;
+            }
         }
         int64_t first = t0 - window + 1 < 0 ? 0 : (t0 - window + 1) / BLOCK, last = (t0 + n - 1) / BLOCK;
         for (int64_t blk = first; blk <= last && blk < nb; blk++) {
@@ -48,11 +52,11 @@ extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t
                 }
                 int64_t r0 = tile * ROWS;
                 if (rows == ROWS)
-                    flash_tile<ROWS>(qi + r0 * qst, qst, scale, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
+                    flash_tile<ROWS>(qs[r0], HEAD_DIM, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
                                      H * HEAD_DIM, m + r0, l + r0);
                 else
                     for (int64_t r = 0; r < rows; r++)
-                        flash_tile<1>(qi + (r0 + r) * qst, qst, scale, kb, vb, vst, lo + r, hi + r,
+                        flash_tile<1>(qs[r0 + r], HEAD_DIM, kb, vb, vst, lo + r, hi + r,
                                       oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
             }
         }

@@ -324,7 +324,8 @@ def _window_native(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, i
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [i64] * 6 + [ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64, i64, ptr]
         fn.restype = None
-    kT = native.transposed_blocks(k, 64)  # a copy; q and v are read in place through their strides
+    kT = native.transposed_blocks(k, 64)  # copies of the keys as K^T blocks and of the values with rows D apart:
+    v = v.contiguous()  # rows H_kv * D apart (the layer's view) alias in L1 and cost ~10%; q is read in place
     out = torch.empty(B, T, H, D)
     total = B * H * -(-T // 16)
 

@@ -52,11 +52,11 @@ extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G
                     hi[r] = (int)(z < 0 ? 0 : z > BLOCK ? BLOCK : z);  // 0: no key of this block
                 }
                 if (rows == ROWS)
-                    flash_tile<ROWS>(qs[r0], HEAD_DIM, 1.0f, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
+                    flash_tile<ROWS>(qs[r0], HEAD_DIM, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
                                      H * HEAD_DIM, m + r0, l + r0);
                 else
                     for (int64_t r = 0; r < rows; r++)
-                        flash_tile<1>(qs[r0 + r], HEAD_DIM, 1.0f, kb, vb, vst, lo + r, hi + r,
+                        flash_tile<1>(qs[r0 + r], HEAD_DIM, kb, vb, vst, lo + r, hi + r,
                                       oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
             }
         };

@@ -195,10 +195,10 @@ extern "C" void infllmv2_attend(int64_t r0, int64_t r1, int64_t G, int64_t W, co
         const int lo[ROWS] = {0, 0, 0, 0}, hi[ROWS] = {cnt[e], cnt[e], cnt[e], cnt[e]};
         int64_t g = 0;
         for (; g + ROWS <= G; g += ROWS)
-            flash_tile<ROWS>(qr + g * HEAD_DIM, HEAD_DIM, 1.0f, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
+            flash_tile<ROWS>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
                              mr + g, lr + g);
         for (; g < G; g++)
-            flash_tile<1>(qr + g * HEAD_DIM, HEAD_DIM, 1.0f, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
+            flash_tile<1>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
                           mr + g, lr + g);
     }
     for (int64_t i = 0; i < (r1 - r0) * G; i++) {
