@@ -306,11 +306,13 @@ def test_native_block_sparse_matches_masked_reference(T, bs, local, stride, H, H
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
-def test_block_sparse_layer_fast_paths_match_reference():
-    """The layer: parallel forward and backward through the CPU path == with the fast path off; a prefill into an
-    empty cache through it leaves the same cache (ring and vertical store) and the same next decode steps."""
+@pytest.mark.parametrize("local_blocks", [2, 13])
+def test_block_sparse_layer_fast_paths_match_reference(local_blocks):
+    """The layer: parallel forward and backward through the CPU path (13 local blocks of 4 cover the 50 tokens:
+    causal SDPA) == with the fast path off; a prefill into an empty cache through it leaves the same cache (ring
+    and vertical store) and the same next decode steps."""
     torch.manual_seed(0)
-    m = BlockSparseAttention(D_MODEL, 0, num_heads=4, num_kv_heads=2, block_size=4, local_blocks=2,
+    m = BlockSparseAttention(D_MODEL, 0, num_heads=4, num_kv_heads=2, block_size=4, local_blocks=local_blocks,
                              vertical_stride=3).double()
     m.window_fast_min = 8
     x = torch.randn(2, 50, D_MODEL, dtype=torch.float64)

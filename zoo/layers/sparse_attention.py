@@ -328,7 +328,10 @@ class BlockSparseAttention(SparseAttention):
         return self.block_size if self.block_size >= 16 else None
 
     def _fast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        if q.shape[2] > self.block_size * self.local_blocks and block_sparse_supported(self._rule, q):
+        if q.shape[2] <= self.block_size * self.local_blocks:  # the local blocks cover everything: causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+        if block_sparse_supported(self._rule, q):
             return block_sparse_attention_cpu(q, k, v, self._rule, self.scale)  # the active blocks only
         return None
 
