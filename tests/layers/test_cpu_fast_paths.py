@@ -279,16 +279,17 @@ def test_block_sparse_cpu_matches_masked_reference(args, T, group):
     (150, 16, 2, 3, 4, 2, 16, 0, False), (200, 32, 3, 2, 2, 2, 32, 1, False), (300, 64, 2, 2, 2, 1, 16, 0, True),
     (256, 16, 1, 4, 4, 4, 96, 2, False), (290, 128, 1, 2, 2, 2, 16, 0, False), (97, 16, 4, 3, 3, 1, 64, 5, False)])
 def test_native_block_sparse_matches_masked_reference(T, bs, local, stride, H, Hkv, D, offset, homo, monkeypatch):
-    """fp32: the native forward (block_sparse_attention/cpu.cpp: active blocks only; kernel blocks of 64 inside
-    blocks of 128, blocks of 16-64 as they are; ragged last block and item, GQA 1-3, D 16-96, per-head and shared
-    vertical residues) == the masked reference (fp64), and with its log-sum-exp the torch backward gives the
-    gradients of the reference; output and gradients == the torch schedule (``ZOO_NATIVE=off``)."""
+    """fp32: the native forward and backward (block_sparse_attention/cpu.cpp: active blocks only; kernel blocks of
+    64 (forward) and 32 (backward) inside larger blocks, blocks of 16 as they are; ragged last block, item and
+    tile, GQA 1-3, D 16-96, per-head and shared vertical residues; q, k, v and the output gradient read through
+    the layer's strides) == the masked reference (fp64): output and the gradients of q, k, v; and == the torch
+    schedule (``ZOO_NATIVE=off``)."""
     rule = LocalStrideRule(bs, local, stride, H, Hkv, offset, homo, 0)
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, T, H, D, generator=g).transpose(1, 2)  # the layer's strided views
     k = torch.randn(2, T, Hkv, D, generator=g).transpose(1, 2)
     v = torch.randn(2, T, Hkv, D, generator=g).transpose(1, 2)
-    w = torch.randn(2, H, T, D, generator=g)
+    w = torch.randn(2, T, H, D, generator=g).transpose(1, 2)  # the output gradient as the layer gives it
 
     def run(fn, *xs):
         leaves = [t.detach().clone().requires_grad_() for t in xs]
@@ -296,13 +297,13 @@ def test_native_block_sparse_matches_masked_reference(T, bs, local, stride, H, H
         return (o, *torch.autograd.grad((o * w.to(o.dtype)).sum(), leaves))
 
     monkeypatch.setenv("ZOO_NATIVE", "on")  # a failed build is an error, not the torch schedule
-    got = run(lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, 0.3), q, k, v)
-    ref = run(lambda a, b, c: blocked_attention(rule, a, b, c, torch.arange(T).expand(2, T), None, None, 0.3, 16,
+    got = run(lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, D ** -0.5), q, k, v)
+    ref = run(lambda a, b, c: blocked_attention(rule, a, b, c, torch.arange(T).expand(2, T), None, None, D ** -0.5, 16,
                                                 by_slot=True), q.double(), k.double(), v.double())
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)  # fp32 sums over up to 300 keys
     monkeypatch.setenv("ZOO_NATIVE", "off")
-    for a, b in zip(got, run(lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, 0.3), q, k, v)):
+    for a, b in zip(got, run(lambda a, b, c: block_sparse_attention_cpu(a, b, c, rule, D ** -0.5), q, k, v)):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.kernels import native
-from zoo.kernels.block_sparse_attention.cpu import block_sparse_native
+from zoo.kernels.block_sparse_attention.cpu import block_sparse_backward_native, block_sparse_native
 from zoo.layers.masks import LocalStrideRule
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -169,21 +169,16 @@ class _BlockSparseCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rule: LocalStrideRule, scale: float,  # type: ignore[override]
                 group: int) -> Tensor:
-        B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        G, bs = H // Hkv, rule.block_size
-        nb = -(-T // bs)
-        plan = _Plan(rule, nb, Hkv, q.device, group)
+        bs, Hkv = rule.block_size, k.shape[1]
+        plan = _Plan(rule, -(-q.shape[2] // bs), Hkv, q.device, group)
         fused = block_sparse_native(q, k, v, bs, rule.local_blocks, rule.vertical_stride, plan.residue, scale)
         if fused is None:
-            res, lse_f = _block_sparse_forward(q, k, v, rule, scale, group, plan)
-        else:  # the native kernel; its lse [B, H, T] refolded as the torch schedule's [B, nb, Hkv, G * bs]
+            res, lse = _block_sparse_forward(q, k, v, rule, scale, group, plan)  # lse [B, nb, Hkv, G * bs]
+        else:  # the native kernel: lse [B, H, T]
             out, lse = fused
             res = out.transpose(1, 2)
-            lse = F.pad(lse, (0, nb * bs - T)).view(B, Hkv, G, nb, bs)
-            lse_f = lse.permute(0, 3, 1, 2, 4).reshape(B, nb, Hkv, G * bs)
-        ctx.save_for_backward(q, k, v, res, lse_f)  # the output itself (refolded per range in the backward)
-        ctx.rule, ctx.scale, ctx.group = rule, scale, group
+        ctx.save_for_backward(q, k, v, res, lse)  # the output itself (refolded per range in the backward)
+        ctx.rule, ctx.scale, ctx.group, ctx.native = rule, scale, group, fused is not None
         return res
 
     @staticmethod
@@ -197,6 +192,14 @@ class _BlockSparseCPU(torch.autograd.Function):
         nb = -(-T // bs)
         padl = (local - 1) * bs
         plan = _Plan(rule, nb, Hkv, q.device, group)
+        if ctx.native:  # the native forward's lse [B, H, T]: the native backward, else refolded for the torch one
+            g = g if g.stride(-1) == 1 else g.contiguous()
+            grads = block_sparse_backward_native(q, k, v, o, g, lse_f, bs, local, rule.vertical_stride,
+                                                 plan.residue, scale)
+            if grads is not None:
+                return *grads, None, None, None
+            lse_f = F.pad(lse_f, (0, nb * bs - T)).view(B, Hkv, G, nb, bs)
+            lse_f = lse_f.permute(0, 3, 1, 2, 4).reshape(B, nb, Hkv, G * bs)
         lmask = _local_mask(bs, local, G, q.dtype, q.device)
         dq = q.new_empty(B, T, H, D).transpose(1, 2)
         # key gradients in [B, rows, Hkv, D] (left-padded like the windows' rows), returned as views

@@ -72,3 +72,126 @@ extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------------------ backward
+// The flash backward over the same active blocks, key-block stationary: with S = scale q k^T, P = e^(S - lse) and
+// delta_i = dO_i . O_i,
+//     dP = dO V^T;  dS = scale P o (dP - delta);  dV += P^T dO;  dK += dS^T q;  dQ += dS K.
+// A work item is one (batch, KV head): its key blocks in turn, each block's K and V transposed into L1 once and
+// its dK, dV rows accumulated there while every query tile of the G heads that reads the block passes (the local
+// query blocks sb .. sb + local - 1, and all later ones for a vertical block). dQ rows belong to the item's heads
+// only: no two threads write a row. Tiles of 4 queries keep S and dP (4 x BLOCK), then the 4 rows of dO, q or dQ,
+// in vector registers. q, dO, K and V are read in place (unit stride inside a row).
+
+template <int NR>
+static inline void backward_tile(const float *q, int64_t qst, const float *dO, int64_t gst, const float *lse,
+                                 const float *delta, const int *hi, float scale, const float *kT, const float *vT,
+                                 const float *k, int64_t kst, float *dK, float *dV, float *dq) {
+    vf s[NR][BV], dp[NR][BV];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < BV; j++) s[i][j] = dp[i][j] = splat(0.0f);
+    for (int d = 0; d < HEAD_DIM; d++) {  // q K^T and dP = dO V^T, a row of K^T and V^T at a time
+        const vf *kd = (const vf *)(kT + d * BLOCK), *vd = (const vf *)(vT + d * BLOCK);
+        for (int i = 0; i < NR; i++) {
+            vf qd = splat(q[i * qst + d]), od = splat(dO[i * gst + d]);
+            for (int j = 0; j < BV; j++) s[i][j] += qd * kd[j], dp[i][j] += od * vd[j];
+        }
+    }
+    alignas(64) float p[NR][BLOCK], ds[NR][BLOCK];
+    int end = 0;  // keys past every row's range are never read
+    for (int i = 0; i < NR; i++) {
+        end = hi[i] > end ? hi[i] : end;
+        for (int j = 0; j < BV; j++) {
+            vf e = vexp(s[i][j] * scale - lse[i]);
+            e = lanes(j * L) < hi[i] ? e : splat(0.0f);
+            ((vf *)p[i])[j] = e;
+            ((vf *)ds[i])[j] = scale * e * (dp[i][j] - delta[i]);
+        }
+    }
+    vf rows[NR][DV];  // dV += P^T dO: the 4 dO rows in registers, a dV row at a time
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < DV; j++) rows[i][j] = ((const vf_mem *)(dO + i * gst))[j];
+    for (int key = 0; key < end; key++) {
+        vf *dv = (vf *)(dV + key * HEAD_DIM);
+        for (int j = 0; j < DV; j++) {
+            vf acc = dv[j];
+            for (int i = 0; i < NR; i++) acc += splat(p[i][key]) * rows[i][j];
+            dv[j] = acc;
+        }
+    }
+    for (int i = 0; i < NR; i++)  // dK += dS^T q
+        for (int j = 0; j < DV; j++) rows[i][j] = ((const vf_mem *)(q + i * qst))[j];
+    for (int key = 0; key < end; key++) {
+        vf *dk = (vf *)(dK + key * HEAD_DIM);
+        for (int j = 0; j < DV; j++) {
+            vf acc = dk[j];
+            for (int i = 0; i < NR; i++) acc += splat(ds[i][key]) * rows[i][j];
+            dk[j] = acc;
+        }
+    }
+    for (int i = 0; i < NR; i++)  // dQ += dS K: the 4 dQ rows in registers
+        for (int j = 0; j < DV; j++) rows[i][j] = splat(0.0f);
+    for (int key = 0; key < end; key++) {
+        const vf_mem *kk = (const vf_mem *)(k + key * kst);
+        for (int i = 0; i < NR; i++) {
+            vf w = splat(ds[i][key]);
+            for (int j = 0; j < DV; j++) rows[i][j] += w * kk[j];
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < DV; j++) ((vf_mem *)(dq + i * HEAD_DIM))[j] += rows[i][j];
+}
+
+// q, dO: element strides (batch, head, token); lse, delta [B, H, T]; k, v: element strides (batch, KV head, token)
+// -> dq [B, H, T, HEAD_DIM] (zeroed by the caller, added to), dk, dv [B, Hkv, T, HEAD_DIM] (written). Items
+// [i0, i1) of B * Hkv; G = H / Hkv; bs a multiple of BLOCK.
+extern "C" void block_sparse_backward(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t bs,
+                                      int64_t local, int64_t stride, const int64_t *residue, const float *q,
+                                      int64_t qsb, int64_t qsh, int64_t qst, const float *dO, int64_t gsb,
+                                      int64_t gsh, int64_t gst, const float *lse, const float *delta, float scale,
+                                      const float *k, int64_t ksb, int64_t ksh, int64_t kst, const float *v,
+                                      int64_t vsb, int64_t vsh, int64_t vst, float *dq, float *dk, float *dv) {
+    constexpr int NR = 4;
+    const int64_t nkb = (T + BLOCK - 1) / BLOCK, nb = (T + bs - 1) / bs, Hkv = H / G;
+    alignas(64) float kT[HEAD_DIM * BLOCK], vT[HEAD_DIM * BLOCK], dK[BLOCK * HEAD_DIM], dV[BLOCK * HEAD_DIM];
+    for (int64_t item = i0; item < i1; item++) {
+        int64_t b = item / Hkv, kvh = item % Hkv;
+        const float *kh = k + b * ksb + kvh * ksh, *vh = v + b * vsb + kvh * vsh;
+        for (int64_t blk = 0; blk < nkb; blk++) {
+            int64_t k0 = blk * BLOCK, sb = k0 / bs, nk = T - k0 < BLOCK ? T - k0 : BLOCK;
+            for (int d = 0; d < HEAD_DIM; d++)  // K^T and V^T of the block (zeros past T)
+                for (int j = 0; j < BLOCK; j++) {
+                    kT[d * BLOCK + j] = j < nk ? kh[(k0 + j) * kst + d] : 0.0f;
+                    vT[d * BLOCK + j] = j < nk ? vh[(k0 + j) * vst + d] : 0.0f;
+                }
+            memset(dK, 0, sizeof dK), memset(dV, 0, sizeof dV);
+            bool vertical = sb >= residue[kvh] && (sb - residue[kvh]) % stride == 0;
+            int64_t last = vertical || sb + local - 1 > nb - 1 ? nb - 1 : sb + local - 1;  // query blocks reading it
+            for (int64_t g = 0; g < G; g++) {
+                int64_t h = kvh * G + g;
+                const float *qh = q + b * qsb + h * qsh, *gh = dO + b * gsb + h * gsh;
+                const float *lh = lse + (b * H + h) * T, *deh = delta + (b * H + h) * T;
+                float *dqh = dq + (b * H + h) * T * HEAD_DIM;
+                for (int64_t t = k0; t < T && t / bs <= last; t += NR) {  // rows before k0 see none of the block
+                    int hi[NR];
+                    int64_t rows = T - t < NR ? T - t : NR;
+                    for (int r = 0; r < NR; r++) {  // causal inside the diagonal block only
+                        int64_t z = r >= rows ? 0 : (t + r) / bs == sb ? t + r + 1 - k0 : BLOCK;
+                        hi[r] = (int)(z > BLOCK ? BLOCK : z);
+                    }
+                    const float *kb = kh + k0 * kst;
+                    if (rows == NR)
+                        backward_tile<NR>(qh + t * qst, qst, gh + t * gst, gst, lh + t, deh + t, hi, scale, kT, vT,
+                                          kb, kst, dK, dV, dqh + t * HEAD_DIM);
+                    else
+                        for (int64_t r = 0; r < rows; r++)
+                            backward_tile<1>(qh + (t + r) * qst, qst, gh + (t + r) * gst, gst, lh + t + r,
+                                             deh + t + r, hi + r, scale, kT, vT, kb, kst, dK, dV,
+                                             dqh + (t + r) * HEAD_DIM);
+                }
+            }
+            memcpy(dk + ((b * Hkv + kvh) * T + k0) * HEAD_DIM, dK, sizeof(float) * nk * HEAD_DIM);
+            memcpy(dv + ((b * Hkv + kvh) * T + k0) * HEAD_DIM, dV, sizeof(float) * nk * HEAD_DIM);
+        }
+    }
+}
