@@ -142,20 +142,29 @@ static inline void backward_tile(const float *q, int64_t qst, const float *dO, i
         for (int j = 0; j < DV; j++) ((vf_mem *)(dq + i * HEAD_DIM))[j] += rows[i][j];
 }
 
-// q, dO: element strides (batch, head, token); lse, delta [B, H, T]; k, v: element strides (batch, KV head, token)
-// -> dq [B, H, T, HEAD_DIM] (zeroed by the caller, added to), dk, dv [B, Hkv, T, HEAD_DIM] (written). Items
-// [i0, i1) of B * Hkv; G = H / Hkv; bs a multiple of BLOCK.
+// q, dO, O: element strides (batch, head, token); lse [B, H, T]; k, v: element strides (batch, KV head, token)
+// -> dq [B, H, T, HEAD_DIM] (zeroed by the caller, added to), dk, dv [B, Hkv, T, HEAD_DIM] (written); delta
+// [B, H, T] is scratch. Items [i0, i1) of B * Hkv; G = H / Hkv; bs a multiple of BLOCK.
 extern "C" void block_sparse_backward(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t bs,
                                       int64_t local, int64_t stride, const int64_t *residue, const float *q,
                                       int64_t qsb, int64_t qsh, int64_t qst, const float *dO, int64_t gsb,
-                                      int64_t gsh, int64_t gst, const float *lse, const float *delta, float scale,
-                                      const float *k, int64_t ksb, int64_t ksh, int64_t kst, const float *v,
-                                      int64_t vsb, int64_t vsh, int64_t vst, float *dq, float *dk, float *dv) {
+                                      int64_t gsh, int64_t gst, const float *o, int64_t osb, int64_t osh,
+                                      int64_t ost, const float *lse, float *delta, float scale, const float *k,
+                                      int64_t ksb, int64_t ksh, int64_t kst, const float *v, int64_t vsb,
+                                      int64_t vsh, int64_t vst, float *dq, float *dk, float *dv) {
     constexpr int NR = 4;
     const int64_t nkb = (T + BLOCK - 1) / BLOCK, nb = (T + bs - 1) / bs, Hkv = H / G;
     alignas(64) float kT[HEAD_DIM * BLOCK], vT[HEAD_DIM * BLOCK], dK[BLOCK * HEAD_DIM], dV[BLOCK * HEAD_DIM];
     for (int64_t item = i0; item < i1; item++) {
         int64_t b = item / Hkv, kvh = item % Hkv;
+        for (int64_t h = kvh * G; h < (kvh + 1) * G; h++)  // delta_t = dO_t . O_t of the item's heads
+            for (int64_t t = 0; t < T; t++) {
+                const vf_mem *gr = (const vf_mem *)(dO + b * gsb + h * gsh + t * gst);
+                const vf_mem *orow = (const vf_mem *)(o + b * osb + h * osh + t * ost);
+                vf acc = splat(0.0f);
+                for (int j = 0; j < DV; j++) acc += gr[j] * orow[j];
+                delta[(b * H + h) * T + t] = hsum(acc);
+            }
         const float *kh = k + b * ksb + kvh * ksh, *vh = v + b * vsb + kvh * vsh;
         for (int64_t blk = 0; blk < nkb; blk++) {
             int64_t k0 = blk * BLOCK, sb = k0 / bs, nk = T - k0 < BLOCK ? T - k0 : BLOCK;

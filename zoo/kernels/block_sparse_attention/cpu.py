@@ -25,9 +25,9 @@ def _library(head_dim: int, block: int):
         lib.block_sparse_attend.argtypes = [i64] * 8 + [ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64,
                                                        i64, i64, ptr, ptr]
         lib.block_sparse_attend.restype = None
-        lib.block_sparse_backward.argtypes = [i64] * 8 + [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr,
-                                                          ctypes.c_float, ptr, i64, i64, i64, ptr, i64, i64, i64,
-                                                          ptr, ptr, ptr]
+        strided = [ptr, i64, i64, i64]
+        lib.block_sparse_backward.argtypes = [i64] * 8 + [ptr, *strided * 3, ptr, ptr, ctypes.c_float,
+                                                          *strided * 2, ptr, ptr, ptr]
         lib.block_sparse_backward.restype = None
     return lib
 
@@ -67,28 +67,31 @@ def block_sparse_backward_native(q: Tensor, k: Tensor, v: Tensor, o: Tensor, g: 
                                  block_size: int, local_blocks: int, vertical_stride: int, residue: Tensor,
                                  scale: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """The gradients ``(dq [B, H, T, D], dk, dv [B, Hkv, T, D])`` of :func:`block_sparse_native` from its output
-    ``o``, log-sum-exp ``lse [B, H, T]`` and the output gradient ``g [B, H, T, D]`` (q, k, v, g read in place);
+    ``o``, log-sum-exp ``lse [B, H, T]`` and the output gradient ``g [B, H, T, D]`` (q, k, v, o, g read in place);
     ``None`` where the kernel does not apply or cannot be built. Key blocks of 32 (16 for blocks of 16): a block's
     K^T, V^T, dK and dV stay in L1 while the query tiles that read it pass."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if (D % 16 or block_size % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1
-                                         for t in (q, k, v, g))):
+                                         for t in (q, k, v, o, g))):
         return None
     lib = _library(D, 32 if block_size % 32 == 0 else 16)
     if lib is None:
         return None
-    delta = torch.linalg.vecdot(g, o)  # [B, H, T]: dO_i . O_i
+    delta = torch.empty(B, H, T)  # the kernel's scratch: dO_i . O_i
     res = residue.to(torch.int64).contiguous()
     dq = torch.zeros(B, H, T, D)
     dk, dv = torch.empty(B, Hkv, T, D), torch.empty(B, Hkv, T, D)
     lse = lse.contiguous()
 
+    def strided(t: Tensor) -> tuple[int, ...]:
+        return t.data_ptr(), *t.stride()[:3]
+
     def run(item: int) -> None:
         lib.block_sparse_backward(item, item + 1, H, H // Hkv, T, block_size, local_blocks, vertical_stride,
-                                  res.data_ptr(), q.data_ptr(), *q.stride()[:3], g.data_ptr(), *g.stride()[:3],
-                                  lse.data_ptr(), delta.data_ptr(), scale, k.data_ptr(), *k.stride()[:3],
-                                  v.data_ptr(), *v.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+                                  res.data_ptr(), *strided(q), *strided(g), *strided(o), lse.data_ptr(),
+                                  delta.data_ptr(), scale, *strided(k), *strided(v), dq.data_ptr(), dk.data_ptr(),
+                                  dv.data_ptr())
 
     native.run_threaded(run, list(range(B * Hkv)))
     return dq, dk, dv
