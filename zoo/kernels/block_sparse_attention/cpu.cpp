@@ -19,13 +19,14 @@
 
 constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, tiles per item
 
-// q: element strides (batch, head, token) and the softmax scale; kT [B*Hkv, ceil(T / BLOCK), HEAD_DIM, BLOCK]
-// (zero padded); v: element strides (batch, KV head, token); out [B, T, H, HEAD_DIM]; lse [B, H, T] (natural log).
+// q: element strides (batch, head, token) and the softmax scale; kT: per (batch, KV head) kT_hs elements apart,
+// [ceil(T / BLOCK), HEAD_DIM, BLOCK] (zero padded); v: element strides (batch, KV head, token); out [B, T, H,
+// HEAD_DIM]; lse [B, H, T] (natural log).
 // Items [i0, i1) of B * H * ceil(T / ITEM); G = H / Hkv; bs a multiple of BLOCK and of ITEM.
 extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t bs,
                                     int64_t local, int64_t stride, const int64_t *residue, const float *q,
                                     int64_t qsb, int64_t qsh, int64_t qst, float scale, const float *kT,
-                                    const float *v, int64_t vsb, int64_t vsh, int64_t vst, float *out, float *lse) {
+                                    int64_t kT_hs, const float *v, int64_t vsb, int64_t vsh, int64_t vst, float *out, float *lse) {
     const int64_t items_per_head = (T + ITEM - 1) / ITEM, nkb = (T + BLOCK - 1) / BLOCK, sub = bs / BLOCK;
     for (int64_t item = i0; item < i1; item++) {
         int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;
@@ -43,7 +44,7 @@ extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G
             }
         }
         auto visit = [&](int64_t blk, bool diagonal) {  // kernel block blk: whole, or causal (row t sees j <= t)
-            const float *kb = kT + (kv * nkb + blk) * HEAD_DIM * BLOCK, *vb = vh + blk * BLOCK * vst;
+            const float *kb = kT + kv * kT_hs + blk * HEAD_DIM * BLOCK, *vb = vh + blk * BLOCK * vst;
             for (int64_t tile = 0; tile * ROWS < n; tile++) {
                 int lo[ROWS] = {0}, hi[ROWS];
                 int64_t r0 = tile * ROWS, rows = n - r0 < ROWS ? n - r0 : ROWS;

@@ -15,15 +15,15 @@ from zoo.kernels import native
 
 __all__ = ["block_sparse_native", "block_sparse_backward_native"]
 
-ITEMS_PER_CALL = 64  # work items (16 queries of one head) per kernel call, calls pulled by the threads
+ITEMS_PER_CALL = 16  # work items (16 queries of one head) per kernel call, calls pulled by the threads
 
 
 def _library(head_dim: int, block: int):
     lib = native.library(Path(__file__).with_name("cpu.cpp"), {"HEAD_DIM": head_dim, "BLOCK": block})
     if lib is not None and lib.block_sparse_attend.argtypes is None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.block_sparse_attend.argtypes = [i64] * 8 + [ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64,
-                                                       i64, i64, ptr, ptr]
+        lib.block_sparse_attend.argtypes = [i64] * 8 + [ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, i64, ptr,
+                                                       i64, i64, i64, ptr, ptr]
         lib.block_sparse_attend.restype = None
         strided = [ptr, i64, i64, i64]
         lib.block_sparse_backward.argtypes = [i64] * 8 + [ptr, *strided * 3, ptr, ptr, ctypes.c_float,
@@ -47,19 +47,24 @@ def block_sparse_native(q: Tensor, k: Tensor, v: Tensor, block_size: int, local_
     lib = _library(D, block)
     if lib is None:
         return None
-    kT = native.transposed_blocks(k, block)  # copies of the keys as K^T blocks and of the values with rows D apart:
-    v = v.contiguous()  # rows H_kv * D apart (the layer's view) alias in L1 and cost ~30%; q is read in place
     res = residue.to(torch.int64).contiguous()
     out = torch.empty(B, T, H, D)
     lse = torch.empty(B, H, T)
-    total = B * H * -(-T // 16)
+    G, items = H // Hkv, -(-T // 16)  # work items per head
 
-    def run(i0: int) -> None:
-        lib.block_sparse_attend(i0, min(total, i0 + ITEMS_PER_CALL), H, H // Hkv, T, block_size, local_blocks,
-                                vertical_stride, res.data_ptr(), q.data_ptr(), *q.stride()[:3], scale,
-                                kT.data_ptr(), v.data_ptr(), *v.stride()[:3], out.data_ptr(), lse.data_ptr())
+    def run(call: tuple[int, int, int, int]) -> None:
+        i0, i1, kT_ptr, v_ptr = call
+        lib.block_sparse_attend(i0, i1, H, G, T, block_size, local_blocks, vertical_stride, res.data_ptr(),
+                                q.data_ptr(), *q.stride()[:3], scale, kT_ptr, 0, v_ptr, 0, 0, D, out.data_ptr(),
+                                lse.data_ptr())
 
-    native.run_threaded(run, list(range(0, total, ITEMS_PER_CALL)))
+    for b in range(B):
+        for h in range(Hkv):  # copies of one KV head at a time (its keys as K^T blocks, its values with rows D
+            kT = native.transposed_blocks(k[b:b + 1, h:h + 1], block)  # apart: the layer's rows H_kv * D apart
+            vh = v[b, h].contiguous()  # alias in L1 and cost ~30%); q is read in place
+            first, end = (b * H + h * G) * items, (b * H + (h + 1) * G) * items
+            native.run_threaded(run, [(i0, min(end, i0 + ITEMS_PER_CALL), kT.data_ptr(), vh.data_ptr())
+                                      for i0 in range(first, end, ITEMS_PER_CALL)])
     return out, lse
 
 
