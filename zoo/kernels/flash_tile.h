@@ -2,6 +2,8 @@
 // Needs HEAD_DIM and BLOCK (multiples of the vector width) and simd.h.
 #pragma once
 
+#include <string.h>
+
 #ifndef HEAD_DIM  // both set by the build (-D); these defaults only let an editor parse the file
 #define HEAD_DIM 64
 #endif
@@ -79,4 +81,38 @@ static inline void flash_tile(const float *q, int64_t q_stride, const float *kT,
     }
     for (int i = 0; i < NR; i++)
         for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * o_stride))[j] = acc[i][j];
+}
+
+// A work item of n query rows (the kernels' 16 queries of one head), in three steps around the key blocks it visits:
+// flash_rows_start scales the q rows into qs [n, HEAD_DIM] (contiguous, so a tile reads them from L1) and zeroes
+// the output rows, m and l; flash_rows runs every 4 rows against one key block (flash_tile<4>, then flash_tile<1>
+// for the rest), row i seeing the keys [lo[i], hi[i]); flash_rows_finish divides by l (0 for a row that saw no key)
+// and writes the log-sum-exp m + log l where lse is given (-inf for such a row).
+static inline void flash_rows_start(int64_t n, const float *q, int64_t q_stride, float scale, float *qs, float *o,
+                                    int64_t o_stride, float *m, float *l) {
+    for (int64_t r = 0; r < n; r++) {
+        m[r] = -INFINITY, l[r] = 0.0f;
+        memset(o + r * o_stride, 0, sizeof(float) * HEAD_DIM);
+        for (int d = 0; d < HEAD_DIM; d++) qs[r * HEAD_DIM + d] = q[r * q_stride + d] * scale;
+    }
+}
+
+static inline void flash_rows(int64_t n, const float *qs, const float *kT, const float *v, int64_t v_stride,
+                              const int *lo, const int *hi, float *o, int64_t o_stride, float *m, float *l) {
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4)
+        flash_tile<4>(qs + r * HEAD_DIM, HEAD_DIM, kT, v, v_stride, lo + r, hi + r, o + r * o_stride, o_stride,
+                      m + r, l + r);
+    for (; r < n; r++)
+        flash_tile<1>(qs + r * HEAD_DIM, HEAD_DIM, kT, v, v_stride, lo + r, hi + r, o + r * o_stride, o_stride,
+                      m + r, l + r);
+}
+
+static inline void flash_rows_finish(int64_t n, float *o, int64_t o_stride, const float *m, const float *l,
+                                     float *lse) {
+    for (int64_t r = 0; r < n; r++) {
+        float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+        for (int d = 0; d < HEAD_DIM; d++) o[r * o_stride + d] *= inv;
+        if (lse) lse[r] = l[r] > 0 ? m[r] + logf(l[r]) : -INFINITY;
+    }
 }

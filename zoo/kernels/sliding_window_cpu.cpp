@@ -13,7 +13,7 @@
 #include "simd.h"
 #include "flash_tile.h"
 
-constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, tiles per item
+constexpr int ITEM = 16;  // queries per work item (4 tiles of 4)
 
 // q: element strides (batch, head, token) and the softmax scale; kT [B*Hkv, nb, HEAD_DIM, BLOCK] (zero padded);
 // v: element strides (batch, KV head, token); out [B, T, H, HEAD_DIM]. Items [i0, i1) of B * H * ceil(T / ITEM);
@@ -27,42 +27,22 @@ extern "C" void sliding_window_attend(int64_t i0, int64_t i1, int64_t H, int64_t
         int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;
         int64_t b = bh / H, h = bh % H, kv = b * (H / G) + h / G;
         int64_t n = T - t0 < ITEM ? T - t0 : ITEM;
-        const float *qi = q + b * qsb + h * qsh + t0 * qst, *vh = v + b * vsb + (h / G) * vsh;
+        const float *vh = v + b * vsb + (h / G) * vsh;
         float *oi = out + ((b * T + t0) * H + h) * HEAD_DIM;
         float m[ITEM], l[ITEM];
-        alignas(64) float qs[ITEM][HEAD_DIM];  // the item's queries, scaled, contiguous
-        for (int64_t r = 0; r < ITEM; r++) {
-            m[r] = -INFINITY, l[r] = 0.0f;
-            if (r < n) {
-                memset(oi + r * H * HEAD_DIM, 0, sizeof(float) * HEAD_DIM);
-                for (int d = 0; d < HEAD_DIM; d++) qs[r][d] = qi[r * qst + d] * scale;
-            }
-        }
+        alignas(64) float qs[ITEM * HEAD_DIM];
+        flash_rows_start(n, q + b * qsb + h * qsh + t0 * qst, qst, scale, qs, oi, H * HEAD_DIM, m, l);
         int64_t first = t0 - window + 1 < 0 ? 0 : (t0 - window + 1) / BLOCK, last = (t0 + n - 1) / BLOCK;
         for (int64_t blk = first; blk <= last && blk < nb; blk++) {
-            const float *kb = kT + (kv * nb + blk) * HEAD_DIM * BLOCK, *vb = vh + blk * BLOCK * vst;
-            for (int64_t tile = 0; tile * ROWS < n; tile++) {
-                int lo[ROWS], hi[ROWS];
-                int64_t rows = n - tile * ROWS < ROWS ? n - tile * ROWS : ROWS;
-                for (int r = 0; r < ROWS; r++) {  // keys [t - window + 1, t] of this block (none past the item)
-                    int64_t t = t0 + tile * ROWS + r, a = t - window + 1 - blk * BLOCK, z = t + 1 - blk * BLOCK;
-                    a = a < 0 ? 0 : a > BLOCK ? BLOCK : a;
-                    z = r >= rows || z < 0 ? 0 : z > BLOCK ? BLOCK : z;
-                    lo[r] = (int)a, hi[r] = (int)z;  // lo >= hi: no key of this block
-                }
-                int64_t r0 = tile * ROWS;
-                if (rows == ROWS)
-                    flash_tile<ROWS>(qs[r0], HEAD_DIM, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
-                                     H * HEAD_DIM, m + r0, l + r0);
-                else
-                    for (int64_t r = 0; r < rows; r++)
-                        flash_tile<1>(qs[r0 + r], HEAD_DIM, kb, vb, vst, lo + r, hi + r,
-                                      oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
+            int lo[ITEM], hi[ITEM];
+            for (int64_t r = 0; r < n; r++) {  // keys [t - window + 1, t] of this block
+                int64_t t = t0 + r, a = t - window + 1 - blk * BLOCK, z = t + 1 - blk * BLOCK;
+                lo[r] = (int)(a < 0 ? 0 : a > BLOCK ? BLOCK : a);
+                hi[r] = (int)(z < 0 ? 0 : z > BLOCK ? BLOCK : z);  // lo >= hi: no key of this block
             }
+            flash_rows(n, qs, kT + (kv * nb + blk) * HEAD_DIM * BLOCK, vh + blk * BLOCK * vst, vst, lo, hi, oi,
+                       H * HEAD_DIM, m, l);
         }
-        for (int64_t r = 0; r < n; r++) {
-            float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
-            for (int d = 0; d < HEAD_DIM; d++) oi[r * H * HEAD_DIM + d] *= inv;
-        }
+        flash_rows_finish(n, oi, H * HEAD_DIM, m, l, nullptr);
     }
 }

@@ -17,7 +17,7 @@
 #include "../simd.h"
 #include "../flash_tile.h"
 
-constexpr int ROWS = 4, TILES = 4, ITEM = ROWS * TILES;  // queries per tile, tiles per item
+constexpr int ITEM = 16;  // queries per work item (4 tiles of 4)
 
 // q: element strides (batch, head, token) and the softmax scale; kT: per (batch, KV head) kT_hs elements apart,
 // [ceil(T / BLOCK), HEAD_DIM, BLOCK] (zero padded); v: element strides (batch, KV head, token); out [B, T, H,
@@ -32,45 +32,27 @@ extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G
         int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;
         int64_t b = bh / H, h = bh % H, kv = b * (H / G) + h / G;
         int64_t n = T - t0 < ITEM ? T - t0 : ITEM, qb = t0 / bs;
-        const float *qi = q + b * qsb + h * qsh + t0 * qst, *vh = v + b * vsb + (h / G) * vsh;
+        const float *vh = v + b * vsb + (h / G) * vsh;
         float *oi = out + ((b * T + t0) * H + h) * HEAD_DIM;
         float m[ITEM], l[ITEM];
-        alignas(64) float qs[ITEM][HEAD_DIM];  // the item's queries, scaled, contiguous
-        for (int64_t r = 0; r < ITEM; r++) {
-            m[r] = -INFINITY, l[r] = 0.0f;
-            if (r < n) {
-                memset(oi + r * H * HEAD_DIM, 0, sizeof(float) * HEAD_DIM);
-                for (int d = 0; d < HEAD_DIM; d++) qs[r][d] = qi[r * qst + d] * scale;
-            }
-        }
+        alignas(64) float qs[ITEM * HEAD_DIM];
+        flash_rows_start(n, q + b * qsb + h * qsh + t0 * qst, qst, scale, qs, oi, H * HEAD_DIM, m, l);
+        const int lo[ITEM] = {0};
         auto visit = [&](int64_t blk, bool diagonal) {  // kernel block blk: whole, or causal (row t sees j <= t)
-            const float *kb = kT + kv * kT_hs + blk * HEAD_DIM * BLOCK, *vb = vh + blk * BLOCK * vst;
-            for (int64_t tile = 0; tile * ROWS < n; tile++) {
-                int lo[ROWS] = {0}, hi[ROWS];
-                int64_t r0 = tile * ROWS, rows = n - r0 < ROWS ? n - r0 : ROWS;
-                for (int r = 0; r < ROWS; r++) {
-                    int64_t z = r >= rows ? 0 : diagonal ? t0 + r0 + r + 1 - blk * BLOCK : BLOCK;
-                    hi[r] = (int)(z < 0 ? 0 : z > BLOCK ? BLOCK : z);  // 0: no key of this block
-                }
-                if (rows == ROWS)
-                    flash_tile<ROWS>(qs[r0], HEAD_DIM, kb, vb, vst, lo, hi, oi + r0 * H * HEAD_DIM,
-                                     H * HEAD_DIM, m + r0, l + r0);
-                else
-                    for (int64_t r = 0; r < rows; r++)
-                        flash_tile<1>(qs[r0 + r], HEAD_DIM, kb, vb, vst, lo + r, hi + r,
-                                      oi + (r0 + r) * H * HEAD_DIM, H * HEAD_DIM, m + r0 + r, l + r0 + r);
+            int hi[ITEM];
+            for (int64_t r = 0; r < n; r++) {
+                int64_t z = diagonal ? t0 + r + 1 - blk * BLOCK : BLOCK;
+                hi[r] = (int)(z < 0 ? 0 : z > BLOCK ? BLOCK : z);  // 0: no key of this block
             }
+            flash_rows(n, qs, kT + kv * kT_hs + blk * HEAD_DIM * BLOCK, vh + blk * BLOCK * vst, vst, lo, hi, oi,
+                       H * HEAD_DIM, m, l);
         };
         int64_t first_local = qb - local + 1 < 0 ? 0 : qb - local + 1;
         for (int64_t sb = residue[h / G]; sb < first_local; sb += stride)  // vertical blocks: every key
             for (int64_t s = 0; s < sub; s++) visit(sb * sub + s, false);
         for (int64_t sb = first_local; sb <= qb; sb++)  // local blocks: causal on the diagonal
             for (int64_t s = 0; s < sub && (sb * sub + s) * BLOCK < t0 + n; s++) visit(sb * sub + s, sb == qb);
-        for (int64_t r = 0; r < n; r++) {  // every row sees at least its own token: l > 0
-            float inv = 1.0f / l[r];
-            for (int d = 0; d < HEAD_DIM; d++) oi[r * H * HEAD_DIM + d] *= inv;
-            lse[bh * T + t0 + r] = m[r] + logf(l[r]);
-        }
+        flash_rows_finish(n, oi, H * HEAD_DIM, m, l, lse + bh * T + t0);  // every row sees its own token: l > 0
     }
 }
 
@@ -83,6 +65,23 @@ extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G
 // query blocks sb .. sb + local - 1, and all later ones for a vertical block). dQ rows belong to the item's heads
 // only: no two threads write a row. Tiles of 4 queries keep S and dP (4 x BLOCK), then the 4 rows of dO, q or dQ,
 // in vector registers. q, dO, K and V are read in place (unit stride inside a row).
+
+// acc[key] += sum_i w[i][key] x_i for the keys < end: the NR rows x_i (x + i x_stride) in registers, a row of acc
+// [BLOCK, HEAD_DIM] at a time.
+template <int NR>
+static inline void add_outer(float *acc, const float (*w)[BLOCK], const float *x, int64_t x_stride, int end) {
+    vf rows[NR][DV];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < DV; j++) rows[i][j] = ((const vf_mem *)(x + i * x_stride))[j];
+    for (int key = 0; key < end; key++) {
+        vf *a = (vf *)(acc + key * HEAD_DIM);
+        for (int j = 0; j < DV; j++) {
+            vf sum = a[j];
+            for (int i = 0; i < NR; i++) sum += splat(w[i][key]) * rows[i][j];
+            a[j] = sum;
+        }
+    }
+}
 
 template <int NR>
 static inline void backward_tile(const float *q, int64_t qst, const float *dO, int64_t gst, const float *lse,
@@ -109,28 +108,10 @@ static inline void backward_tile(const float *q, int64_t qst, const float *dO, i
             ((vf *)ds[i])[j] = scale * e * (dp[i][j] - delta[i]);
         }
     }
-    vf rows[NR][DV];  // dV += P^T dO: the 4 dO rows in registers, a dV row at a time
+    add_outer<NR>(dV, p, dO, gst, end);  // dV += P^T dO
+    add_outer<NR>(dK, ds, q, qst, end);  // dK += dS^T q
+    vf rows[NR][DV];  // dQ += dS K: the 4 dQ rows in registers
     for (int i = 0; i < NR; i++)
-        for (int j = 0; j < DV; j++) rows[i][j] = ((const vf_mem *)(dO + i * gst))[j];
-    for (int key = 0; key < end; key++) {
-        vf *dv = (vf *)(dV + key * HEAD_DIM);
-        for (int j = 0; j < DV; j++) {
-            vf acc = dv[j];
-            for (int i = 0; i < NR; i++) acc += splat(p[i][key]) * rows[i][j];
-            dv[j] = acc;
-        }
-    }
-    for (int i = 0; i < NR; i++)  // dK += dS^T q
-        for (int j = 0; j < DV; j++) rows[i][j] = ((const vf_mem *)(q + i * qst))[j];
-    for (int key = 0; key < end; key++) {
-        vf *dk = (vf *)(dK + key * HEAD_DIM);
-        for (int j = 0; j < DV; j++) {
-            vf acc = dk[j];
-            for (int i = 0; i < NR; i++) acc += splat(ds[i][key]) * rows[i][j];
-            dk[j] = acc;
-        }
-    }
-    for (int i = 0; i < NR; i++)  // dQ += dS K: the 4 dQ rows in registers
         for (int j = 0; j < DV; j++) rows[i][j] = splat(0.0f);
     for (int key = 0; key < end; key++) {
         const vf_mem *kk = (const vf_mem *)(k + key * kst);
