@@ -65,6 +65,29 @@ def test_ref_matches_naive(T, Q, G):
     torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("seq", [False, True])
+def test_ref_chunk_by_chunk_passing_matches_naive(G, seq):
+    """Without autograd and with 32+ chunks the state passing and the off-diagonal output run chunk by chunk with the
+    running state in cache (``_passing_in_cache``): == the naive recurrence (outputs and final state; batch 2,
+    grouped B / C, documents, ragged last chunk); the caller's initial state is not modified."""
+    x, dt, A, B, C = make(T=4 * 67, G=G)
+    g = torch.Generator().manual_seed(2)
+    h0 = torch.randn(2, 6, 5, 7, dtype=torch.float64, generator=g)
+    h0_before = h0.clone()
+    ids = torch.arange(x.shape[1]).expand(2, -1)
+    seq_idx = (ids >= torch.tensor([[100], [7]])).long() + (ids >= 200).long() if seq else None
+    with torch.no_grad():
+        y, S = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=8, D=torch.ones(6, dtype=torch.float64),
+                                  initial_states=h0, seq_idx=seq_idx)
+    y_ref, S_ref = naive_scan(x, dt, A, B, C, D=torch.ones(6, dtype=torch.float64), initial_states=h0,
+                              seq_idx=seq_idx)
+    assert -(-x.shape[1] // 8) >= 32  # the chunk-by-chunk path
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(h0, h0_before, rtol=0, atol=0)
+
+
 def test_ref_D_per_channel_and_fp32():
     x, dt, A, B, C = make(dtype=torch.float32)
     D = torch.randn(6, 5)
