@@ -83,11 +83,11 @@ static inline void flash_tile(const float *q, int64_t q_stride, const float *kT,
         for (int j = 0; j < DV; j++) ((vf_mem *)(o + i * o_stride))[j] = acc[i][j];
 }
 
-// A work item of n query rows (the kernels' 16 queries of one head), in three steps around the key blocks it visits:
-// flash_rows_start scales the q rows into qs [n, HEAD_DIM] (contiguous, so a tile reads them from L1) and zeroes
-// the output rows, m and l; flash_rows runs every 4 rows against one key block (flash_tile<4>, then flash_tile<1>
-// for the rest), row i seeing the keys [lo[i], hi[i]); flash_rows_finish divides by l (0 for a row that saw no key)
-// and writes the log-sum-exp m + log l where lse is given (-inf for such a row).
+// A work item of n query rows (16 queries of one head; in InfLLM-V2 the G heads of a row), around the key blocks it
+// visits: flash_rows_start scales the q rows into qs [n, HEAD_DIM] (contiguous, so a tile reads them from L1) and
+// zeroes the output rows, m and l; flash_rows runs every 4 rows against one key block (flash_tile<4>, then
+// flash_tile<1> for the rest), row i seeing the keys [lo[i], hi[i]); flash_rows_finish divides by l (0 for a row
+// that saw no key) and writes the log-sum-exp m + log l where lse is given (-inf for such a row).
 static inline void flash_rows_start(int64_t n, const float *q, int64_t q_stride, float scale, float *qs, float *o,
                                     int64_t o_stride, float *m, float *l) {
     for (int64_t r = 0; r < n; r++) {

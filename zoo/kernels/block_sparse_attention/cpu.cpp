@@ -26,7 +26,8 @@ constexpr int ITEM = 16;  // queries per work item (4 tiles of 4)
 extern "C" void block_sparse_attend(int64_t i0, int64_t i1, int64_t H, int64_t G, int64_t T, int64_t bs,
                                     int64_t local, int64_t stride, const int64_t *residue, const float *q,
                                     int64_t qsb, int64_t qsh, int64_t qst, float scale, const float *kT,
-                                    int64_t kT_hs, const float *v, int64_t vsb, int64_t vsh, int64_t vst, float *out, float *lse) {
+                                    int64_t kT_hs, const float *v, int64_t vsb, int64_t vsh, int64_t vst,
+                                    float *out, float *lse) {
     const int64_t items_per_head = (T + ITEM - 1) / ITEM, nkb = (T + BLOCK - 1) / BLOCK, sub = bs / BLOCK;
     for (int64_t item = i0; item < i1; item++) {
         int64_t bh = item / items_per_head, t0 = item % items_per_head * ITEM;

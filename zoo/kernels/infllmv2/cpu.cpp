@@ -20,9 +20,9 @@
 //     P = e^(S - m');  l += rowsum P;  o += P V_b                          [G, HEAD_DIM]
 //     out_r = o / l                     (0 for a row without a visible key)
 //
-// Tiles of 4 heads (flash_tile.h) keep the scores (4 x 64) and the o rows (4 x HEAD_DIM) in vector registers. e^x
-// is Cephes' expf polynomial (~1 ulp), 0 below -87.3 (no denormals), +inf above 88.72. HEAD_DIM and BLOCK are
-// compile-time macros (multiples of the vector width); one library per pair.
+// Tiles of 4 heads (flash_tile.h's flash_rows) keep the scores (4 x 64) and the o rows (4 x HEAD_DIM) in vector
+// registers. e^x is Cephes' expf polynomial (~1 ulp), 0 below -87.3 (no denormals), +inf above 88.72. HEAD_DIM and
+// BLOCK are compile-time macros (multiples of the vector width); one library per pair.
 
 #include <float.h>
 #include <math.h>
@@ -35,8 +35,6 @@
 
 #include "../simd.h"
 #include "../flash_tile.h"
-
-constexpr int ROWS = 4;  // heads per tile
 
 // ---- stage 1: block scores -----------------------------------------------------------------------------------
 
@@ -187,23 +185,14 @@ extern "C" void infllmv2_attend(int64_t r0, int64_t r1, int64_t G, int64_t W, co
     for (int64_t e = r0 * W; e < r1 * W; e++)
         if (blk[e] >= 0 && cnt[e] > 0) order[start[hi - blk[e]]++] = e;
     std::vector<float> m((r1 - r0) * G, -INFINITY), l((r1 - r0) * G, 0.0f);
+    std::vector<int> from(G, 0), to(G);  // every head of a pair sees the block's first cnt keys
     memset(out + r0 * G * HEAD_DIM, 0, sizeof(float) * (r1 - r0) * G * HEAD_DIM);
     for (int64_t e : order) {
         int64_t r = e / W, b = blk[e];
-        const float *qr = q + r * G * HEAD_DIM, *kb = kT + b * HEAD_DIM * BLOCK, *vb = v + b * BLOCK * HEAD_DIM;
-        float *o = out + r * G * HEAD_DIM, *mr = m.data() + (r - r0) * G, *lr = l.data() + (r - r0) * G;
-        const int lo[ROWS] = {0, 0, 0, 0}, hi[ROWS] = {cnt[e], cnt[e], cnt[e], cnt[e]};
-        int64_t g = 0;
-        for (; g + ROWS <= G; g += ROWS)
-            flash_tile<ROWS>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
-                             mr + g, lr + g);
-        for (; g < G; g++)
-            flash_tile<1>(qr + g * HEAD_DIM, HEAD_DIM, kb, vb, HEAD_DIM, lo, hi, o + g * HEAD_DIM, HEAD_DIM,
-                          mr + g, lr + g);
+        std::fill(to.begin(), to.end(), cnt[e]);
+        flash_rows(G, q + r * G * HEAD_DIM, kT + b * HEAD_DIM * BLOCK, v + b * BLOCK * HEAD_DIM, HEAD_DIM,
+                   from.data(), to.data(), out + r * G * HEAD_DIM, HEAD_DIM, m.data() + (r - r0) * G,
+                   l.data() + (r - r0) * G);
     }
-    for (int64_t i = 0; i < (r1 - r0) * G; i++) {
-        float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
-        float *o = out + (r0 * G + i) * HEAD_DIM;
-        for (int d = 0; d < HEAD_DIM; d++) o[d] *= inv;
-    }
+    flash_rows_finish((r1 - r0) * G, out + r0 * G * HEAD_DIM, HEAD_DIM, m.data(), l.data(), nullptr);
 }
