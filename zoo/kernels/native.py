@@ -9,7 +9,8 @@ stays beside it as the reference, and the op runs that version whenever the libr
   path with one warning when no compiler builds it; ``off`` (or ``0``): never; ``on`` (or ``1``): a build failure is
   an error. Read at each call.
 * Compiler: :func:`find_compiler` (``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``); flags
-  ``-O3 -march=native``.
+  ``-O3 -march=native``, and ``-fopenmp`` for a kernel that runs its own threads (``library(..., openmp=True)``): its
+  ``libgomp.so.1`` is the one torch has loaded already (same soname), so its threads are torch's intra-op team.
 * Cache: ``$ZOO_CACHE`` (default ``$XDG_CACHE_HOME/zoo``, ``~/.cache/zoo``) ``/native/<name>-<hash>.so``; the hash
   covers the source and the headers it includes with quotes (``zoo/kernels/simd.h``), the macros, the flags, the
   compiler's version and the CPU's model and flags (``-march=native`` code is for this CPU only), so an edited
@@ -60,20 +61,22 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "native"
 
 
-def library(source: Path, defines: dict[str, int] | None = None, *, required: bool = False) -> ctypes.CDLL | None:
-    """The compiled ``source`` with ``-D`` ``defines``, built on first use; ``None`` when ``ZOO_NATIVE=off`` or when it
-    cannot be built (one ``RuntimeWarning`` per source and macros, naming the compiler's complaint). ``required``
-    (or ``ZOO_NATIVE=on``): a build failure raises ``RuntimeError`` instead; ``required`` also overrides ``off``."""
+def library(source: Path, defines: dict[str, int] | None = None, *, required: bool = False,
+            openmp: bool = False) -> ctypes.CDLL | None:
+    """The compiled ``source`` with ``-D`` ``defines`` (and ``-fopenmp`` when ``openmp``), built on first use; ``None``
+    when ``ZOO_NATIVE=off`` or when it cannot be built (one ``RuntimeWarning`` per source and macros, naming the
+    compiler's complaint). ``required`` (or ``ZOO_NATIVE=on``): a build failure raises ``RuntimeError`` instead;
+    ``required`` also overrides ``off``."""
     choice = mode()
     if choice == "off" and not required:
         return None
     required = required or choice == "on"
     compiler = find_compiler()
-    key = (str(source), tuple(sorted((defines or {}).items())), compiler)
+    key = (str(source), tuple(sorted((defines or {}).items())), openmp, compiler)
     with _LOCK:
         if key not in _LOADED:
             try:
-                _LOADED[key] = ctypes.CDLL(str(_build(Path(source), defines or {}, compiler)))
+                _LOADED[key] = ctypes.CDLL(str(_build(Path(source), defines or {}, compiler, openmp)))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _LOADED[key], _ERRORS[key] = None, e
                 if not required:
@@ -99,11 +102,11 @@ def transposed_blocks(x: Tensor, block: int) -> Tensor:
     return F.pad(x.float(), (0, 0, 0, nb * block - n)).reshape(B * Hkv, nb, block, D).transpose(-1, -2).contiguous()
 
 
-def _build(source: Path, defines: dict[str, int], compiler: str | None) -> Path:
+def _build(source: Path, defines: dict[str, int], compiler: str | None, openmp: bool = False) -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     text = b"".join(f.read_bytes() for f in _with_local_includes(source))
-    flags = [*FLAGS, *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
+    flags = [*FLAGS, *(["-fopenmp"] if openmp else []), *(f"-D{k}={v}" for k, v in sorted(defines.items()))]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), _cpu_id().encode()]))
     out = cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"

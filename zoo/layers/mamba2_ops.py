@@ -275,11 +275,9 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
         plan.native = _native_step(m, plan)
     if plan.native and cw is not None and x.dtype == ssm.dtype == cs.dtype and ssm.is_contiguous() and \
             native.mode() != "off":
-        fn, sizes, params, tail = plan.native
+        fn, params = plan.native
         y = torch.empty(Bsz, 1, m.d_mlp + m.d_ssm, dtype=x.dtype)
-        lo, hi = m.dt_limit
-        fn(Bsz, *sizes, zx.data_ptr(), cw.data_ptr(), *params, lo, hi, m.dt_scale, m.input_scale,
-           plan.log_decay_scale, ssm.data_ptr(), *tail, y.data_ptr())
+        fn(params, Bsz, zx.data_ptr(), cw.data_ptr(), ssm.data_ptr(), y.data_ptr())
         state.seen.add_(1)
         out_proj = mods["out_proj"]._parameters
         return F.linear(y, out_proj["weight"], out_proj["bias"])
@@ -341,29 +339,43 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     return F.linear(y, out_proj["weight"], out_proj["bias"])  # [B, 1, d_model]
 
 
-def _native_step(m, plan: DecodePlan) -> tuple | bool:
-    """The fused step of ``kernels/ssd/decode_cpu.cpp`` for this plan: ``(function, sizes, parameter pointers, norm
-    arguments)``, or False where it does not apply (not fp32 on the CPU, ``dt`` cast after the GEMV, state-norm
-    thresholds, ``d_state`` not a multiple of 16) or cannot be built (then the torch calls below run)."""
+class Mamba2Params(ctypes.Structure):
+    """A layer's sizes and parameter pointers as ``kernels/ssd/decode_cpu.cpp`` reads them (its ``Mamba2Params``)."""
+
+    _fields_ = [*((n, ctypes.c_int64) for n in ("d_mlp", "d_ssm", "H", "P", "G", "N", "K")),
+                *((n, ctypes.c_void_p) for n in ("conv_w", "conv_b", "neg_a", "d", "norm_w")),
+                *((n, ctypes.c_float) for n in ("dt_lo", "dt_hi", "dt_scale", "input_scale", "log_decay_scale",
+                                                "eps")),
+                ("gate_first", ctypes.c_int32)]
+
+
+def native_params(m, plan: DecodePlan) -> Mamba2Params | None:
+    """The plan as the fused step's :class:`Mamba2Params`, or None where that step does not apply: not fp32 on the
+    CPU, ``dt`` cast after the GEMV, state-norm thresholds, ``d_state`` not a multiple of 16. The pointers are the
+    plan's tensors (alive while it is)."""
     if (plan.negA.dtype != torch.float32 or plan.negA.device.type != "cpu" or plan.in_bias is None
             or plan.thresholds is not None or plan.conv_wt.dtype != torch.float32 or m.d_state % 16):
-        return False
-    lib = native.library(Path(ssd_kernels.__file__).with_name("decode_cpu.cpp"))
+        return None
+    norm = m._modules["norm"] if plan.norm_w is not None else None
+    lo, hi = m.dt_limit
+    return Mamba2Params(m.d_mlp, m.d_ssm, m.nheads, m.headdim, m.ngroups, m.d_state, plan.conv_wt.shape[0],
+                        plan.conv_wt.data_ptr(), None if plan.conv_b is None else plan.conv_b.data_ptr(),
+                        plan.negA.data_ptr(), plan.D.data_ptr(), None if norm is None else plan.norm_w.data_ptr(),
+                        lo, hi, m.dt_scale, m.input_scale, plan.log_decay_scale,
+                        0.0 if norm is None else norm.eps, 0 if norm is None else int(not norm.norm_before_gate))
+
+
+def _native_step(m, plan: DecodePlan) -> tuple | bool:
+    """The fused step of ``kernels/ssd/decode_cpu.cpp`` for this plan: ``(function, parameters)``, or False where it
+    does not apply (:func:`native_params`) or cannot be built (then the torch calls below run)."""
+    params = native_params(m, plan)
+    lib = None if params is None else native.library(Path(ssd_kernels.__file__).with_name("decode_cpu.cpp"))
     if lib is None:
         return False
     fn = lib.mamba2_decode
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [i64] * 8 + [ptr] * 6 + [f32] * 5 + [ptr, ptr, ctypes.c_int32, f32, ptr]
+    fn.argtypes = [ctypes.POINTER(Mamba2Params), ctypes.c_int64] + [ctypes.c_void_p] * 4
     fn.restype = None
-    sizes = (m.d_mlp, m.d_ssm, m.nheads, m.headdim, m.ngroups, m.d_state, plan.conv_wt.shape[0])
-    params = (plan.conv_wt.data_ptr(), None if plan.conv_b is None else plan.conv_b.data_ptr(),
-              plan.negA.data_ptr(), plan.D.data_ptr())
-    if plan.norm_w is None:
-        tail = (None, 0, 0.0)
-    else:
-        norm = m._modules["norm"]
-        tail = (plan.norm_w.data_ptr(), int(not norm.norm_before_gate), float(norm.eps))
-    return fn, sizes, params, tail
+    return fn, params
 
 
 def tiled_forward(m, x: Tensor, state) -> Tensor:

@@ -30,6 +30,7 @@ from zoo.layers.mlp import MLP
 from zoo.layers.norm import make_norm
 from zoo.layers.rope import rope_type
 from zoo.limits import check_fits_memory
+from zoo.models.fused_decode import stack_step
 from zoo.registry import get_family, get_mixer, list_families
 from zoo.swaps import SwapSpec, swap_config
 
@@ -206,7 +207,8 @@ class ZooForCausalLM(nn.Module):
         ``[B, vocab]``. No input checks and no host synchronisation: the caller checked its inputs once.
 
         :meth:`_forward` for one unpadded token, with its per-token bookkeeping cut to the minimum: the positions
-        are each row's next position (a view), the LM head reads the one hidden state."""
+        are each row's next position (a view), the LM head reads the one hidden state. A pure Mamba-2 model in fp32
+        on the CPU runs its blocks and head as one native call (:func:`zoo.models.fused_decode.stack_step`)."""
         start = states.next_position
         positions = start[:, None]  # [B, 1]
         states.next_position = start + 1
@@ -214,11 +216,13 @@ class ZooForCausalLM(nn.Module):
         h = self.embedding(input_ids)
         if self.config.embedding_scale != 1.0:
             h = h * self.config.embedding_scale
-        layers = states.layers
-        for i, block in enumerate(self.layers):
-            h, layers[i] = block(h, positions, layers[i], None, None)
-        h = self.norm_f(h[:, -1])
-        logits = self.lm_head(h if h.dtype == self.dtype else h.to(self.dtype))
+        logits = stack_step(self, h, states)  # all blocks and the head in one native call, where it applies
+        if logits is None:
+            layers = states.layers
+            for i, block in enumerate(self.layers):
+                h, layers[i] = block(h, positions, layers[i], None, None)
+            h = self.norm_f(h[:, -1])
+            logits = self.lm_head(h if h.dtype == self.dtype else h.to(self.dtype))
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
         return logits
