@@ -8,7 +8,8 @@
 A CPU path may also have a native kernel: a small C++ file beside its torch version, compiled on first use by
 :mod:`zoo.kernels.native` (``ZOO_NATIVE=auto|off|on``; the torch version runs where no compiler builds it).
 
-Ops: ``ssd`` (Mamba-2's chunked scan; the fused CPU decode step ``decode_cpu.cpp``), ``gated_rmsnorm``,
+Ops: ``ssd`` (Mamba-2's chunked scan; its CPU forward ``cpu.cpp``; the fused CPU decode step of a layer and of a
+whole Mamba-2 stack ``decode_cpu.cpp``), ``gated_rmsnorm``,
 ``block_sparse_attention``, ``infllmv2`` (CPU prefill, both stages: ``cpu.cpp``), ``lact``, ``s4``. Beside them the
 native sliding-window prefill ``sliding_window_cpu.cpp``; ``simd.h`` (vector types, ``exp``) and ``flash_tile.h`` (one
 online-softmax tile) are shared by the native kernels.
