@@ -86,8 +86,10 @@ def test_invalid_backend_is_a_value_error_naming_the_choices(monkeypatch, op):
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_every_dispatcher_obeys_the_backend(monkeypatch, op):
-    """auto on CPU tensors and ``torch``: the reference, bit for bit; ``triton``: the kernel (a stand-in here)."""
+    """auto on CPU tensors and ``torch``: the reference, bit for bit; ``triton``: the kernel (a stand-in here). The
+    native CPU kernels (``ZOO_NATIVE``; tested against the references in their own files) are off here."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("ZOO_NATIVE", "off")
     fn, ref, module, name, make = OPS[op]
     args, kw = make()
     calls = []

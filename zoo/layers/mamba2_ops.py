@@ -37,6 +37,7 @@ from torch import Tensor
 import zoo.kernels.ssd as ssd_kernels
 from zoo.kernels import native
 from zoo.kernels.gated_rmsnorm.reference import rms_scale
+from zoo.kernels.mamba2_cpu import causal_conv_native
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.mamba2_paths import thresholds
 
@@ -142,7 +143,8 @@ def causal_conv(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None, 
         out = causal_conv_ref(x, prev, w, bias, seq_idx)
         return F.silu(out) if activation else out
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, prev, w, bias))):
-        return _conv_forward(x, prev, w, bias, activation)  # no autograd: the activation in place, per block
+        out = causal_conv_native(x, prev, w, bias, activation)  # no autograd: one native pass (fp32, CPU)
+        return _conv_forward(x, prev, w, bias, activation) if out is None else out  # or in place, per block
     return _CausalConvSiLU.apply(x, prev, w, bias, activation)
 
 

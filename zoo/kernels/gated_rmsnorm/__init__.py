@@ -6,7 +6,8 @@ Dispatch (:mod:`zoo.kernels.backend`): the Triton kernel for CUDA tensors, the r
 ``ZOO_BACKEND=torch`` forces the reference, ``ZOO_BACKEND=triton`` the kernel (CPU tensors under
 ``TRITON_INTERPRET=1``). No fallback: every call the reference takes, the kernel takes. On the torch path a call
 without autograd (no tensor requiring grad, or grad mode off) runs
-:func:`~zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference` (the same math in one buffer, in place).
+:func:`~zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference` (the same math in one buffer, in place), or
+on the CPU in fp32 its one-pass native version (:func:`zoo.kernels.mamba2_cpu.gated_rmsnorm_native`, ``ZOO_NATIVE``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from zoo.kernels.backend import triton_module, use_triton
 from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_inference, gated_rmsnorm_ref
+from zoo.kernels.mamba2_cpu import gated_rmsnorm_native
 
 __all__ = ["gated_rmsnorm", "gated_rmsnorm_ref"]
 
@@ -38,5 +40,6 @@ def gated_rmsnorm(
         if kernels is not None:
             return kernels.gated_rmsnorm_triton(x, weight, z, **kw)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, z, bias))):
-        return gated_rmsnorm_inference(x, weight, z, **kw)
+        out = gated_rmsnorm_native(x, weight, z, **kw) if x.device.type == "cpu" else None
+        return gated_rmsnorm_inference(x, weight, z, **kw) if out is None else out
     return gated_rmsnorm_ref(x, weight, z, **kw)

@@ -1,0 +1,107 @@
+// The Mamba-2 layer's two elementwise passes of a CPU forward without autograd, each one pass over its rows (fp32,
+// OpenMP threads over row ranges; built by zoo.kernels.native). Their torch versions, which tests pin them to:
+// zoo.layers.mamba2_ops._conv_forward (the conv) and zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference.
+//
+//   causal_conv_silu:  out[t, c] = silu(bias[c] + sum_k w[k, c] x[t - (K-1) + k, c])   x before t = 0 from prev
+//   gated_rmsnorm:     gate first:  u = x silu(z);  y = u / sqrt(mean_group(u^2) + eps) * w (+ bias)
+//                      gate after:  y = (x / sqrt(mean_group(x^2) + eps) * w (+ bias)) * silu(z)
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "simd.h"
+
+static inline vf vsilu(vf x) { return x / (1.0f + vexp(-x)); }
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static inline void row_range(int64_t n, int64_t *r0, int64_t *r1) {  // this thread's share of n rows
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    *r0 = n * tid / nt;
+    *r1 = n * (tid + 1) / nt;
+}
+
+// x [Bsz, T, C] (batch / token strides xb, xt; channels contiguous); prev [Bsz, K-1, C] (pb, pt) or null (zeros);
+// w [K, C]; bias [C] or null; out [Bsz, T, C] contiguous.
+extern "C" void causal_conv_silu(int64_t Bsz, int64_t T, int64_t C, int64_t K, const float *x, int64_t xb, int64_t xt,
+                                 const float *prev, int64_t pb, int64_t pt, const float *w, const float *bias,
+                                 int32_t activation, float *out, int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        row_range(Bsz * T, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t b = r / T, t = r % T;
+            float *o = out + r * C;
+            int64_t c = 0;
+            for (; c + L <= C; c += L) {
+                vf acc = bias ? *(const vf_mem *)(bias + c) : splat(0.0f);
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t s = t - (K - 1) + k;  // the input this tap reads
+                    const float *in = s >= 0 ? x + b * xb + s * xt : prev ? prev + b * pb + (K - 1 + s) * pt : nullptr;
+                    if (in) acc += *(const vf_mem *)(in + c) * *(const vf_mem *)(w + k * C + c);
+                }
+                *(vf_mem *)(o + c) = activation ? vsilu(acc) : acc;
+            }
+            for (; c < C; c++) {
+                float acc = bias ? bias[c] : 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t s = t - (K - 1) + k;
+                    const float *in = s >= 0 ? x + b * xb + s * xt : prev ? prev + b * pb + (K - 1 + s) * pt : nullptr;
+                    if (in) acc += in[c] * w[k * C + c];
+                }
+                o[c] = activation ? silu(acc) : acc;
+            }
+        }
+    }
+}
+
+static void gate(float *u, const float *z, int64_t d) {  // u *= silu(z)
+    int64_t i = 0;
+    for (; i + L <= d; i += L) *(vf_mem *)(u + i) *= vsilu(*(const vf_mem *)(z + i));
+    for (; i < d; i++) u[i] *= silu(z[i]);
+}
+
+// x [rows, d] (row stride xs) -> y [rows, d] contiguous (may be x), normalised over groups of gs channels; z [rows, d]
+// (row stride zs) or null (no gate); w [d]; bias [d] or null.
+extern "C" void gated_rmsnorm(int64_t rows, int64_t d, int64_t gs, const float *x, int64_t xs, float *y,
+                              const float *z, int64_t zs, const float *w, const float *bias, float eps,
+                              int32_t norm_before_gate, int32_t threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        row_range(rows, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            float *u = y + r * d;
+            const float *zr = z ? z + r * zs : nullptr;
+            if (x + r * xs != u) memcpy(u, x + r * xs, sizeof(float) * d);
+            if (zr && !norm_before_gate) gate(u, zr, d);
+            for (int64_t g0 = 0; g0 < d; g0 += gs) {
+                vf acc = splat(0.0f);
+                int64_t i = g0;
+                for (; i + L <= g0 + gs; i += L) {
+                    const vf v = *(const vf_mem *)(u + i);
+                    acc += v * v;
+                }
+                float ss = hsum(acc);
+                for (; i < g0 + gs; i++) ss += u[i] * u[i];
+                const float scale = 1.0f / sqrtf(ss / gs + eps);
+                const vf sv = splat(scale);
+                for (i = g0; i + L <= g0 + gs; i += L) {
+                    vf v = *(const vf_mem *)(u + i) * sv * *(const vf_mem *)(w + i);
+                    *(vf_mem *)(u + i) = bias ? v + *(const vf_mem *)(bias + i) : v;
+                }
+                for (; i < g0 + gs; i++) u[i] = u[i] * scale * w[i] + (bias ? bias[i] : 0.0f);
+            }
+            if (zr && norm_before_gate) gate(u, zr, d);
+        }
+    }
+}
