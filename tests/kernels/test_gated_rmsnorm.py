@@ -84,7 +84,7 @@ def test_gated_rmsnorm_ref_matches_formula_and_layer(monkeypatch):
         layer.weight.data.copy_(w)
         torch.testing.assert_close(layer(x, z), ref, rtol=1e-6, atol=1e-6)
     # the CPU dispatch: the reference under autograd, its in-place inference variant otherwise (or the native pass in
-    # fp32: tests/kernels/test_mamba2_cpu.py)
+    # fp32: tests/kernels/test_elementwise_cpu.py)
     wg = w.clone().requires_grad_()
     assert torch.equal(gated_rmsnorm(x, wg, z, group_size=8), gated_rmsnorm_ref(x, wg, z, group_size=8))
     monkeypatch.setenv("ZOO_NATIVE", "off")

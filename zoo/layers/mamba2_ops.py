@@ -36,8 +36,8 @@ from torch import Tensor
 
 import zoo.kernels.ssd as ssd_kernels
 from zoo.kernels import native
+from zoo.kernels.elementwise_cpu import causal_conv_native
 from zoo.kernels.gated_rmsnorm.reference import rms_scale
-from zoo.kernels.mamba2_cpu import causal_conv_native
 from zoo.kernels.ssd import ssd_chunk_scan
 from zoo.layers.mamba2_paths import thresholds
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zoo.kernels.elementwise_cpu import rotary_native
+
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
@@ -252,7 +254,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _rotary_inference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``x * cos + rotate_half(x) * sin`` without autograd, written half by half into one buffer of ``x``'s layout
-    (two passes instead of five, no concatenated copy): ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``."""
+    (two passes instead of five, no concatenated copy): ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``; in fp32 on the CPU one
+    native pass (:func:`zoo.kernels.elementwise_cpu.rotary_native`)."""
+    out = rotary_native(x, cos, sin) if x.device.type == "cpu" else None  # one native pass (fp32)
+    if out is not None:
+        return out
     h = x.shape[-1] // 2
     out = torch.empty_like(x)
     x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]

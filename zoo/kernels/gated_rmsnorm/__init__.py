@@ -7,7 +7,8 @@ Dispatch (:mod:`zoo.kernels.backend`): the Triton kernel for CUDA tensors, the r
 ``TRITON_INTERPRET=1``). No fallback: every call the reference takes, the kernel takes. On the torch path a call
 without autograd (no tensor requiring grad, or grad mode off) runs
 :func:`~zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference` (the same math in one buffer, in place), or
-on the CPU in fp32 its one-pass native version (:func:`zoo.kernels.mamba2_cpu.gated_rmsnorm_native`, ``ZOO_NATIVE``).
+on the CPU in fp32 its one-pass native version (:func:`zoo.kernels.elementwise_cpu.gated_rmsnorm_native`,
+``ZOO_NATIVE``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from torch import Tensor
 
 from zoo.kernels.backend import triton_module, use_triton
+from zoo.kernels.elementwise_cpu import gated_rmsnorm_native
 from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_inference, gated_rmsnorm_ref
-from zoo.kernels.mamba2_cpu import gated_rmsnorm_native
 
 __all__ = ["gated_rmsnorm", "gated_rmsnorm_ref"]
 

@@ -1,6 +1,6 @@
-"""The Mamba-2 layer's native elementwise passes (``zoo/kernels/mamba2_cpu.cpp``) against their torch versions in
-fp64: the causal conv (+ SiLU) against the plain shifted-sum conv, the gated group RMSNorm against its reference; and
-their dispatch (no autograd, fp32, CPU)."""
+"""The native elementwise passes (``zoo/kernels/elementwise_cpu.cpp``) against their torch versions in fp64: the
+Mamba-2 causal conv (+ SiLU) against the plain shifted-sum conv, the gated group RMSNorm against its reference, the
+rotary embedding against ``x cos + rotate_half(x) sin``; and their dispatch (no autograd, fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from tests.helpers import needs_compiler
+from zoo.kernels.elementwise_cpu import causal_conv_native, gated_rmsnorm_native, rotary_native
 from zoo.kernels.gated_rmsnorm import gated_rmsnorm
 from zoo.kernels.gated_rmsnorm.reference import gated_rmsnorm_ref
-from zoo.kernels.mamba2_cpu import causal_conv_native, gated_rmsnorm_native
 from zoo.layers.mamba2_ops import causal_conv, causal_conv_ref
+from zoo.layers.rope import apply_rotary, rotate_half
 
 pytestmark = needs_compiler
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -63,3 +64,23 @@ def test_native_gated_rmsnorm_matches_the_reference(norm_before_gate, group_size
     with torch.no_grad():
         assert torch.equal(gated_rmsnorm(x, w, z, **kw), out)
     assert gated_rmsnorm_native(x.double(), w.double(), None, **kw) is None  # fp64: the torch path
+
+
+@pytest.mark.parametrize("D", [64, 36])  # 36: half of 18, a vector tail
+@pytest.mark.parametrize("shared_angles", [True, False])
+def test_native_rotary_matches_rotate_half(D, shared_angles, threads):
+    """``q [B, H, T, D]`` as the projections' transposed view (and a contiguous one), angles shared by the batch rows
+    or per row; the result keeps ``x``'s layout."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, 9, 5, D, generator=g).transpose(1, 2)  # [B, H=5, T=9, D], token-major memory
+    cos = torch.randn(1 if shared_angles else 2, 1, 9, D, generator=g)
+    sin = torch.randn(cos.shape, generator=g)
+    ref = x.double() * cos.double() + rotate_half(x.double()) * sin.double()
+    for xi in (x, x.contiguous()):
+        out = rotary_native(xi, cos, sin)
+        torch.testing.assert_close(out.double(), ref, **TOL)
+        assert out.stride() == xi.stride()
+        with torch.no_grad():
+            assert torch.equal(apply_rotary(xi, cos, sin), out)
+    expanded = rotary_native(x, cos.expand(2, 1, 9, D), sin.expand(2, 1, 9, D))  # a stride-0 batch of angles
+    assert torch.equal(expanded, rotary_native(x, cos, sin))

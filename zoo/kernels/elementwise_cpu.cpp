@@ -1,10 +1,12 @@
-// The Mamba-2 layer's two elementwise passes of a CPU forward without autograd, each one pass over its rows (fp32,
-// OpenMP threads over row ranges; built by zoo.kernels.native). Their torch versions, which tests pin them to:
-// zoo.layers.mamba2_ops._conv_forward (the conv) and zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference.
+// Elementwise passes of the layers' CPU forward without autograd, each one pass over its rows (fp32, OpenMP threads
+// over row ranges; built by zoo.kernels.native). Their torch versions, which tests pin them to:
+// zoo.layers.mamba2_ops._conv_forward, zoo.kernels.gated_rmsnorm.reference.gated_rmsnorm_inference and
+// zoo.layers.rope._rotary_inference.
 //
 //   causal_conv_silu:  out[t, c] = silu(bias[c] + sum_k w[k, c] x[t - (K-1) + k, c])   x before t = 0 from prev
 //   gated_rmsnorm:     gate first:  u = x silu(z);  y = u / sqrt(mean_group(u^2) + eps) * w (+ bias)
 //                      gate after:  y = (x / sqrt(mean_group(x^2) + eps) * w (+ bias)) * silu(z)
+//   rotary:            y = x cos + rotate_half(x) sin,  rotate_half([a, b]) = [-b, a]   (per head, D channels)
 
 #include <math.h>
 #include <stdint.h>
@@ -102,6 +104,37 @@ extern "C" void gated_rmsnorm(int64_t rows, int64_t d, int64_t gs, const float *
                 for (; i < g0 + gs; i++) u[i] = u[i] * scale * w[i] + (bias ? bias[i] : 0.0f);
             }
             if (zr && norm_before_gate) gate(u, zr, d);
+        }
+    }
+}
+
+// x, y [Bsz, T, H, D] (strides xb, xt, xh and yb, yt, yh; channels contiguous); cos, sin [Bsz or 1, T, D] (batch
+// stride cb: 0 when shared), D even.
+extern "C" void rotary(int64_t Bsz, int64_t T, int64_t H, int64_t D, const float *x, int64_t xb, int64_t xt,
+                       int64_t xh, const float *cos, const float *sin, int64_t cb, float *y, int64_t yb, int64_t yt,
+                       int64_t yh, int32_t threads) {
+    const int64_t h2 = D / 2;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t r0, r1;
+        row_range(Bsz * T, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t b = r / T, t = r % T;
+            const float *c = cos + b * cb + t * D, *s = sin + b * cb + t * D;
+            for (int64_t h = 0; h < H; h++) {
+                const float *x1 = x + b * xb + t * xt + h * xh, *x2 = x1 + h2;
+                float *y1 = y + b * yb + t * yt + h * yh, *y2 = y1 + h2;
+                int64_t i = 0;
+                for (; i + L <= h2; i += L) {
+                    const vf a = *(const vf_mem *)(x1 + i), e = *(const vf_mem *)(x2 + i);
+                    *(vf_mem *)(y1 + i) = a * *(const vf_mem *)(c + i) - e * *(const vf_mem *)(s + i);
+                    *(vf_mem *)(y2 + i) = e * *(const vf_mem *)(c + h2 + i) + a * *(const vf_mem *)(s + h2 + i);
+                }
+                for (; i < h2; i++) {
+                    y1[i] = x1[i] * c[i] - x2[i] * s[i];
+                    y2[i] = x2[i] * c[h2 + i] + x1[i] * s[h2 + i];
+                }
+            }
         }
     }
 }
