@@ -232,7 +232,7 @@ def decode_plan(m, conv_dtype: torch.dtype, acc: torch.dtype, io_dtype: torch.dt
     return plan
 
 
-def _state_views(m, state) -> tuple:
+def state_views(m, state) -> tuple:
     """``(ssm, conv, S [B G, hg P, N], window [B, K, C] or None)``: the state's views the step writes through, made
     once per pair of state tensors (cached on the state; a reorder or prefill that replaces a tensor makes new ones).
     ``window`` is the conv state seen as ``[B, K, C]`` when that is its memory layout (``init_state`` and the
@@ -272,9 +272,9 @@ def decode_step_(m, x: Tensor, state) -> Tensor:
     in_proj = mods["in_proj"]._parameters
     # every per-token tensor stays [B, 1, *] (the layer's own layout): no reshapes in and out
     zx = F.linear(x, in_proj["weight"], in_proj["bias"] if plan.in_bias is None else plan.in_bias)  # [B, 1, n]
-    _, _, Sg, cw = _state_views(m, state)
+    _, _, Sg, cw = state_views(m, state)
     if plan.native is None:
-        plan.native = _native_step(m, plan)
+        plan.native = native_step(m, plan)
     if plan.native and cw is not None and x.dtype == ssm.dtype == cs.dtype and ssm.is_contiguous() and \
             native.mode() != "off":
         fn, params = plan.native
@@ -351,32 +351,27 @@ class Mamba2Params(ctypes.Structure):
                 ("gate_first", ctypes.c_int32)]
 
 
-def native_params(m, plan: DecodePlan) -> Mamba2Params | None:
-    """The plan as the fused step's :class:`Mamba2Params`, or None where that step does not apply: not fp32 on the
-    CPU, ``dt`` cast after the GEMV, state-norm thresholds, ``d_state`` not a multiple of 16. The pointers are the
-    plan's tensors (alive while it is)."""
+def native_step(m, plan: DecodePlan) -> tuple | bool:
+    """The fused step of ``kernels/ssd/decode_cpu.cpp`` for this plan: ``(function, Mamba2Params)`` (the parameters'
+    pointers are the plan's tensors, alive while it is), or False where it does not apply (not fp32 on the CPU, ``dt``
+    cast after the GEMV, state-norm thresholds, ``d_state`` not a multiple of 16) or cannot be built (then the torch
+    calls of :func:`decode_step_` run)."""
     if (plan.negA.dtype != torch.float32 or plan.negA.device.type != "cpu" or plan.in_bias is None
             or plan.thresholds is not None or plan.conv_wt.dtype != torch.float32 or m.d_state % 16):
-        return None
-    norm = m._modules["norm"] if plan.norm_w is not None else None
-    lo, hi = m.dt_limit
-    return Mamba2Params(m.d_mlp, m.d_ssm, m.nheads, m.headdim, m.ngroups, m.d_state, plan.conv_wt.shape[0],
-                        plan.conv_wt.data_ptr(), None if plan.conv_b is None else plan.conv_b.data_ptr(),
-                        plan.negA.data_ptr(), plan.D.data_ptr(), None if norm is None else plan.norm_w.data_ptr(),
-                        lo, hi, m.dt_scale, m.input_scale, plan.log_decay_scale,
-                        0.0 if norm is None else norm.eps, 0 if norm is None else int(not norm.norm_before_gate))
-
-
-def _native_step(m, plan: DecodePlan) -> tuple | bool:
-    """The fused step of ``kernels/ssd/decode_cpu.cpp`` for this plan: ``(function, parameters)``, or False where it
-    does not apply (:func:`native_params`) or cannot be built (then the torch calls below run)."""
-    params = native_params(m, plan)
-    lib = None if params is None else native.library(Path(ssd_kernels.__file__).with_name("decode_cpu.cpp"))
+        return False
+    lib = native.library(Path(ssd_kernels.__file__).with_name("decode_cpu.cpp"))
     if lib is None:
         return False
     fn = lib.mamba2_decode
     fn.argtypes = [ctypes.POINTER(Mamba2Params), ctypes.c_int64] + [ctypes.c_void_p] * 4
     fn.restype = None
+    norm = m._modules["norm"] if plan.norm_w is not None else None
+    lo, hi = m.dt_limit
+    params = Mamba2Params(m.d_mlp, m.d_ssm, m.nheads, m.headdim, m.ngroups, m.d_state, plan.conv_wt.shape[0],
+                          plan.conv_wt.data_ptr(), None if plan.conv_b is None else plan.conv_b.data_ptr(),
+                          plan.negA.data_ptr(), plan.D.data_ptr(), None if norm is None else plan.norm_w.data_ptr(),
+                          lo, hi, m.dt_scale, m.input_scale, plan.log_decay_scale,
+                          0.0 if norm is None else norm.eps, 0 if norm is None else int(not norm.norm_before_gate))
     return fn, params
 
 
