@@ -12,21 +12,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "simd.h"
 
 static inline vf vsilu(vf x) { return x / (1.0f + vexp(-x)); }
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 static inline void row_range(int64_t n, int64_t *r0, int64_t *r1) {  // this thread's share of n rows
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int tid = 0, nt = 1;
-#endif
+    int tid, nt;
+    thread_team(&tid, &nt);
     *r0 = n * tid / nt;
     *r1 = n * (tid + 1) / nt;
 }

@@ -5,6 +5,10 @@
 #include <math.h>
 #include <stdint.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX512F__)
 constexpr int L = 16;  // floats per vector
 #else
@@ -51,4 +55,15 @@ static inline vi lanes(int first) {  // first, first + 1, ..., first + L - 1
     vi idx;
     for (int t = 0; t < L; t++) idx[t] = first + t;
     return idx;
+}
+
+// This thread's number and its team's size in an OpenMP parallel region (0 and 1 in a kernel built without -fopenmp).
+static inline void thread_team(int *tid, int *nt) {
+#ifdef _OPENMP
+    *tid = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *tid = 0;
+    *nt = 1;
+#endif
 }

@@ -18,10 +18,6 @@
 
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../simd.h"
 
 // C[r, :P] += sum_{k < K_r} A[r, k] Bm[k, :P] for r < rows, with K_r = K, or r + 1 rounded up to the row block when
@@ -86,11 +82,8 @@ extern "C" void ssd_forward(int64_t Bsz, int64_t T, int64_t H, int64_t P, int64_
     const int64_t hg = H / G;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int tid = 0, nt = 1;
-#endif
+        int tid, nt;
+        thread_team(&tid, &nt);
         const int64_t h0 = H * tid / nt, h1 = H * (tid + 1) / nt;
         std::vector<float> ST((h1 - h0) * N * P), CB(Q * Q), Bt(N * Q), M(Q * Q), xdt(Q * P), Y(Q * P), Yoff(Q * P),
             cum(Q), e_in(Q), e_out(Q);

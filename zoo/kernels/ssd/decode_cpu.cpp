@@ -22,10 +22,6 @@
 
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../simd.h"
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -206,11 +202,8 @@ extern "C" void mamba2_stack_decode(int64_t n_blocks, const Mamba2Block *blocks,
         out(Bsz * max_out);
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int tid = 0, nt = 1;
-#endif
+        int tid, nt;
+        thread_team(&tid, &nt);
         int64_t r0, r1;
         for (int64_t l = 0; l < n_blocks; l++) {
             const Mamba2Block &k = blocks[l];
