@@ -7,7 +7,9 @@ re-importing for seconds. The child first imports the modules that define the ca
 they live outside the package (``Case.modules``), so mixers registered by a plugin are measured too. It builds
 the implementation alone (a reference from a zoo module on the meta device: no second set of weights), runs the
 phase once and reports ``ru_maxrss``; the report gives the delta against the ``ru_maxrss`` of an idle child (same
-imports, nothing built), i.e. weights + inputs + state + activations.
+imports, nothing built), i.e. weights + inputs + state + activations. Each child fixes glibc's mmap threshold first
+(:func:`zoo.bench.machine.fixed_mmap_threshold`), so that the peak follows the live tensors rather than the
+allocator's history (``mem_allocator`` in the results says what was set).
 
 On CUDA the memory is measured in the timing process instead (``torch.cuda.max_memory_allocated``).
 """
@@ -39,6 +41,9 @@ def _maxrss_bytes() -> int:
 
 def _job(case_dict: dict[str, Any] | None, impl: str | None, threads: int, decode_steps: int, queue: Any) -> None:
     try:
+        from zoo.bench.machine import fixed_mmap_threshold
+
+        allocator = fixed_mmap_threshold()  # before the first tensor: the peak follows the live tensors
         import torch
 
         torch.set_num_threads(threads)
@@ -54,7 +59,7 @@ def _job(case_dict: dict[str, Any] | None, impl: str | None, threads: int, decod
             x = make_input(case, adapter, decode_steps)
             step, setup = phase_callables(case, adapter, x, decode_steps)
             step(setup() if setup else None)
-        queue.put(("ok", _maxrss_bytes()))
+        queue.put(("ok", (_maxrss_bytes(), allocator)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which records it
         queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
 
@@ -81,7 +86,7 @@ class MemoryProbe:
             status, value = self._run(None, None)
             if status != "ok":
                 raise RuntimeError(f"idle memory probe failed: {value}")
-            self._idle_bytes = value
+            self._idle_bytes = value[0]
         return self._idle_bytes
 
     def _run(self, case_dict: dict[str, Any] | None, impl: str | None) -> tuple[str, Any]:
@@ -112,5 +117,6 @@ class MemoryProbe:
         status, value = self._run(case_dict, impl)
         if status != "ok":
             return {"mem_status": "error", "mem_error": value.splitlines()[0]}
-        return {"mem_status": "ok", "mem_bytes": value - idle, "peak_rss_bytes": value,
-                "idle_rss_bytes": idle, "mem_method": "cpu_subprocess_maxrss_delta"}
+        peak, allocator = value
+        return {"mem_status": "ok", "mem_bytes": peak - idle, "peak_rss_bytes": peak, "idle_rss_bytes": idle,
+                "mem_method": "cpu_subprocess_maxrss_delta", "mem_allocator": allocator}

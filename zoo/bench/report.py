@@ -92,7 +92,8 @@ def markdown(report: dict[str, Any]) -> str:
            f"{m['memory_bandwidth']['repeats']}): {m['memory_bandwidth']['best_bytes_per_s'] / 1e9:.3g} GB/s "
            f"(median {m['memory_bandwidth']['bytes_per_s'] / 1e9:.3g})."] if m.get("memory_bandwidth") else []),
         *([f"Command: `zoo bench {' '.join(report['argv'])}`."] if report.get("argv") else []),
-        *([f"Allocator (the timed process; the memory columns come from fresh processes at the defaults): "
+        *([f"Allocator (the timed process; the memory columns come from fresh processes with glibc's mmap threshold "
+           f"fixed at 1 MiB, zoo.bench.machine.fixed_mmap_threshold): "
            f"{m['allocator']}."] if m.get("allocator") else []),
         f"Load average (1/5/15 min) at start {_load(m.get('load_average_start'))}, at end "
         f"{_load(m.get('load_average_end'))} (other processes on the machine).",
