@@ -14,16 +14,6 @@
 
 #include "simd.h"
 
-static inline vf vsilu(vf x) { return x / (1.0f + vexp(-x)); }
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
-static inline void row_range(int64_t n, int64_t *r0, int64_t *r1) {  // this thread's share of n rows
-    int tid, nt;
-    thread_team(&tid, &nt);
-    *r0 = n * tid / nt;
-    *r1 = n * (tid + 1) / nt;
-}
-
 // x [Bsz, T, C] (batch / token strides xb, xt; channels contiguous); prev [Bsz, K-1, C] (pb, pt) or null (zeros);
 // w [K, C]; bias [C] or null; out [Bsz, T, C] contiguous.
 extern "C" void causal_conv_silu(int64_t Bsz, int64_t T, int64_t C, int64_t K, const float *x, int64_t xb, int64_t xt,
@@ -32,7 +22,7 @@ extern "C" void causal_conv_silu(int64_t Bsz, int64_t T, int64_t C, int64_t K, c
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
-        row_range(Bsz * T, &r0, &r1);
+        thread_share(Bsz * T, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
             const int64_t b = r / T, t = r % T;
             float *o = out + r * C;
@@ -59,12 +49,6 @@ extern "C" void causal_conv_silu(int64_t Bsz, int64_t T, int64_t C, int64_t K, c
     }
 }
 
-static void gate(float *u, const float *z, int64_t d) {  // u *= silu(z)
-    int64_t i = 0;
-    for (; i + L <= d; i += L) *(vf_mem *)(u + i) *= vsilu(*(const vf_mem *)(z + i));
-    for (; i < d; i++) u[i] *= silu(z[i]);
-}
-
 // x [rows, d] (row stride xs) -> y [rows, d] contiguous (may be x), normalised over groups of gs channels; z [rows, d]
 // (row stride zs) or null (no gate); w [d]; bias [d] or null.
 extern "C" void gated_rmsnorm(int64_t rows, int64_t d, int64_t gs, const float *x, int64_t xs, float *y,
@@ -73,30 +57,12 @@ extern "C" void gated_rmsnorm(int64_t rows, int64_t d, int64_t gs, const float *
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
-        row_range(rows, &r0, &r1);
+        thread_share(rows, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
             float *u = y + r * d;
             const float *zr = z ? z + r * zs : nullptr;
             if (x + r * xs != u) memcpy(u, x + r * xs, sizeof(float) * d);
-            if (zr && !norm_before_gate) gate(u, zr, d);
-            for (int64_t g0 = 0; g0 < d; g0 += gs) {
-                vf acc = splat(0.0f);
-                int64_t i = g0;
-                for (; i + L <= g0 + gs; i += L) {
-                    const vf v = *(const vf_mem *)(u + i);
-                    acc += v * v;
-                }
-                float ss = hsum(acc);
-                for (; i < g0 + gs; i++) ss += u[i] * u[i];
-                const float scale = 1.0f / sqrtf(ss / gs + eps);
-                const vf sv = splat(scale);
-                for (i = g0; i + L <= g0 + gs; i += L) {
-                    vf v = *(const vf_mem *)(u + i) * sv * *(const vf_mem *)(w + i);
-                    *(vf_mem *)(u + i) = bias ? v + *(const vf_mem *)(bias + i) : v;
-                }
-                for (; i < g0 + gs; i++) u[i] = u[i] * scale * w[i] + (bias ? bias[i] : 0.0f);
-            }
-            if (zr && norm_before_gate) gate(u, zr, d);
+            gated_rmsnorm_row(u, zr, d, gs, w, bias, eps, norm_before_gate);
         }
     }
 }
@@ -110,7 +76,7 @@ extern "C" void rotary(int64_t Bsz, int64_t T, int64_t H, int64_t D, const float
 #pragma omp parallel num_threads(threads)
     {
         int64_t r0, r1;
-        row_range(Bsz * T, &r0, &r1);
+        thread_share(Bsz * T, 1, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
             const int64_t b = r / T, t = r % T;
             const float *c = cos + b * cb + t * D, *s = sin + b * cb + t * D;

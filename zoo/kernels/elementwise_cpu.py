@@ -30,15 +30,11 @@ def _library():
     return lib
 
 
-def _fp32_cpu(*tensors: Tensor | None) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
-
-
 def causal_conv_native(x: Tensor, prev: Tensor | None, w: Tensor, bias: Tensor | None,
                        activation: bool) -> Tensor | None:
     """``x [B, T, C]`` (channels contiguous, any batch / token strides), ``prev [B, K-1, C]`` or None (zeros), taps
     ``w [K, C]`` -> ``(silu)(bias + causal depthwise conv) [B, T, C]``, or None."""
-    if not _fp32_cpu(x, prev, w, bias) or x.stride(-1) != 1 or (prev is not None and prev.stride(-1) != 1):
+    if not native.fp32_cpu(w, bias) or not native.fp32_cpu(x, prev, rows=True):
         return None
     lib = _library()
     if lib is None:
@@ -58,8 +54,7 @@ def gated_rmsnorm_native(x: Tensor, weight: Tensor, z: Tensor | None, *, bias: T
     """The arguments and result of ``gated_rmsnorm_inference`` (``x``, ``z`` with contiguous rows of any stride
     between them), or None."""
     d = x.shape[-1]
-    if (not _fp32_cpu(x, weight, z, bias) or x.stride(-1) != 1 or (z is not None and z.stride(-1) != 1)
-            or x.dim() < 2):
+    if not native.fp32_cpu(weight, bias) or not native.fp32_cpu(x, z, rows=True) or x.dim() < 2:
         return None
     rows = x.shape[:-1].numel()
     xs = x.reshape(rows, d) if x.dim() > 2 else x  # a view for the layer's [B, T, d] (row stride kept)
@@ -81,7 +76,7 @@ def rotary_native(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor | None:
     """``x * cos + rotate_half(x) * sin`` for ``x [B, H, T, D]`` (any strides with contiguous channels; the result in
     ``x``'s layout) and ``cos, sin [B or 1, 1, T, D]`` (contiguous rows), or None."""
     B, H, T, D = x.shape
-    if (not _fp32_cpu(x, cos, sin) or D % 2 or x.stride(-1) != 1 or cos.shape != sin.shape
+    if (not native.fp32_cpu(x, cos, sin, rows=True) or D % 2 or cos.shape != sin.shape
             or cos.shape[1:] != (1, T, D) or cos.shape[0] not in (1, B)
             or any(t.stride(-1) != 1 or t.stride(-2) != D or t.stride() != cos.stride() for t in (cos, sin))):
         return None

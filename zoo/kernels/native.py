@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MODES", "mode", "library", "cache_dir", "find_compiler", "transposed_blocks", "run_threaded"]
+__all__ = ["MODES", "mode", "library", "cache_dir", "find_compiler", "fp32_cpu", "transposed_blocks", "run_threaded"]
 
 MODES = ("auto", "off", "on")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
@@ -92,6 +92,13 @@ def library(source: Path, defines: dict[str, int] | None = None, *, required: bo
 def find_compiler() -> str | None:
     """``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH`` (None: no compiler)."""
     return os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def fp32_cpu(*tensors: Tensor | None, rows: bool = False) -> bool:
+    """Whether every tensor given (None skipped) is fp32 on the CPU, and with ``rows`` also has a contiguous last axis:
+    what the native kernels read (the callers check the other strides they need)."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and (not rows or t.stride(-1) == 1))
+               for t in tensors)
 
 
 def transposed_blocks(x: Tensor, block: int) -> Tensor:

@@ -67,3 +67,48 @@ static inline void thread_team(int *tid, int *nt) {
     *nt = 1;
 #endif
 }
+
+// This thread's share [r0, r1) of n rows in an OpenMP parallel region: contiguous, in whole groups of `group` rows.
+static inline void thread_share(int64_t n, int64_t group, int64_t *r0, int64_t *r1) {
+    int tid, nt;
+    thread_team(&tid, &nt);
+    const int64_t groups = (n + group - 1) / group, g0 = groups * tid / nt, g1 = groups * (tid + 1) / nt;
+    *r0 = g0 * group < n ? g0 * group : n;
+    *r1 = g1 * group < n ? g1 * group : n;
+}
+
+// ---- rows of the Mamba-2 kernels (the decode steps, the elementwise passes)
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+static inline vf vsilu(vf x) { return x / (1.0f + vexp(-x)); }
+
+static inline void gate_row(float *u, const float *z, int64_t d) {  // u *= silu(z)
+    int64_t i = 0;
+    for (; i + L <= d; i += L) *(vf_mem *)(u + i) *= vsilu(*(const vf_mem *)(z + i));
+    for (; i < d; i++) u[i] *= silu(z[i]);
+}
+
+// u [d] in place, Mamba-2's RMSNormGated: each group of gs channels times 1 / sqrt(mean(u^2) + eps), times w (+ bias);
+// with z, gated by silu(z) before the norm, or after it when norm_before_gate. Without z: a (group) RMSNorm.
+static inline void gated_rmsnorm_row(float *u, const float *z, int64_t d, int64_t gs, const float *w,
+                                     const float *bias, float eps, bool norm_before_gate) {
+    if (z && !norm_before_gate) gate_row(u, z, d);
+    for (int64_t g0 = 0; g0 < d; g0 += gs) {
+        vf acc = splat(0.0f);
+        int64_t i = g0;
+        for (; i + L <= g0 + gs; i += L) {
+            const vf v = *(const vf_mem *)(u + i);
+            acc += v * v;
+        }
+        float ss = hsum(acc);
+        for (; i < g0 + gs; i++) ss += u[i] * u[i];
+        const float scale = 1.0f / sqrtf(ss / gs + eps);
+        const vf sv = splat(scale);
+        for (i = g0; i + L <= g0 + gs; i += L) {
+            const vf v = *(const vf_mem *)(u + i) * sv * *(const vf_mem *)(w + i);
+            *(vf_mem *)(u + i) = bias ? v + *(const vf_mem *)(bias + i) : v;
+        }
+        for (; i < g0 + gs; i++) u[i] = u[i] * scale * w[i] + (bias ? bias[i] : 0.0f);
+    }
+    if (z && norm_before_gate) gate_row(u, z, d);
+}

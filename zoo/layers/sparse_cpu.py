@@ -317,7 +317,7 @@ def _window_native(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, i
     does not apply or cannot be built."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if D % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
+    if D % 16 or not native.fp32_cpu(q, k, v, rows=True):
         return None
     lib = native.library(Path(native.__file__).with_name("sliding_window_cpu.cpp"), {"HEAD_DIM": D, "BLOCK": 64})
     if lib is None:

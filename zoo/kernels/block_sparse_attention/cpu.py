@@ -40,8 +40,7 @@ def block_sparse_native(q: Tensor, k: Tensor, v: Tensor, block_size: int, local_
     the CPU, a head dim or block size that is not a multiple of 16) or cannot be built."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if (D % 16 or block_size % 16
-            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v))):
+    if D % 16 or block_size % 16 or not native.fp32_cpu(q, k, v, rows=True):
         return None
     block = 64 if block_size % 64 == 0 else block_size  # kernel blocks of at most 64 keys (scores in registers)
     lib = _library(D, block)
@@ -77,8 +76,7 @@ def block_sparse_backward_native(q: Tensor, k: Tensor, v: Tensor, o: Tensor, g: 
     K^T, V^T, dK and dV stay in L1 while the query tiles that read it pass."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if (D % 16 or block_size % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1
-                                         for t in (q, k, v, o, g))):
+    if D % 16 or block_size % 16 or not native.fp32_cpu(q, k, v, o, g, rows=True):
         return None
     lib = _library(D, 32 if block_size % 32 == 0 else 16)
     if lib is None:

@@ -82,9 +82,8 @@ extern "C" void ssd_forward(int64_t Bsz, int64_t T, int64_t H, int64_t P, int64_
     const int64_t hg = H / G;
 #pragma omp parallel num_threads(threads)
     {
-        int tid, nt;
-        thread_team(&tid, &nt);
-        const int64_t h0 = H * tid / nt, h1 = H * (tid + 1) / nt;
+        int64_t h0, h1;  // this thread's heads
+        thread_share(H, 1, &h0, &h1);
         std::vector<float> ST((h1 - h0) * N * P), CB(Q * Q), Bt(N * Q), M(Q * Q), xdt(Q * P), Y(Q * P), Yoff(Q * P),
             cum(Q), e_in(Q), e_out(Q);
         for (int64_t b = 0; b < Bsz && h0 < h1; b++) {

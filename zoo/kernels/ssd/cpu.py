@@ -37,10 +37,9 @@ def ssd_forward_native(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *
     Bsz, T, H, P = x.shape
     G, N = B.shape[-2:]
     Q = _cpu_block(chunk_size)
-    tensors = [t for t in (x, dt, A, B, C, D, z, initial_states, dA_offset) if t is not None]
-    if (P % 16 or Q % 16 or H % G or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-            or x.stride(-1) != 1 or x.stride(-2) != P or dt.stride(-1) != 1
-            or any(t.stride(-1) != 1 or t.stride(-2) != N for t in (B, C))):
+    if (P % 16 or Q % 16 or H % G or not native.fp32_cpu(A, D, z, initial_states, dA_offset)
+            or not native.fp32_cpu(x, dt, B, C, rows=True) or x.stride(-2) != P or B.stride(-2) != N
+            or C.stride(-2) != N):
         return None
     lib = _library()
     if lib is None:

@@ -24,7 +24,6 @@
 
 #include "../simd.h"
 
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }  // torch's threshold 20
 
 // One layer's mixer: sizes (H heads of P channels, G groups of N states, K conv taps, C = d_ssm + 2 G N conv
@@ -85,18 +84,10 @@ static void gate_norm(const Mamba2Params &p, const float *zx, float *out) {
     const int64_t d_ssm = p.d_ssm, gs = d_ssm / p.G;
     const float *z0 = zx, *x0 = zx + p.d_mlp, *z = x0 + p.d_mlp;
     float *y = out + p.d_mlp;
-    if (p.norm_w == nullptr || p.gate_first)
-        for (int64_t i = 0; i < d_ssm; i++) y[i] *= silu(z[i]);
-    if (p.norm_w != nullptr) {
-        for (int64_t g = 0; g < p.G; g++) {
-            float ss = 0.0f;
-            for (int64_t i = g * gs; i < (g + 1) * gs; i++) ss += y[i] * y[i];
-            float r = 1.0f / sqrtf(ss / gs + p.eps);
-            for (int64_t i = g * gs; i < (g + 1) * gs; i++) y[i] = y[i] * r * p.norm_w[i];
-        }
-        if (!p.gate_first)
-            for (int64_t i = 0; i < d_ssm; i++) y[i] *= silu(z[i]);
-    }
+    if (p.norm_w == nullptr)
+        gate_row(y, z, d_ssm);
+    else
+        gated_rmsnorm_row(y, z, d_ssm, gs, p.norm_w, nullptr, p.eps, !p.gate_first);
     for (int64_t i = 0; i < p.d_mlp; i++) out[i] = silu(z0[i]) * x0[i];
 }
 
@@ -171,18 +162,9 @@ static void gemv_rows(const float *W, const float *bias, int64_t n_in, const flo
         }
 }
 
-// Thread tid's share [r0, r1) of n rows: contiguous, in whole groups of four.
-static inline void share(int64_t n, int tid, int nt, int64_t *r0, int64_t *r1) {
-    const int64_t groups = (n + 3) / 4, g0 = groups * tid / nt, g1 = groups * (tid + 1) / nt;
-    *r0 = g0 * 4 < n ? g0 * 4 : n;
-    *r1 = g1 * 4 < n ? g1 * 4 : n;
-}
-
 static void rmsnorm(const float *x, const float *w, float eps, int64_t n, float *y) {  // x / sqrt(mean x^2 + eps) w
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * w[i];
+    memcpy(y, x, sizeof(float) * n);
+    gated_rmsnorm_row(y, nullptr, n, n, w, nullptr, eps, false);
 }
 
 // h [Bsz, d_model]: the embedded tokens in, the last block's output out (updated in place); every block's window,
@@ -213,7 +195,7 @@ extern "C" void mamba2_stack_decode(int64_t n_blocks, const Mamba2Block *blocks,
                 for (int64_t b = 0; b < Bsz; b++)
                     rmsnorm(h + b * d_model, k.norm_w, k.norm_eps, d_model, normed.data() + b * d_model);
 #pragma omp barrier
-            share(n_in, tid, nt, &r0, &r1);
+            thread_share(n_in, 4, &r0, &r1);  // whole groups of 4 weight rows
             gemv_rows(k.in_w, k.in_b, d_model, normed.data(), d_model, zx.data(), n_in, Bsz, r0, r1, false);
 #pragma omp barrier
             if (tid == 0)
@@ -221,7 +203,8 @@ extern "C" void mamba2_stack_decode(int64_t n_blocks, const Mamba2Block *blocks,
                     conv_dt(p, zx.data() + b * n_in, k.window + b * p.K * C, u.data() + b * C, dt.data() + b * H,
                             a.data() + b * H);
 #pragma omp barrier
-            for (int64_t i = Bsz * H * tid / nt; i < Bsz * H * (tid + 1) / nt; i++) {  // (row, head) items
+            thread_share(Bsz * H, 1, &r0, &r1);
+            for (int64_t i = r0; i < r1; i++) {  // (row, head) items
                 const int64_t b = i / H, hd = i % H;
                 ssm_head(p, hd, u.data() + b * C, dt.data() + b * H, a.data() + b * H,
                          k.ssm + (b * H + hd) * p.P * p.N, out.data() + b * n_out + p.d_mlp + hd * p.P);
@@ -233,7 +216,7 @@ extern "C" void mamba2_stack_decode(int64_t n_blocks, const Mamba2Block *blocks,
                     k.seen[b] += 1;
                 }
 #pragma omp barrier
-            share(d_model, tid, nt, &r0, &r1);
+            thread_share(d_model, 4, &r0, &r1);  // whole groups of 4 weight rows
             gemv_rows(k.out_w, k.out_b, n_out, out.data(), n_out, h, d_model, Bsz, r0, r1, true);  // h += W y + b
 #pragma omp barrier
         }
@@ -241,7 +224,7 @@ extern "C" void mamba2_stack_decode(int64_t n_blocks, const Mamba2Block *blocks,
             for (int64_t b = 0; b < Bsz; b++)
                 rmsnorm(h + b * d_model, norm_w, norm_eps, d_model, normed.data() + b * d_model);
 #pragma omp barrier
-        share(vocab, tid, nt, &r0, &r1);
+        thread_share(vocab, 4, &r0, &r1);  // whole groups of 4 weight rows
         gemv_rows(head_w, nullptr, d_model, normed.data(), d_model, logits, vocab, Bsz, r0, r1, false);
     }
 }
